@@ -1,0 +1,12 @@
+//! lb: an XDP layer-4 load balancer. The library behind the `lb` command;
+//! the tests use it directly.
+
+pub mod bpffs;
+pub mod cli;
+pub mod config;
+pub mod loader;
+pub mod net;
+pub mod netns;
+pub mod skel;
+pub mod stats;
+pub mod xdp;

@@ -6,6 +6,7 @@
 #define ETH_ALEN 6
 #define ETH_P_IP 0x0800
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
 #define AF_INET 2
 
 /* frag_off bits (host order) */

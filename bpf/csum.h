@@ -16,7 +16,7 @@ static __always_inline __u16 csum_fold(__u64 sum)
 	return (__u16)sum;
 }
 
-/* Sum of the one's complement of `from` and of `to`, as 16-bit words. */
+/* ~m + m' for a 32-bit word, as 16-bit words. */
 static __always_inline __u64 csum_delta4(__be32 from, __be32 to)
 {
 	__u32 nf = ~from;
@@ -24,18 +24,22 @@ static __always_inline __u64 csum_delta4(__be32 from, __be32 to)
 	return (__u64)(nf & 0xffff) + (nf >> 16) + (to & 0xffff) + (to >> 16);
 }
 
-/* Apply a delta (from csum_delta4, summed) to a stored checksum field. */
-static __always_inline void csum_apply(__sum16 *field, __u64 delta)
+/* ~m + m' for a 16-bit word. */
+static __always_inline __u64 csum_delta2(__be16 from, __be16 to)
 {
-	__u64 sum = (__u16) ~*field;
+	return (__u64)(__u16)~from + to;
+}
 
-	*field = ~csum_fold(sum + delta);
+/* Apply a delta to a complete checksum field. */
+static __always_inline __sum16 csum_update(__sum16 field, __u64 delta)
+{
+	return ~csum_fold((__u64)(__u16)~field + delta);
 }
 
 /*
  * The folded pseudo-header sum (RFC 793/768): what a CHECKSUM_PARTIAL packet
  * carries in its L4 checksum field, before the device (or the kernel's
- * skb_checksum_help) adds the payload and complements it.
+ * skb_checksum_help) adds the segment and complements it.
  */
 static __always_inline __u16 pseudo_sum(__be32 saddr, __be32 daddr, __u8 proto,
 					__u16 l4_len)
@@ -47,24 +51,35 @@ static __always_inline __u16 pseudo_sum(__be32 saddr, __be32 daddr, __u8 proto,
 }
 
 /*
- * Update an L4 checksum field by `delta`. A complete checksum takes RFC 1624;
- * a partial one (skb mode, `maybe_partial`) is a plain sum and takes the
- * delta as it is. XDP cannot see the skb's checksum state, so a partial
- * field is recognised by its value: the pseudo-header sum of the packet
- * before the rewrite. A complete checksum equals it 1 time in 65536; that
- * is why the guess is only made in skb mode, where partial packets exist.
+ * Update an L4 checksum field for new addresses (`pseudo_delta`, the
+ * pseudo-header part) and new ports (`ports_delta`).
+ *
+ * A partial checksum (skb mode, `maybe_partial`) holds only the pseudo-header
+ * sum: it takes the address delta, as a plain sum, and not the ports, which
+ * the device adds later. XDP cannot see the skb's checksum state, so a
+ * partial field is recognised by value: the pseudo-header sum of the packet
+ * as received (`pseudo_old`). A complete checksum equals it 1 time in 65536;
+ * that is why the guess is made only in skb mode, where partial packets
+ * exist. UDP: 0 means "no checksum" and stays 0; a computed 0 is sent as
+ * 0xffff (RFC 768).
  */
-static __always_inline void l4_csum_apply(__sum16 *field, __u64 delta,
-					  int maybe_partial, __be32 saddr,
-					  __be32 daddr, __u8 proto,
-					  __u16 l4_len)
+static __always_inline void l4_csum_rewrite(__sum16 *field, __u64 pseudo_delta,
+					    __u64 ports_delta,
+					    int maybe_partial, __u16 pseudo_old,
+					    int udp)
 {
-	if (maybe_partial &&
-	    *field == pseudo_sum(saddr, daddr, proto, l4_len)) {
-		*field = csum_fold(*field + delta);
+	__sum16 sum;
+
+	if (udp && *field == 0)
+		return;
+	if (maybe_partial && *field == pseudo_old) {
+		*field = csum_fold(*field + pseudo_delta);
 		return;
 	}
-	csum_apply(field, delta);
+	sum = csum_update(*field, pseudo_delta + ports_delta);
+	if (udp && sum == 0)
+		sum = 0xffff;
+	*field = sum;
 }
 
 #endif /* LB_CSUM_H */

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
- * The talk's XDP load balancer, made correct: double NAT between one client
- * and a set of backends behind the LB address.
+ * lb's XDP datapath: full NAT layer-4 load balancing for IPv4 TCP and UDP.
  *
- *   client -> LB        becomes  LB -> backend (chosen per connection)
- *   backend -> LB       becomes  LB -> client
+ *   client -> VIP:port       becomes  LB:natport -> backend:port
+ *   backend -> LB:natport    becomes  VIP:port -> client
  *
- * Everything else passes to the kernel untouched.
+ * A connection table remembers both directions of every flow; a new flow
+ * picks its backend from the service's Maglev table. Everything else passes
+ * to the kernel untouched.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -14,76 +15,130 @@
 
 #include "lb.h"
 
-/* Load-time configuration, set by the CLI between open and load (addresses
- * and ports in network byte order, converted in Rust). */
-const volatile __u8 skb_mode =
-    0; /* attached in skb mode: partial checksums exist */
-const volatile __be32 lb_ip = 0;     /* the LB's address, the clients' target */
-const volatile __be32 client_ip = 0; /* the client whose flows are balanced */
-const volatile __be16 lb_port = 0;   /* balanced TCP port; 0 = every port */
-const volatile __u32 n_backends = 0; /* used entries of backend_ip */
-const volatile __be32 backend_ip[LB_MAX_BACKENDS] = {}; /* backend addresses */
+/* Load-time settings, set by the CLI between open and load. */
+const volatile __u8 skb_mode = 0; /* skb mode: partial checksums exist */
+const volatile __u16 nat_port_lo =
+    61000; /* NAT source ports towards backends */
+const volatile __u16 nat_port_hi = 65535; /* (host order, inclusive) */
+const volatile __u32 maglev_size = 65537; /* entries of every Maglev table */
+const volatile __u32 tcp_timeout = 600;	  /* idle TCP flow, seconds */
+const volatile __u32 udp_timeout = 60;	  /* idle UDP flow, seconds */
+const volatile __u32 fin_timeout = 10;	  /* after FIN or RST, seconds */
 
 #include "parse.h"
 #include "maps.h"
 #include "nat.h"
+#include "conntrack.h"
 
-static __always_inline int is_backend(__be32 addr)
+/* Parse up to the ports; a reason counter on failure, 0 on success. */
+static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
 {
-	for (__u32 i = 0; i < LB_MAX_BACKENDS; i++) {
-		if (i >= n_backends)
-			break;
-		if (backend_ip[i] == addr)
-			return 1;
+	struct hdr_cursor c = {(void *)(long)ctx->data,
+			       (void *)(long)ctx->data_end};
+	struct iphdr *ip;
+
+	p->eth = parse_eth(&c);
+	if (!p->eth)
+		return LB_PASS_MALFORMED;
+	if (p->eth->h_proto != bpf_htons(ETH_P_IP))
+		return LB_PASS_NOT_IPV4;
+	ip = parse_ipv4(&c);
+	if (!ip)
+		return LB_PASS_MALFORMED;
+	p->ip = ip;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return LB_PASS_NOT_L4;
+	if (ipv4_is_fragment(ip))
+		return LB_PASS_FRAGMENT;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = parse_tcp(&c, ip);
+
+		if (!tcp)
+			return LB_PASS_MALFORMED;
+		p->ports = &tcp->source;
+		p->l4_check = &tcp->check;
+		p->tcp_flags = ((__u8 *)tcp)[13];
+	} else {
+		struct udphdr *udp = parse_udp(&c, ip);
+
+		if (!udp)
+			return LB_PASS_MALFORMED;
+		p->ports = &udp->source;
+		p->l4_check = &udp->check;
+		p->tcp_flags = 0;
 	}
+	p->l4_len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
+	p->key.saddr = ip->saddr;
+	p->key.daddr = ip->daddr;
+	p->key.sport = p->ports[0];
+	p->key.dport = p->ports[1];
+	p->key.proto = ip->protocol;
 	return 0;
+}
+
+static __always_inline struct svc_value *service_of(const struct flow_key *k)
+{
+	struct svc_key sk = {
+	    .vip = k->daddr, .port = k->dport, .proto = k->proto};
+	struct svc_value *svc = bpf_map_lookup_elem(&services, &sk);
+
+	if (svc)
+		return svc;
+	sk.port = 0; /* a service on every port of the VIP */
+	return bpf_map_lookup_elem(&services, &sk);
 }
 
 static __always_inline int process(struct xdp_md *ctx)
 {
-	struct hdr_cursor c = {(void *)(long)ctx->data,
-			       (void *)(long)ctx->data_end};
-	struct ethhdr *eth;
-	struct iphdr *ip;
-	struct tcphdr *tcp;
+	struct pkt p = {};
+	struct flow *f;
+	__u32 now;
+	int why, new_flow = 0;
 
-	eth = parse_eth(&c);
-	if (!eth)
-		return count(ctx, LB_PASS_MALFORMED, XDP_PASS);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return count(ctx, LB_PASS_NOT_IPV4, XDP_PASS);
-	ip = parse_ipv4(&c);
-	if (!ip)
-		return count(ctx, LB_PASS_MALFORMED, XDP_PASS);
-	if (ip->protocol != IPPROTO_TCP)
-		return count(ctx, LB_PASS_NOT_TCP, XDP_PASS);
-	if (ip->daddr != lb_ip)
-		return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
-	if (ip->saddr != client_ip && !is_backend(ip->saddr))
-		return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
-	/* Ours, but only the first fragment carries ports. */
-	if (ipv4_is_fragment(ip))
-		return count(ctx, LB_DROP_FRAGMENT, XDP_DROP);
-	tcp = parse_tcp(&c, ip);
-	if (!tcp)
-		return count(ctx, LB_PASS_MALFORMED, XDP_PASS);
+	why = parse(ctx, &p);
+	if (why)
+		return count(ctx, why, XDP_PASS);
 
-	if (ip->saddr == client_ip) {
-		__u32 idx;
-
-		if (lb_port && tcp->dest != lb_port)
+	now = lb_now();
+	f = bpf_map_lookup_elem(&conntrack, &p.key);
+	if (f && (flow_expired(f, p.key.proto, now) ||
+		  (f->state == LB_CT_CLOSING &&
+		   (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN))) {
+		/* A dead flow's return path is nobody's; a client's new
+		 * flow (or reused port) starts over. */
+		if (f->dir == LB_DIR_TO_CLIENT)
 			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
-		if (!n_backends)
-			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
-		idx = flow_hash(ip, tcp) % n_backends;
-		if (idx >= LB_MAX_BACKENDS)
-			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
-		return nat_forward(ctx, eth, ip, tcp, lb_ip, backend_ip[idx],
-				   LB_TO_BACKEND);
+		f = NULL;
 	}
-	if (lb_port && tcp->source != lb_port)
-		return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
-	return nat_forward(ctx, eth, ip, tcp, lb_ip, client_ip, LB_TO_CLIENT);
+	if (!f) {
+		struct svc_value *svc = service_of(&p.key);
+
+		if (!svc)
+			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
+		f = flow_new(ctx, &p, svc->id, now, &why);
+		if (!f)
+			return count(ctx, why,
+				     why == LB_PASS_NO_ROUTE ? XDP_PASS
+							     : XDP_DROP);
+		new_flow = 1;
+	} else if (f->seen != now) {
+		f->seen = now;
+	}
+
+	if ((p.tcp_flags & (TCP_FIN | TCP_RST)) && f->state == LB_CT_OPEN)
+		flow_close(f, p.key.proto);
+	if (!f->nh_ok && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
+		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
+
+	nat_rewrite(&p, f);
+	count_backend(ctx, f->backend, new_flow);
+	if (new_flow)
+		count(ctx, LB_NEW_FLOW, 0);
+	if (!f->nh_ok) /* the kernel forwards it, resolving the neighbour */
+		return count(ctx, LB_PASS_NO_NEIGH, XDP_PASS);
+	return count(ctx,
+		     f->dir == LB_DIR_TO_BACKEND ? LB_TO_BACKEND : LB_TO_CLIENT,
+		     nat_xmit(ctx, &p, f));
 }
 
 SEC("xdp")

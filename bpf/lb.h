@@ -3,23 +3,32 @@
 #ifndef LB_H
 #define LB_H
 
-/* Most backends the load-time configuration can name. */
-#define LB_MAX_BACKENDS 16
+/* Capacities of the fixed-size maps. */
+#define LB_MAX_SERVICES 1024
+#define LB_MAX_BACKENDS 4096
+#define LB_MAX_IFACES 64
+
+/* Entry of a Maglev table meaning: no backend takes new flows. */
+#define LB_NO_BACKEND 0xffffffff
 
 /*
  * Why a packet got its verdict. Index of the per-CPU `stats` map; the Rust
  * side prints these names (keep src/stats.rs in the same order).
  */
 enum lb_stat {
-	LB_TO_BACKEND = 0, /* client -> LB, rewritten to a backend */
+	LB_TO_BACKEND = 0, /* client -> VIP, rewritten to a backend */
 	LB_TO_CLIENT,	   /* backend -> LB, rewritten to the client */
+	LB_NEW_FLOW,	   /* of LB_TO_BACKEND: first packet of a flow */
 	LB_PASS_NOT_IPV4,  /* ARP, IPv6, VLAN, ...: not ours */
-	LB_PASS_NOT_TCP,   /* ICMP, UDP, ... : not ours */
-	LB_PASS_NOT_OURS,  /* IPv4/TCP, but not client<->LB<->backend */
+	LB_PASS_NOT_L4,	   /* ICMP, SCTP, ...: not TCP or UDP */
+	LB_PASS_NOT_OURS,  /* no flow, no service: the host's own traffic */
 	LB_PASS_MALFORMED, /* truncated header, IHL < 5, bad lengths */
-	LB_PASS_NO_ROUTE,  /* FIB has no usable route to the new destination */
+	LB_PASS_FRAGMENT,  /* IP fragment: no ports to look up */
+	LB_PASS_NO_ROUTE,  /* FIB has no usable route to the backend */
 	LB_PASS_NO_NEIGH,  /* next hop unresolved: rewritten, kernel forwards */
-	LB_DROP_FRAGMENT,  /* IP fragment for the LB: no ports to balance on */
+	LB_DROP_NO_BACKEND, /* service without a backend taking new flows */
+	LB_DROP_NAT_FULL,   /* no free NAT port towards the backend */
+	LB_DROP_CT_FULL,    /* connection table refused the flow */
 	LB_STAT_MAX,
 };
 
@@ -27,6 +36,78 @@ enum lb_stat {
 struct lb_counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* Per-CPU counters of a backend (a service's are the sum of its backends'). */
+struct lb_obj_counter {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_flows;
+};
+
+/* A service: VIP:port/proto (port 0: every port of the VIP). */
+struct svc_key {
+	__be32 vip;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct svc_value {
+	__u32 id; /* index of the service's Maglev table */
+};
+
+/* A backend, indexed by its id. */
+struct backend {
+	__be32 ip;
+	__be16 port; /* 0: the port the client used */
+	__u16 flags; /* LB_BACKEND_* */
+	__u32 svc;   /* id of its service */
+	__u32 weight;
+};
+
+#define LB_BACKEND_USED 1
+
+/* Connection table key: a packet's addresses, ports and protocol. */
+struct flow_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+enum flow_dir {
+	LB_DIR_TO_BACKEND = 0,
+	LB_DIR_TO_CLIENT = 1,
+};
+
+enum flow_state {
+	LB_CT_OPEN = 0,
+	LB_CT_CLOSING = 1, /* FIN or RST seen: lingers for fin_timeout */
+};
+
+/*
+ * Connection table value: how to rewrite a packet of this flow and where to
+ * send it. Two entries per connection: client->VIP and backend->LB(NAT port).
+ */
+struct flow {
+	__be32 saddr;  /* new source address */
+	__be32 daddr;  /* new destination address */
+	__be16 sport;  /* new source port */
+	__be16 dport;  /* new destination port */
+	__u32 ifindex; /* egress interface */
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u32 backend; /* backend id */
+	__u32 svc;     /* service id */
+	__u8 dir;      /* enum flow_dir */
+	__u8 state;    /* enum flow_state */
+	__u8 nh_ok;    /* smac/dmac/ifindex resolved */
+	__u8 pad;
+	__u32 created; /* clock ticks (2^30 ns, see lb_now) */
+	__u32 seen;    /* clock ticks of the last packet */
 };
 
 #endif /* LB_H */

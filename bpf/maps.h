@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
-/* Maps. Names stay within 15 characters (BPF_OBJ_NAME_LEN). */
+/*
+ * Maps, all pinned by the CLI and shared by every interface of an instance.
+ * Names stay within 15 characters (BPF_OBJ_NAME_LEN).
+ */
 #ifndef LB_MAPS_H
 #define LB_MAPS_H
 
@@ -13,6 +16,71 @@ struct {
 	__type(value, struct lb_counter);
 } stats SEC(".maps");
 
+/* Packets, bytes and new flows per backend id, per CPU (both directions). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_obj_counter);
+} be_stats SEC(".maps");
+
+/* VIP:port/proto -> service id. Written by `lb service add/del`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, struct svc_key);
+	__type(value, struct svc_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} services SEC(".maps");
+
+/* Backend id -> address, port, service, weight. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct backend);
+} backends SEC(".maps");
+
+/*
+ * Service id -> its Maglev lookup table (an array of backend ids, prime
+ * size). Userspace builds a new table and swaps it in with one update of
+ * this map, so no packet sees a half-written table.
+ */
+struct maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65537);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, __u32);
+	__array(values, struct maglev_table);
+} maglev SEC(".maps");
+
+/*
+ * The connection table: two entries per connection (client->VIP and
+ * backend->LB NAT port), each saying how to rewrite and where to send.
+ * LRU, sized by the CLI: a flood of new flows evicts the oldest.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 2 * 1024 * 1024);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} conntrack SEC(".maps");
+
+/* Interfaces lb is attached to, for XDP_REDIRECT between them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__uint(max_entries, LB_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ports SEC(".maps");
+
 static __always_inline int count(struct xdp_md *ctx, enum lb_stat reason,
 				 int verdict)
 {
@@ -24,6 +92,18 @@ static __always_inline int count(struct xdp_md *ctx, enum lb_stat reason,
 		c->bytes += ctx->data_end - ctx->data;
 	}
 	return verdict;
+}
+
+static __always_inline void count_backend(struct xdp_md *ctx, __u32 id,
+					  int new_flow)
+{
+	struct lb_obj_counter *c = bpf_map_lookup_elem(&be_stats, &id);
+
+	if (c) {
+		c->packets++;
+		c->bytes += ctx->data_end - ctx->data;
+		c->new_flows += new_flow;
+	}
 }
 
 #endif /* LB_MAPS_H */

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
-/* Backend choice, address rewrite and next-hop forwarding. */
+/* Rewriting a packet as its flow says, and sending it on. */
 #ifndef LB_NAT_H
 #define LB_NAT_H
 
@@ -7,81 +7,59 @@
 #include "csum.h"
 #include "maps.h"
 
-/* murmur3 finaliser: cheap, and every input bit reaches every output bit. */
-static __always_inline __u32 mix32(__u32 h)
+/* A parsed TCP or UDP packet. */
+struct pkt {
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	__be16 *ports;	   /* source, destination */
+	__sum16 *l4_check; /* TCP or UDP checksum field */
+	struct flow_key key;
+	__u16 l4_len;
+	__u8 tcp_flags; /* TCP: FIN/SYN/RST/... byte, 0 for UDP */
+};
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+/* Rewrite addresses, ports and checksums as the flow says. */
+static __always_inline void nat_rewrite(struct pkt *p, const struct flow *f)
 {
-	h ^= h >> 16;
-	h *= 0x85ebca6b;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35;
-	h ^= h >> 16;
-	return h;
+	struct iphdr *ip = p->ip;
+	__u64 addr_delta =
+	    csum_delta4(ip->saddr, f->saddr) + csum_delta4(ip->daddr, f->daddr);
+	__u64 ports_delta = csum_delta2(p->ports[0], f->sport) +
+			    csum_delta2(p->ports[1], f->dport);
+
+	ip->check = csum_update(ip->check, addr_delta);
+	l4_csum_rewrite(
+	    p->l4_check, addr_delta, ports_delta, skb_mode,
+	    pseudo_sum(ip->saddr, ip->daddr, p->key.proto, p->l4_len),
+	    p->key.proto == IPPROTO_UDP);
+	ip->saddr = f->saddr;
+	ip->daddr = f->daddr;
+	p->ports[0] = f->sport;
+	p->ports[1] = f->dport;
 }
 
-/* One value per connection: both addresses and both ports. */
-static __always_inline __u32 flow_hash(const struct iphdr *ip,
-				       const struct tcphdr *tcp)
+/* Send a rewritten packet to the flow's next hop: XDP_TX when it leaves by
+ * the ingress interface, else a redirect (through the devmap of lb's
+ * interfaces when it is one of them). */
+static __always_inline int nat_xmit(struct xdp_md *ctx, struct pkt *p,
+				    const struct flow *f)
 {
-	__u32 ports = ((__u32)tcp->source << 16) | tcp->dest;
+	__u32 ifindex = f->ifindex;
+	long act;
 
-	return mix32(ip->saddr ^ mix32(ip->daddr ^ mix32(ports)));
-}
-
-/*
- * Rewrite source and destination address. The TCP checksum covers them
- * through the pseudo-header, so it takes the same delta as the IP checksum.
- */
-static __always_inline void nat_rewrite(struct iphdr *ip, struct tcphdr *tcp,
-					__be32 saddr, __be32 daddr)
-{
-	__u64 delta =
-	    csum_delta4(ip->saddr, saddr) + csum_delta4(ip->daddr, daddr);
-	__u16 l4_len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
-
-	csum_apply(&ip->check, delta);
-	l4_csum_apply(&tcp->check, delta, skb_mode, ip->saddr, ip->daddr,
-		      IPPROTO_TCP, l4_len);
-	ip->saddr = saddr;
-	ip->daddr = daddr;
-}
-
-/*
- * Send the packet from `saddr` to `daddr` through the kernel's FIB and
- * neighbour tables: the route gives the egress interface, the neighbour the
- * MACs. Nothing is rewritten unless the packet leaves through XDP, or is
- * handed to the kernel already addressed to its next hop (unresolved
- * neighbour: the kernel's forwarding path resolves it).
- */
-static __always_inline int nat_forward(struct xdp_md *ctx, struct ethhdr *eth,
-				       struct iphdr *ip, struct tcphdr *tcp,
-				       __be32 saddr, __be32 daddr,
-				       enum lb_stat ok)
-{
-	struct bpf_fib_lookup fib = {};
-	long rc;
-
-	fib.family = AF_INET;
-	fib.l4_protocol = ip->protocol;
-	fib.tos = ip->tos;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ifindex = ctx->ingress_ifindex;
-	fib.ipv4_src = saddr;
-	fib.ipv4_dst = daddr;
-
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		nat_rewrite(ip, tcp, saddr, daddr);
-		return count(ctx, LB_PASS_NO_NEIGH, XDP_PASS);
-	}
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
-
-	nat_rewrite(ip, tcp, saddr, daddr);
-	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-	if (fib.ifindex == ctx->ingress_ifindex)
-		return count(ctx, ok, XDP_TX);
-	return count(ctx, ok, bpf_redirect(fib.ifindex, 0));
+	__builtin_memcpy(p->eth->h_source, f->smac, ETH_ALEN);
+	__builtin_memcpy(p->eth->h_dest, f->dmac, ETH_ALEN);
+	if (ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	act = bpf_redirect_map(&tx_ports, ifindex, XDP_PASS);
+	if (act == XDP_PASS)
+		act = bpf_redirect(ifindex, 0);
+	return act;
 }
 
 #endif /* LB_NAT_H */

@@ -63,6 +63,20 @@ static __always_inline struct tcphdr *parse_tcp(struct hdr_cursor *c,
 	return tcp;
 }
 
+/* UDP; the header must lie inside the IP datagram. */
+static __always_inline struct udphdr *parse_udp(struct hdr_cursor *c,
+						struct iphdr *ip)
+{
+	struct udphdr *udp = c->pos;
+
+	if ((void *)(udp + 1) > c->end)
+		return NULL;
+	if ((void *)(udp + 1) > (void *)ip + bpf_ntohs(ip->tot_len))
+		return NULL;
+	c->pos = udp + 1;
+	return udp;
+}
+
 static __always_inline int ipv4_is_fragment(const struct iphdr *ip)
 {
 	return ip->frag_off & bpf_htons(IP_MF | IP_OFFSET);

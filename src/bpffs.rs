@@ -57,9 +57,14 @@ impl PinDir {
         Self { root: root.into() }
     }
 
-    /// The per-CPU counters, shared by every interface of the instance.
-    pub fn stats(&self) -> PathBuf {
-        self.root.join("stats")
+    /// A map shared by every interface of the instance.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// The settings of the instance's program (its .rodata map).
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config")
     }
 
     /// Directory of one attached interface.
@@ -70,11 +75,6 @@ impl PinDir {
     /// The bpf_link that keeps the program attached to `iface`.
     pub fn link(&self, iface: &str) -> PathBuf {
         self.iface_dir(iface).join("link")
-    }
-
-    /// The program's load-time configuration (its .rodata map).
-    pub fn config(&self, iface: &str) -> PathBuf {
-        self.iface_dir(iface).join("config")
     }
 
     /// Interfaces with a pinned link, sorted by name.

@@ -1,16 +1,18 @@
 //! Command line: argument parsing and output. The work is done by the
 //! library modules; this one only turns results into text or JSON.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::bpffs::{self, PinDir};
-use crate::config::Config;
+use crate::maps::Maps;
+use crate::service::{self, Proto, Service};
+use crate::settings::Settings;
 use crate::xdp::Mode;
-use crate::{loader, net, netns};
+use crate::{conntrack, loader, net, netns, stats};
 
 /// An XDP layer-4 load balancer.
 #[derive(Debug, Parser)]
@@ -32,6 +34,78 @@ pub struct Place {
     pub pin_dir: PathBuf,
 }
 
+/// Datapath settings of a new instance (defaults in brackets).
+#[derive(Debug, Args)]
+pub struct SettingsArgs {
+    /// NAT source ports towards backends, LO-HI [61000-65535]; must stay
+    /// clear of the host's ephemeral ports.
+    #[arg(long, value_name = "LO-HI", value_parser = parse_range)]
+    pub nat_ports: Option<(u16, u16)>,
+    /// Entries of each Maglev table, a prime [65537].
+    #[arg(long, value_name = "N")]
+    pub maglev_size: Option<u32>,
+    /// Connections the connection table holds [1048576].
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<u32>,
+    /// Idle TCP timeout, seconds [600].
+    #[arg(long, value_name = "S")]
+    pub tcp_timeout: Option<u32>,
+    /// Idle UDP timeout, seconds [60].
+    #[arg(long, value_name = "S")]
+    pub udp_timeout: Option<u32>,
+    /// Linger after FIN/RST, seconds [10].
+    #[arg(long, value_name = "S")]
+    pub fin_timeout: Option<u32>,
+}
+
+impl SettingsArgs {
+    /// The settings asked for, on top of `base`; `None` if none was given.
+    fn apply(&self, base: Settings) -> Option<Settings> {
+        let mut s = base;
+        let mut any = false;
+        let mut set = |dst: &mut u32, v: Option<u32>| {
+            if let Some(v) = v {
+                *dst = v;
+                any = true;
+            }
+        };
+        set(&mut s.maglev_size, self.maglev_size);
+        set(&mut s.max_flows, self.max_flows);
+        set(&mut s.tcp_timeout, self.tcp_timeout);
+        set(&mut s.udp_timeout, self.udp_timeout);
+        set(&mut s.fin_timeout, self.fin_timeout);
+        if let Some((lo, hi)) = self.nat_ports {
+            s.nat_port_lo = lo;
+            s.nat_port_hi = hi;
+            any = true;
+        }
+        any.then_some(s)
+    }
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("'{s}' is not LO-HI"))?;
+    let p = |v: &str| v.parse::<u16>().map_err(|_| format!("'{v}' is not a port"));
+    Ok((p(lo)?, p(hi)?))
+}
+
+/// A service argument: VIP:PORT and protocol.
+#[derive(Debug, Args)]
+pub struct SvcArg {
+    /// The service, VIP:PORT (port 0: every port).
+    #[arg(value_name = "VIP:PORT")]
+    pub vip: SocketAddrV4,
+    /// Protocol.
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    pub proto: Proto,
+}
+
+impl SvcArg {
+    fn service(&self) -> Service {
+        Service::new(self.vip, self.proto)
+    }
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -39,21 +113,23 @@ pub enum Command {
     Attach {
         /// Interface to attach to.
         iface: String,
-        /// The LB's address (clients connect to it).
-        #[arg(long = "lb", value_name = "IP")]
-        lb: Ipv4Addr,
-        /// The client whose connections are balanced.
-        #[arg(long, value_name = "IP")]
-        client: Ipv4Addr,
-        /// A backend (repeat for each, up to 16).
-        #[arg(long = "backend", value_name = "IP", required = true)]
-        backends: Vec<Ipv4Addr>,
-        /// Balance only this TCP port (default: every port).
-        #[arg(long, value_name = "PORT")]
-        port: Option<u16>,
         /// XDP mode.
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
+        /// One-liner: make a TCP service on this address (the talk's LB).
+        #[arg(long = "lb", value_name = "IP", requires = "backends")]
+        lb: Option<Ipv4Addr>,
+        /// Accepted for compatibility with the talk's CLI: every client is balanced.
+        #[arg(long, value_name = "IP", requires = "lb")]
+        client: Option<Ipv4Addr>,
+        /// One-liner: the service's backends (repeat); they take the client's port.
+        #[arg(long = "backend", value_name = "IP", requires = "lb")]
+        backends: Vec<Ipv4Addr>,
+        /// One-liner: the service's port [every port].
+        #[arg(long, value_name = "PORT", requires = "lb")]
+        port: Option<u16>,
+        #[command(flatten)]
+        settings: SettingsArgs,
         #[command(flatten)]
         place: Place,
     },
@@ -64,8 +140,38 @@ pub enum Command {
         #[command(flatten)]
         place: Place,
     },
-    /// Show what is attached where, with the counters.
+    /// Show what is attached where, with settings and counters.
     Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Add or remove services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Add, remove or re-weight backends.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// List services and their backends.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// List tracked connections.
+    Conntrack {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Traffic per service and backend, and drops and passes by reason.
+    Stats {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -89,6 +195,66 @@ pub enum Command {
     },
 }
 
+/// `lb service ...`
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Add a service (it takes flows once it has backends).
+    Add {
+        #[command(flatten)]
+        svc: SvcArg,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Remove a service, its backends and their flows.
+    Del {
+        #[command(flatten)]
+        svc: SvcArg,
+        #[command(flatten)]
+        place: Place,
+    },
+}
+
+/// `lb backend ...`
+#[derive(Debug, Subcommand)]
+pub enum BackendCmd {
+    /// Add a backend to a service.
+    Add {
+        #[command(flatten)]
+        svc: SvcArg,
+        /// The backend, IP:PORT.
+        #[arg(value_name = "IP:PORT")]
+        addr: SocketAddrV4,
+        /// Weight, 0..=10000 (0: drain).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Remove a backend: no new flows, its flows end.
+    Del {
+        #[command(flatten)]
+        svc: SvcArg,
+        /// The backend, IP:PORT.
+        #[arg(value_name = "IP:PORT")]
+        addr: SocketAddrV4,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Change a backend's weight (0: drain, existing flows continue).
+    Set {
+        #[command(flatten)]
+        svc: SvcArg,
+        /// The backend, IP:PORT.
+        #[arg(value_name = "IP:PORT")]
+        addr: SocketAddrV4,
+        /// Weight, 0..=10000.
+        #[arg(long)]
+        weight: u32,
+        #[command(flatten)]
+        place: Place,
+    },
+}
+
 fn prepare(place: &Place) -> Result<(Option<netns::NetnsGuard>, PinDir)> {
     net::require_root()?;
     bpffs::ensure_mounted(&place.pin_dir)?;
@@ -96,47 +262,34 @@ fn prepare(place: &Place) -> Result<(Option<netns::NetnsGuard>, PinDir)> {
     Ok((guard, PinDir::new(&place.pin_dir)))
 }
 
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v).context("encoding JSON")?);
+    Ok(())
+}
+
 /// Runs a parsed command, printing its result to stdout.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Attach {
-            iface,
-            lb,
-            client,
-            backends,
-            port,
-            mode,
-            place,
-        } => {
-            let cfg = Config {
-                lb,
-                client,
-                backends,
-                port,
-            };
-            cfg.validate()?;
-            let (_ns, pins) = prepare(&place)?;
-            let a = loader::attach(&iface, &cfg, mode, &pins)?;
-            let verb = if a.replaced {
-                "replaced the lb program on"
-            } else {
-                "attached to"
-            };
-            println!(
-                "{verb} {} (ifindex {}): program id {}, {} mode",
-                a.iface, a.ifindex, a.prog_id, a.mode
-            );
-            if a.enabled_forwarding {
-                println!(
-                    "enabled IPv4 forwarding on {} (bpf_fib_lookup needs it)",
-                    a.iface
-                );
+        Command::Attach { iface, mode, lb, client: _, backends, port, settings, place } => {
+            let one_liner = lb.map(|lb| (Service::new(SocketAddrV4::new(lb, port.unwrap_or(0)), Proto::Tcp), backends));
+            if let Some((svc, bes)) = &one_liner {
+                check_one_liner(svc, bes)?;
             }
-            println!("pinned link:   {}", a.link_pin);
-            println!("pinned stats:  {}", a.stats_pin);
-            println!("pinned config: {}", a.config_pin);
-            for u in &a.unresolved {
-                eprintln!("warning: no MAC known yet for {u}; its packets go to the kernel until it resolves");
+            let (_ns, pins) = prepare(&place)?;
+            let base = loader::instance_settings(&pins)?.unwrap_or_default();
+            let a = loader::attach(&iface, mode, settings.apply(base).as_ref(), &pins)?;
+            let verb = if a.replaced { "replaced the lb program on" } else { "attached to" };
+            println!("{verb} {} (ifindex {}): program id {}, {} mode", a.iface, a.ifindex, a.prog_id, a.mode);
+            for s in &a.sysctls {
+                println!("set {s}");
+            }
+            let kept = if a.reused_maps { " (existing maps and flows kept)" } else { "" };
+            println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
+            if let Some((svc, bes)) = one_liner {
+                let m = Maps::open(&pins)?;
+                sync_one_liner(&m, &svc, &bes)?;
+                let list: Vec<String> = bes.iter().map(|b| b.to_string()).collect();
+                println!("service {svc} -> {}", list.join(", "));
             }
         }
         Command::Detach { iface, place } => {
@@ -151,20 +304,95 @@ pub fn run(cli: Cli) -> Result<()> {
             let (_ns, pins) = prepare(&place)?;
             let s = loader::status(&pins)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&s).context("encoding JSON")?
-                );
+                print_json(&s)?;
             } else {
                 print_status(&s);
             }
         }
-        Command::PeerPass {
-            iface,
-            remove,
-            mode,
-            place,
-        } => {
+        Command::Service(cmd) => {
+            let (svc, place, add) = match &cmd {
+                ServiceCmd::Add { svc, place } => (svc.service(), place, true),
+                ServiceCmd::Del { svc, place } => (svc.service(), place, false),
+            };
+            let (_ns, pins) = prepare(place)?;
+            let m = Maps::open(&pins)?;
+            if add {
+                let id = service::service_add(&m, &svc)?;
+                println!("added service {svc} (id {id})");
+            } else {
+                service::service_del(&m, &svc)?;
+                println!("removed service {svc}");
+            }
+        }
+        Command::Backend(cmd) => match cmd {
+            BackendCmd::Add { svc, addr, weight, place } => {
+                let (_ns, pins) = prepare(&place)?;
+                let m = Maps::open(&pins)?;
+                let id = service::backend_add(&m, &svc.service(), addr, weight)?;
+                println!("added backend {addr} (id {id}, weight {weight}) to {}", svc.service());
+            }
+            BackendCmd::Del { svc, addr, place } => {
+                let (_ns, pins) = prepare(&place)?;
+                let m = Maps::open(&pins)?;
+                service::backend_del(&m, &svc.service(), addr)?;
+                println!("removed backend {addr} from {} and ended its flows", svc.service());
+            }
+            BackendCmd::Set { svc, addr, weight, place } => {
+                let (_ns, pins) = prepare(&place)?;
+                let m = Maps::open(&pins)?;
+                service::backend_set(&m, &svc.service(), addr, weight)?;
+                println!("backend {addr} of {} now has weight {weight}", svc.service());
+            }
+        },
+        Command::List { json, place } => {
+            let (_ns, pins) = prepare(&place)?;
+            let list = service::list(&Maps::open(&pins)?)?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for s in &list {
+                    println!("{} (id {})", s.service, s.id);
+                    for b in &s.backends {
+                        println!("  {:<21} weight {:<5} id {}", b.addr.to_string(), b.weight, b.id);
+                    }
+                }
+            }
+        }
+        Command::Conntrack { json, place } => {
+            let (_ns, pins) = prepare(&place)?;
+            let conns = conntrack::list(&Maps::open(&pins)?)?;
+            if json {
+                print_json(&conns)?;
+            } else {
+                println!(
+                    "{:<5} {:<21} {:<21} {:<21} {:<21} {:<8} {:>6} {:>6}",
+                    "proto", "client", "vip", "backend", "nat", "state", "age", "idle"
+                );
+                for c in &conns {
+                    println!(
+                        "{:<5} {:<21} {:<21} {:<21} {:<21} {:<8} {:>5}s {:>5}s",
+                        c.proto,
+                        c.client.to_string(),
+                        c.vip.to_string(),
+                        c.backend.to_string(),
+                        c.nat.to_string(),
+                        c.state,
+                        c.age_s,
+                        c.idle_s
+                    );
+                }
+            }
+        }
+        Command::Stats { json, place } => {
+            let (_ns, pins) = prepare(&place)?;
+            let r = stats::report(&Maps::open(&pins)?)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print_report(&r);
+            }
+        }
+        Command::PeerPass { iface, remove, mode, place } => {
             let (_ns, _) = prepare(&place)?;
             if remove {
                 loader::pass_detach(&iface, mode)?;
@@ -178,31 +406,89 @@ pub fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+fn check_one_liner(svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for b in backends {
+        if !seen.insert(b) {
+            bail!("backend {b} is given twice");
+        }
+        if *b == svc.vip {
+            bail!("backend {b} is also the LB address");
+        }
+    }
+    if svc.vip.is_unspecified() || svc.vip.is_broadcast() || svc.vip.is_multicast() {
+        bail!("{} is not a unicast address", svc.vip);
+    }
+    Ok(())
+}
+
+/// Makes the one-liner's service have exactly the given backends.
+fn sync_one_liner(m: &Maps, svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
+    let want: Vec<SocketAddrV4> = backends.iter().map(|b| SocketAddrV4::new(*b, 0)).collect();
+    let have = match service::list(m)?.into_iter().find(|s| s.service == *svc) {
+        Some(s) => s.backends.into_iter().map(|b| b.addr).collect(),
+        None => {
+            service::service_add(m, svc)?;
+            Vec::new()
+        }
+    };
+    for b in want.iter().filter(|b| !have.contains(b)) {
+        service::backend_add(m, svc, *b, 1)?;
+    }
+    for b in have.iter().filter(|b| !want.contains(b)) {
+        service::backend_del(m, svc, *b)?;
+    }
+    Ok(())
+}
+
 fn print_status(s: &loader::Status) {
     if s.interfaces.is_empty() {
         println!("nothing attached (pin directory {})", s.pin_dir);
     }
     for i in &s.interfaces {
-        let c = &i.config;
-        let port = c
-            .port
-            .map_or("every port".to_string(), |p| format!("port {p}"));
-        let backends: Vec<String> = c.backends.iter().map(|b| b.to_string()).collect();
         println!(
             "{}: ifindex {}, program id {}, link id {}, {} mode",
             i.iface, i.ifindex, i.prog_id, i.link_id, i.mode
         );
+    }
+    if let Some(st) = &s.settings {
         println!(
-            "  lb {}  client {}  backends {}  ({port})",
-            c.lb,
-            c.client,
-            backends.join(", ")
+            "settings: NAT ports {}-{}, Maglev size {}, max flows {}, timeouts tcp {}s udp {}s fin {}s",
+            st.nat_port_lo, st.nat_port_hi, st.maglev_size, st.max_flows, st.tcp_timeout, st.udp_timeout, st.fin_timeout
         );
     }
-    if !s.counters.is_empty() {
+    for svc in &s.services {
+        let b: Vec<String> = svc.backends.iter().map(|b| format!("{} (w{})", b.addr, b.weight)).collect();
+        println!("service {} -> {}", svc.service, b.join(", "));
+    }
+    print_counters(&s.counters);
+}
+
+fn print_counters(c: &[(String, stats::Counter)]) {
+    if !c.is_empty() {
         println!("{:<16} {:>12} {:>14}", "counter", "packets", "bytes");
-        for (name, c) in &s.counters {
+        for (name, c) in c {
             println!("{name:<16} {:>12} {:>14}", c.packets, c.bytes);
         }
     }
+}
+
+fn print_report(r: &stats::Report) {
+    println!("{:<28} {:>10} {:>12} {:>9} {:>8}", "service / backend", "packets", "bytes", "new", "active");
+    for s in &r.services {
+        let t = &s.traffic;
+        println!("{:<28} {:>10} {:>12} {:>9} {:>8}", s.service, t.packets, t.bytes, t.new_flows, t.active_flows);
+        for b in &s.backends {
+            let t = &b.traffic;
+            println!(
+                "  {:<26} {:>10} {:>12} {:>9} {:>8}",
+                b.backend.addr.to_string(),
+                t.packets,
+                t.bytes,
+                t.new_flows,
+                t.active_flows
+            );
+        }
+    }
+    print_counters(&r.counters);
 }

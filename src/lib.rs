@@ -3,10 +3,14 @@
 
 pub mod bpffs;
 pub mod cli;
-pub mod config;
+pub mod conntrack;
 pub mod loader;
+pub mod maglev;
+pub mod maps;
 pub mod net;
 pub mod netns;
+pub mod service;
+pub mod settings;
 pub mod skel;
 pub mod stats;
 pub mod xdp;

@@ -1,85 +1,93 @@
-//! Everything that touches the skeleton: open, configure, load, attach, pin,
-//! replace, detach, and read back what is attached.
+//! Everything that touches the skeleton: open, configure, load (reusing an
+//! instance's pinned maps), attach, pin, replace, detach, and read back what
+//! is attached.
 
 use std::fs;
 use std::mem::MaybeUninit;
-use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
-use std::path::Path;
-use std::time::Duration;
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
 use crate::bpffs::PinDir;
-use crate::config::Config;
-use crate::skel::lb::{types, LbSkel, LbSkelBuilder};
+use crate::maps::{self, Maps};
+use crate::settings::Settings;
+use crate::skel::lb::{LbSkel, LbSkelBuilder};
 use crate::skel::pass::PassSkelBuilder;
 use crate::xdp::{self, Mode};
 use crate::{net, stats};
 
-// SAFETY: plain old data generated from the program's BTF.
-unsafe impl plain::Plain for types::rodata {}
-
-/// Opens the program, sets its load-time constants from `cfg` and loads it
-/// into the kernel, reusing the stats map pinned at `reuse_stats` if given.
-/// `skb_mode`: the program will run in skb (generic) mode, where packets may
-/// carry partial checksums. Nothing is attached.
+/// Opens the program, sets its load-time constants from `settings` and loads
+/// it, reusing every map already pinned under `reuse`. `skb_mode`: the
+/// program will run in skb (generic) mode, where packets may carry partial
+/// checksums. Nothing is attached and nothing new is pinned.
 pub fn load<'obj>(
-    cfg: &Config,
+    settings: &Settings,
     skb_mode: bool,
-    reuse_stats: Option<&Path>,
+    reuse: Option<&PinDir>,
     storage: &'obj mut MaybeUninit<OpenObject>,
 ) -> Result<LbSkel<'obj>> {
-    let mut open = LbSkelBuilder::default()
-        .open(storage)
-        .context("opening the XDP program")?;
+    let mut open = LbSkelBuilder::default().open(storage).context("opening the XDP program")?;
     let ro = open
         .maps
         .rodata_data
         .as_deref_mut()
         .ok_or_else(|| anyhow!("the XDP program has no .rodata section"))?;
     ro.skb_mode = u8::from(skb_mode);
-    ro.lb_ip = u32::from_ne_bytes(cfg.lb.octets());
-    ro.client_ip = u32::from_ne_bytes(cfg.client.octets());
-    ro.lb_port = cfg.port.unwrap_or(0).to_be();
-    ro.n_backends = cfg.backends.len() as u32;
-    for (slot, b) in ro.backend_ip.iter_mut().zip(&cfg.backends) {
-        *slot = u32::from_ne_bytes(b.octets());
+    ro.nat_port_lo = settings.nat_port_lo;
+    ro.nat_port_hi = settings.nat_port_hi;
+    ro.maglev_size = settings.maglev_size;
+    ro.tcp_timeout = settings.tcp_timeout;
+    ro.udp_timeout = settings.udp_timeout;
+    ro.fin_timeout = settings.fin_timeout;
+    open.maps
+        .conntrack
+        .set_max_entries(settings.max_flows * 2)
+        .context("sizing the connection table")?;
+    if let Some(pins) = reuse {
+        for mut map in open.open_object_mut().maps_mut() {
+            let name = map.name().to_string_lossy().into_owned();
+            if !maps::PINNED.contains(&name.as_str()) {
+                continue;
+            }
+            let path = pins.map(&name);
+            if path.exists() {
+                map.reuse_pinned_map(&path).map_err(|e| {
+                    anyhow!(
+                        "pinned map {} does not fit this build of lb ({e}); its layout changed: detach every interface of the instance (or use another --pin-dir) to start afresh",
+                        path.display()
+                    )
+                })?;
+            }
+        }
     }
-    if let Some(path) = reuse_stats {
-        open.maps
-            .stats
-            .reuse_pinned_map(path)
-            .with_context(|| format!("reusing stats map {}", path.display()))?;
-    }
-    open.load()
-        .context("loading the XDP program into the kernel")
+    open.load().context("loading the XDP program into the kernel")
 }
 
-/// Reads back the configuration from a loaded program's .rodata map.
-pub fn config_of(rodata: &dyn MapCore) -> Result<Config> {
-    let bytes = rodata
-        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-        .context("reading the program's configuration")?
-        .ok_or_else(|| anyhow!("the program's configuration map is empty"))?;
-    let mut ro: types::rodata = unsafe { std::mem::zeroed() };
-    plain::copy_from_bytes(&mut ro, &bytes)
-        .map_err(|e| anyhow!("configuration map has an unexpected layout: {e:?}"))?;
-    let n = (ro.n_backends as usize).min(ro.backend_ip.len());
-    Ok(Config {
-        lb: Ipv4Addr::from(ro.lb_ip.to_ne_bytes()),
-        client: Ipv4Addr::from(ro.client_ip.to_ne_bytes()),
-        port: match u16::from_be(ro.lb_port) {
-            0 => None,
-            p => Some(p),
-        },
-        backends: ro.backend_ip[..n]
-            .iter()
-            .map(|b| Ipv4Addr::from(b.to_ne_bytes()))
-            .collect(),
-    })
+/// Pins what is new under `pins` (which must exist): the maps of a fresh
+/// instance, and always the program's settings (.rodata). Returns the new
+/// pins. With [`load`], this gives tests and benchmarks a working instance
+/// without attaching anything.
+pub fn pin_maps(skel: &mut LbSkel<'_>, pins: &PinDir) -> Result<Vec<PathBuf>> {
+    let mut pinned = Vec::new();
+    for mut map in skel.object_mut().maps_mut() {
+        let name = map.name().to_string_lossy().into_owned();
+        let path = if maps::PINNED.contains(&name.as_str()) {
+            pins.map(&name)
+        } else if name.ends_with(".rodata") {
+            PinDir::remove(&pins.config())?;
+            pins.config()
+        } else {
+            continue;
+        };
+        if !path.exists() {
+            map.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+            pinned.push(path);
+        }
+    }
+    Ok(pinned)
 }
 
 /// What `attach` did.
@@ -95,20 +103,18 @@ pub struct Attachment {
     pub mode: String,
     /// Whether an earlier `lb` program on the interface was replaced.
     pub replaced: bool,
-    /// Whether attach had to enable IPv4 forwarding on the interface.
-    pub enabled_forwarding: bool,
-    /// Addresses whose MAC the kernel could not resolve yet.
-    pub unresolved: Vec<Ipv4Addr>,
+    /// Whether the instance's maps existed (connection table kept).
+    pub reused_maps: bool,
+    /// Sysctls attach had to change on the interface.
+    pub sysctls: Vec<String>,
     /// Pin of the link.
     pub link_pin: String,
-    /// Pin of the counters.
-    pub stats_pin: String,
-    /// Pin of the configuration.
-    pub config_pin: String,
+    /// The instance's pin directory.
+    pub pin_dir: String,
 }
 
 /// Removes, on drop, the pins created so far unless disarmed.
-struct PinRollback(Vec<std::path::PathBuf>);
+struct PinRollback(Vec<PathBuf>);
 
 impl Drop for PinRollback {
     fn drop(&mut self) {
@@ -122,12 +128,33 @@ impl Drop for PinRollback {
     }
 }
 
-/// Loads the program for `cfg`, attaches it to `iface` (current netns) and
-/// pins link, counters and configuration under `pins`. If an `lb` link is
-/// already pinned for the interface, its program is replaced atomically.
-pub fn attach(iface: &str, cfg: &Config, mode: Mode, pins: &PinDir) -> Result<Attachment> {
-    cfg.validate()?;
+/// The settings of the instance at `pins`, if it exists.
+pub fn instance_settings(pins: &PinDir) -> Result<Option<Settings>> {
+    if !pins.map("conntrack").exists() {
+        return Ok(None);
+    }
+    Ok(Some(Maps::open(pins)?.settings()?))
+}
+
+/// Loads the datapath, attaches it to `iface` (current netns) and pins link
+/// and maps under `pins`. An existing instance's maps are reused (flows
+/// survive); if `lb` already has a link on the interface, its program is
+/// replaced atomically. `settings`: `None` keeps the instance's (or the
+/// defaults for a new one).
+pub fn attach(iface: &str, mode: Mode, settings: Option<&Settings>, pins: &PinDir) -> Result<Attachment> {
     let ifindex = net::ifindex(iface)?;
+    let current = instance_settings(pins)?;
+    let settings = match (settings, &current) {
+        (Some(s), Some(c)) if s != c => bail!(
+            "the instance at {} runs with other settings ({c:?}); detach all its interfaces to change them",
+            pins.root.display()
+        ),
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => c.clone(),
+        (None, None) => Settings::default(),
+    };
+    settings.validate()?;
+
     let link_pin = pins.link(iface);
     let mut effective = mode.effective(ifindex)?;
     let existing = if link_pin.exists() {
@@ -144,7 +171,7 @@ pub fn attach(iface: &str, cfg: &Config, mode: Mode, pins: &PinDir) -> Result<At
         if xdp::query(ifindex)?.mode == "skb" {
             effective = Mode::Skb;
         }
-        Some(fd)
+        true
     } else {
         let now = xdp::query(ifindex)?;
         if now.prog_id != 0 {
@@ -154,74 +181,49 @@ pub fn attach(iface: &str, cfg: &Config, mode: Mode, pins: &PinDir) -> Result<At
                 now.mode
             );
         }
-        None
+        false
     };
 
     let mut rollback = PinRollback(Vec::new());
     for dir in [&pins.root, &pins.iface_dir(iface)] {
         if !dir.exists() {
-            fs::create_dir(dir)
-                .with_context(|| format!("creating pin directory {}", dir.display()))?;
+            fs::create_dir(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
             rollback.0.push(dir.clone());
         }
     }
 
-    let stats_pin = pins.stats();
-    let reuse = stats_pin.exists().then_some(stats_pin.as_path());
+    let reused_maps = current.is_some();
     let mut storage = MaybeUninit::uninit();
-    let mut skel = load(cfg, effective == Mode::Skb, reuse, &mut storage)?;
+    let mut skel = load(&settings, effective == Mode::Skb, Some(pins), &mut storage)?;
+    let sysctls = net::prepare_interface(iface)?;
 
-    let enabled_forwarding = !net::forwarding(iface)?;
-    if enabled_forwarding {
-        net::enable_forwarding(iface)?;
-    }
+    rollback.0.extend(pin_maps(&mut skel, pins)?);
 
-    let config_pin = pins.config(iface);
-    let replaced = existing.is_some();
-    if let Some(link_fd) = existing {
+    if existing {
         let mut link = libbpf_rs::Link::open(&link_pin)
             .with_context(|| format!("opening link {}", link_pin.display()))?;
-        drop(link_fd);
         link.update_prog(&skel.progs.lb_xdp)
             .with_context(|| format!("replacing the program on {iface}"))?;
-        PinDir::remove(&config_pin)?;
-        skel.maps
-            .rodata
-            .pin(&config_pin)
-            .with_context(|| format!("pinning {}", config_pin.display()))?;
     } else {
-        let link =
-            xdp::link_create(skel.progs.lb_xdp.as_fd(), ifindex, mode).map_err(|e| {
-                match e.raw_os_error() {
-                    Some(libc_ebusy) if libc_ebusy == nix::errno::Errno::EBUSY as i32 => {
-                        anyhow!("{iface} already has an XDP program attached by something else")
-                    }
-                    Some(e)
-                        if e == nix::errno::Errno::EOPNOTSUPP as i32
-                            || e == nix::errno::Errno::EINVAL as i32 =>
-                    {
-                        anyhow!("{iface} does not support XDP in {mode} mode")
-                    }
-                    _ => anyhow!("attaching to {iface} in {mode} mode: {e}"),
+        let link = xdp::link_create(skel.progs.lb_xdp.as_fd(), ifindex, mode).map_err(|e| {
+            match e.raw_os_error().map(nix::errno::Errno::from_raw) {
+                Some(nix::errno::Errno::EBUSY) | Some(nix::errno::Errno::EEXIST) => {
+                    anyhow!("{iface} already has an XDP program attached by something else")
                 }
-            })?;
-        if reuse.is_none() {
-            skel.maps
-                .stats
-                .pin(&stats_pin)
-                .with_context(|| format!("pinning {}", stats_pin.display()))?;
-            rollback.0.push(stats_pin.clone());
-        }
-        skel.maps
-            .rodata
-            .pin(&config_pin)
-            .with_context(|| format!("pinning {}", config_pin.display()))?;
-        rollback.0.push(config_pin.clone());
+                Some(nix::errno::Errno::EOPNOTSUPP) | Some(nix::errno::Errno::EINVAL) => {
+                    anyhow!("{iface} does not support XDP in {mode} mode")
+                }
+                _ => anyhow!("attaching to {iface} in {mode} mode: {e}"),
+            }
+        })?;
         xdp::pin(link.as_fd(), &link_pin)?;
         rollback.0.push(link_pin.clone());
     }
+    skel.maps
+        .tx_ports
+        .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
+        .with_context(|| format!("adding {iface} to the redirect map"))?;
 
-    let missing = net::resolve_neighbours(&cfg.neighbours(), Duration::from_secs(1))?;
     let now = xdp::query(ifindex)?;
     rollback.0.clear();
     Ok(Attachment {
@@ -229,18 +231,17 @@ pub fn attach(iface: &str, cfg: &Config, mode: Mode, pins: &PinDir) -> Result<At
         ifindex,
         prog_id: now.prog_id,
         mode: now.mode.to_string(),
-        replaced,
-        enabled_forwarding,
-        unresolved: missing,
+        replaced: existing,
+        reused_maps,
+        sysctls,
         link_pin: link_pin.display().to_string(),
-        stats_pin: stats_pin.display().to_string(),
-        config_pin: config_pin.display().to_string(),
+        pin_dir: pins.root.display().to_string(),
     })
 }
 
-/// Detaches the `lb` program from `iface` and removes its pins (and the
-/// shared ones once no interface is left). Refuses to touch a program that
-/// `lb` did not attach.
+/// Detaches the `lb` program from `iface` and removes its pins; the last
+/// interface of an instance takes the instance's maps with it. Refuses to
+/// touch a program that `lb` did not attach.
 pub fn detach(iface: &str, pins: &PinDir) -> Result<Vec<String>> {
     let link_pin = pins.link(iface);
     let ifindex = net::ifindex(iface).ok();
@@ -256,10 +257,7 @@ pub fn detach(iface: &str, pins: &PinDir) -> Result<Vec<String>> {
                 );
             }
         }
-        bail!(
-            "nothing attached by lb on {iface} (no link pinned at {})",
-            link_pin.display()
-        );
+        bail!("nothing attached by lb on {iface} (no link pinned at {})", link_pin.display());
     }
     let fd = xdp::open_pinned(&link_pin)?;
     let info = xdp::link_info(fd.as_fd())?;
@@ -277,18 +275,18 @@ pub fn detach(iface: &str, pins: &PinDir) -> Result<Vec<String>> {
         ),
     }
     drop(fd);
-    for p in [link_pin, pins.config(iface)] {
-        if p.exists() {
-            PinDir::remove(&p)?;
-            removed.push(p.display().to_string());
-        }
+    if let (Some(i), Ok(m)) = (ifindex, Maps::open(pins)) {
+        let _ = m.tx_ports.delete(&i.to_ne_bytes());
     }
+    PinDir::remove(&link_pin)?;
+    removed.push(link_pin.display().to_string());
     PinDir::remove_dir_if_empty(&pins.iface_dir(iface));
     if pins.interfaces()?.is_empty() {
-        let s = pins.stats();
-        if s.exists() {
-            PinDir::remove(&s)?;
-            removed.push(s.display().to_string());
+        for p in maps::PINNED.iter().map(|n| pins.map(n)).chain([pins.config()]) {
+            if p.exists() {
+                PinDir::remove(&p)?;
+                removed.push(p.display().to_string());
+            }
         }
         PinDir::remove_dir_if_empty(&pins.root);
     }
@@ -308,23 +306,25 @@ pub struct IfaceStatus {
     pub ifindex: u32,
     /// Mode in effect ("native", "skb", ...; "gone" if the interface is gone).
     pub mode: String,
-    /// The configuration the program was loaded with.
-    pub config: Config,
 }
 
-/// Status of an instance: attached interfaces and counters.
+/// Status of an instance: attached interfaces, settings, services, counters.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
     /// Pin directory.
     pub pin_dir: String,
     /// Attached interfaces.
     pub interfaces: Vec<IfaceStatus>,
+    /// The datapath settings.
+    pub settings: Option<Settings>,
+    /// Services with their backends.
+    pub services: Vec<crate::service::ServiceInfo>,
     /// Counters by name, summed over CPUs.
     pub counters: Vec<(String, stats::Counter)>,
 }
 
 /// Reads what the instance at `pins` has attached (current netns for the
-/// modes) and its counters.
+/// modes), its settings, services and counters.
 pub fn status(pins: &PinDir) -> Result<Status> {
     let mut interfaces = Vec::new();
     for iface in pins.interfaces()? {
@@ -333,33 +333,25 @@ pub fn status(pins: &PinDir) -> Result<Status> {
         let mode = if info.ifindex == 0 {
             "gone".to_string()
         } else {
-            xdp::query(info.ifindex)
-                .map(|a| a.mode.to_string())
-                .unwrap_or_else(|_| "?".into())
+            xdp::query(info.ifindex).map(|a| a.mode.to_string()).unwrap_or_else(|_| "?".into())
         };
-        let cfg_pin = pins.config(&iface);
-        let map = MapHandle::from_pinned_path(&cfg_pin)
-            .with_context(|| format!("opening {}", cfg_pin.display()))?;
         interfaces.push(IfaceStatus {
             iface,
             link_id: info.id,
             prog_id: info.prog_id,
             ifindex: info.ifindex,
             mode,
-            config: config_of(&map)?,
         });
     }
-    let counters = if pins.stats().exists() {
-        let c = stats::read_pinned(&pins.stats())?;
-        stats::NAMES.iter().map(|n| n.to_string()).zip(c).collect()
-    } else {
-        Vec::new()
+    let (settings, services, counters) = match Maps::open(pins) {
+        Ok(m) => (
+            Some(m.settings()?),
+            crate::service::list(&m)?,
+            stats::NAMES.iter().map(|n| n.to_string()).zip(stats::read(&m.stats)?).collect(),
+        ),
+        Err(_) => (None, Vec::new(), Vec::new()),
     };
-    Ok(Status {
-        pin_dir: pins.root.display().to_string(),
-        interfaces,
-        counters,
-    })
+    Ok(Status { pin_dir: pins.root.display().to_string(), interfaces, settings, services, counters })
 }
 
 /// Attaches the pass-everything program to `iface` without a link (it stays

@@ -1,0 +1,189 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* Connection tracking: flow lookup, state, expiry, and new flows. */
+#ifndef LB_CONNTRACK_H
+#define LB_CONNTRACK_H
+
+#include "consts.h"
+#include "maps.h"
+#include "nat.h"
+
+/* NAT ports tried for a new flow before giving up (a full range). */
+#define NAT_TRIES 16
+
+/* Clock ticks of 2^30 ns (about 1.07 s): coarse, cheap, enough for
+ * timeouts. */
+static __always_inline __u32 lb_now(void)
+{
+	return bpf_ktime_get_coarse_ns() >> 30;
+}
+
+/* murmur3 finaliser: cheap, and every input bit reaches every output bit. */
+static __always_inline __u32 mix32(__u32 h)
+{
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline __u32 flow_hash(const struct flow_key *k)
+{
+	__u32 ports = ((__u32)k->sport << 16) | k->dport;
+
+	return mix32(k->saddr ^ mix32(k->daddr ^ mix32(ports ^ k->proto)));
+}
+
+static __always_inline int flow_expired(const struct flow *f, __u8 proto,
+					__u32 now)
+{
+	__u32 timeout = f->state == LB_CT_CLOSING ? fin_timeout
+			: proto == IPPROTO_TCP	  ? tcp_timeout
+						  : udp_timeout;
+
+	/* seconds to ticks: a multiply and a shift */
+	return now - f->seen > ((__u64)timeout * 1000000000) >> 30;
+}
+
+/* The key of the other direction of the connection `f` belongs to. */
+static __always_inline void flow_peer_key(const struct flow *f, __u8 proto,
+					  struct flow_key *peer)
+{
+	peer->saddr = f->daddr;
+	peer->daddr = f->saddr;
+	peer->sport = f->dport;
+	peer->dport = f->sport;
+	peer->proto = proto;
+}
+
+/* A FIN or RST ends the connection: both entries linger for fin_timeout. */
+static __always_inline void flow_close(struct flow *f, __u8 proto)
+{
+	struct flow_key peer = {};
+	struct flow *pf;
+
+	f->state = LB_CT_CLOSING;
+	flow_peer_key(f, proto, &peer);
+	pf = bpf_map_lookup_elem(&conntrack, &peer);
+	if (pf)
+		pf->state = LB_CT_CLOSING;
+}
+
+/* Resolve the next hop towards f->daddr into f; 0 on success, else the
+ * counter that says why not. */
+static __always_inline int flow_route(struct xdp_md *ctx, struct flow *f,
+				      __u32 flags)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = AF_INET;
+	fib.ifindex = ctx->ingress_ifindex;
+	fib.ipv4_src = f->saddr;
+	fib.ipv4_dst = f->daddr;
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), flags);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return LB_PASS_NO_ROUTE;
+	if (flags & BPF_FIB_LOOKUP_SRC)
+		f->saddr = fib.ipv4_src;
+	f->ifindex = fib.ifindex;
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return LB_PASS_NO_NEIGH;
+	__builtin_memcpy(f->smac, fib.smac, ETH_ALEN);
+	__builtin_memcpy(f->dmac, fib.dmac, ETH_ALEN);
+	f->nh_ok = 1;
+	return 0;
+}
+
+/*
+ * First packet of a flow to a service: pick a backend (Maglev), route to it,
+ * allocate a NAT source port that no live flow to that backend uses, and
+ * record both directions. Returns the new client->backend entry's verdict
+ * reason in *why when it fails.
+ */
+static __always_inline struct flow *flow_new(struct xdp_md *ctx, struct pkt *p,
+					     __u32 svc_id, __u32 now, int *why)
+{
+	struct flow fwd = {}, rev = {};
+	struct flow_key rk = {};
+	struct backend *be;
+	void *table;
+	__u32 h, slot, *bid, range, base;
+	int rc;
+
+	h = flow_hash(&p->key);
+	table = bpf_map_lookup_elem(&maglev, &svc_id);
+	if (!table)
+		goto no_backend;
+	slot = h % maglev_size;
+	bid = bpf_map_lookup_elem(table, &slot);
+	if (!bid || *bid == LB_NO_BACKEND)
+		goto no_backend;
+	fwd.backend = *bid;
+	be = bpf_map_lookup_elem(&backends, &fwd.backend);
+	if (!be || !(be->flags & LB_BACKEND_USED))
+		goto no_backend;
+
+	fwd.daddr = be->ip;
+	fwd.dport = be->port ? be->port : p->key.dport;
+	fwd.svc = svc_id;
+	fwd.dir = LB_DIR_TO_BACKEND;
+	fwd.created = now;
+	fwd.seen = now;
+	rc = flow_route(ctx, &fwd, BPF_FIB_LOOKUP_SRC);
+	if (rc == LB_PASS_NO_ROUTE || !fwd.saddr) {
+		*why = LB_PASS_NO_ROUTE;
+		return NULL;
+	}
+
+	/* The way back to the client: where this packet came from. */
+	rev.saddr = p->key.daddr;
+	rev.daddr = p->key.saddr;
+	rev.sport = p->key.dport;
+	rev.dport = p->key.sport;
+	rev.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(rev.smac, p->eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(rev.dmac, p->eth->h_source, ETH_ALEN);
+	rev.nh_ok = 1;
+	rev.backend = fwd.backend;
+	rev.svc = svc_id;
+	rev.dir = LB_DIR_TO_CLIENT;
+	rev.created = now;
+	rev.seen = now;
+
+	rk.saddr = fwd.daddr;
+	rk.daddr = fwd.saddr;
+	rk.sport = fwd.dport;
+	rk.proto = p->key.proto;
+	range = nat_port_hi - nat_port_lo + 1;
+	base = mix32(h ^ 0x9e3779b9);
+	for (int i = 0; i < NAT_TRIES; i++) {
+		__u16 port = nat_port_lo + (base + i * 7919) % range;
+		struct flow *old;
+
+		rk.dport = bpf_htons(port);
+		old = bpf_map_lookup_elem(&conntrack, &rk);
+		if (old && !flow_expired(old, rk.proto, now))
+			continue;
+		if (bpf_map_update_elem(&conntrack, &rk, &rev,
+					old ? BPF_ANY : BPF_NOEXIST))
+			continue;
+		fwd.sport = rk.dport;
+		if (bpf_map_update_elem(&conntrack, &p->key, &fwd, BPF_ANY)) {
+			bpf_map_delete_elem(&conntrack, &rk);
+			*why = LB_DROP_CT_FULL;
+			return NULL;
+		}
+		*why = rc; /* 0, or LB_PASS_NO_NEIGH */
+		return bpf_map_lookup_elem(&conntrack, &p->key);
+	}
+	*why = LB_DROP_NAT_FULL;
+	return NULL;
+
+no_backend:
+	*why = LB_DROP_NO_BACKEND;
+	return NULL;
+}
+
+#endif /* LB_CONNTRACK_H */

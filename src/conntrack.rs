@@ -1,0 +1,125 @@
+//! The connection table as the CLI sees it: listing flows and ending them.
+
+use std::net::SocketAddrV4;
+
+use anyhow::{Context, Result};
+use libbpf_rs::{MapCore, MapFlags};
+
+use crate::maps::{self, from_bytes, Flow, FlowKey, Maps};
+use crate::settings::{Settings, TICK_NS};
+
+/// One tracked connection (its client->VIP entry).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Conn {
+    /// Protocol ("tcp"/"udp").
+    pub proto: &'static str,
+    /// The client.
+    pub client: SocketAddrV4,
+    /// The service address the client used.
+    pub vip: SocketAddrV4,
+    /// The backend.
+    pub backend: SocketAddrV4,
+    /// The LB's source address and NAT port towards the backend.
+    pub nat: SocketAddrV4,
+    /// "open", "closing" or "expired".
+    pub state: &'static str,
+    /// Seconds since the first packet.
+    pub age_s: u64,
+    /// Seconds since the last packet.
+    pub idle_s: u64,
+    /// Backend id.
+    pub backend_id: u32,
+    /// Service id.
+    pub svc_id: u32,
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        6 => "tcp",
+        17 => "udp",
+        _ => "?",
+    }
+}
+
+fn secs(ticks: u32) -> u64 {
+    u64::from(ticks) * TICK_NS / 1_000_000_000
+}
+
+/// Every entry of the table, raw.
+pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow)>> {
+    let mut out = Vec::new();
+    for k in m.conntrack.keys() {
+        if let Some(v) = m.conntrack.lookup(&k, MapFlags::ANY).context("reading conntrack")? {
+            out.push((from_bytes(&k), from_bytes(&v)));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether an entry is past its timeout (as the datapath judges it).
+pub fn expired(f: &Flow, proto: u8, s: &Settings, now: u32) -> bool {
+    let t = if f.state == maps::CT_CLOSING {
+        s.fin_timeout
+    } else if proto == 6 {
+        s.tcp_timeout
+    } else {
+        s.udp_timeout
+    };
+    u64::from(now.wrapping_sub(f.seen)) > (u64::from(t) * 1_000_000_000) / TICK_NS
+}
+
+/// The connections (client->VIP entries), oldest first.
+pub fn list(m: &Maps) -> Result<Vec<Conn>> {
+    let s = m.settings()?;
+    let now = maps::now_ticks();
+    let sa = |ip: u32, port: u16| SocketAddrV4::new(maps::ip_from_be(ip), u16::from_be(port));
+    let mut out: Vec<Conn> = entries(m)?
+        .into_iter()
+        .filter(|(_, f)| f.dir == maps::DIR_TO_BACKEND)
+        .map(|(k, f)| Conn {
+            proto: proto_name(k.proto),
+            client: sa(k.saddr, k.sport),
+            vip: sa(k.daddr, k.dport),
+            backend: sa(f.daddr, f.dport),
+            nat: sa(f.saddr, f.sport),
+            state: if expired(&f, k.proto, &s, now) {
+                "expired"
+            } else if f.state == maps::CT_CLOSING {
+                "closing"
+            } else {
+                "open"
+            },
+            age_s: secs(now.wrapping_sub(f.created)),
+            idle_s: secs(now.wrapping_sub(f.seen)),
+            backend_id: f.backend,
+            svc_id: f.svc,
+        })
+        .collect();
+    out.sort_by_key(|c| std::cmp::Reverse(c.age_s));
+    Ok(out)
+}
+
+/// Deletes both entries of every flow `which` selects; returns how many
+/// entries went.
+pub fn end_flows(m: &Maps, which: impl Fn(&Flow) -> bool) -> Result<usize> {
+    let mut n = 0;
+    for (k, f) in entries(m)? {
+        if which(&f) && m.conntrack.delete(maps::bytes(&k)).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Active (not expired, not closing) connections per backend id.
+pub fn active_per_backend(m: &Maps) -> Result<std::collections::HashMap<u32, u64>> {
+    let s = m.settings()?;
+    let now = maps::now_ticks();
+    let mut out = std::collections::HashMap::new();
+    for (k, f) in entries(m)? {
+        if f.dir == maps::DIR_TO_BACKEND && f.state != maps::CT_CLOSING && !expired(&f, k.proto, &s, now) {
+            *out.entry(f.backend).or_insert(0) += 1;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,151 @@
+//! Typed access to an instance's pinned maps. The structs are the ones the
+//! skeleton generates from the C program's BTF (bpf/lb.h).
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use crate::bpffs::PinDir;
+use crate::settings::{Settings, TICK_NS};
+use crate::skel::lb::types;
+
+pub use types::{backend as BackendEntry, flow as Flow, flow_key as FlowKey};
+pub use types::{svc_key as SvcKey, svc_value as SvcValue};
+
+// SAFETY: plain old data generated from the program's BTF.
+unsafe impl plain::Plain for types::svc_key {}
+unsafe impl plain::Plain for types::svc_value {}
+unsafe impl plain::Plain for types::backend {}
+unsafe impl plain::Plain for types::flow_key {}
+unsafe impl plain::Plain for types::flow {}
+unsafe impl plain::Plain for types::rodata {}
+
+/// Capacities of the fixed-size maps (bpf/lb.h).
+pub const MAX_SERVICES: u32 = 1024;
+/// Most backends over all services.
+pub const MAX_BACKENDS: u32 = 4096;
+/// `LB_BACKEND_USED`.
+pub const BACKEND_USED: u16 = 1;
+/// `LB_DIR_TO_BACKEND` / `LB_DIR_TO_CLIENT`.
+pub const DIR_TO_BACKEND: u8 = 0;
+/// See [`DIR_TO_BACKEND`].
+pub const DIR_TO_CLIENT: u8 = 1;
+/// `LB_CT_CLOSING`.
+pub const CT_CLOSING: u8 = 1;
+
+/// Names of the maps an instance pins, as in the C program.
+pub const PINNED: &[&str] = &[
+    "stats",
+    "be_stats",
+    "services",
+    "backends",
+    "maglev",
+    "conntrack",
+    "tx_ports",
+];
+
+/// The bytes of a plain struct.
+pub fn bytes<T: plain::Plain>(v: &T) -> &[u8] {
+    // SAFETY: Plain types have no invalid bit patterns or pointers.
+    unsafe { plain::as_bytes(v) }
+}
+
+/// A plain struct from bytes (zero-filled if short).
+pub fn from_bytes<T: plain::Plain + Default>(b: &[u8]) -> T {
+    let mut v = T::default();
+    let _ = plain::copy_from_bytes(&mut v, b);
+    v
+}
+
+/// An address as the datapath stores it (network order in a u32).
+pub fn ip_to_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The inverse of [`ip_to_be`].
+pub fn ip_from_be(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// The datapath's clock now, in ticks (CLOCK_MONOTONIC_COARSE >> 30, as
+/// `bpf_ktime_get_coarse_ns`).
+pub fn now_ticks() -> u32 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE");
+    let ns = ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64;
+    (ns / TICK_NS) as u32
+}
+
+/// An instance's maps, opened from their pins.
+pub struct Maps {
+    /// Verdict counters.
+    pub stats: MapHandle,
+    /// Per-backend counters.
+    pub be_stats: MapHandle,
+    /// VIP:port/proto -> service id.
+    pub services: MapHandle,
+    /// Backend id -> backend.
+    pub backends: MapHandle,
+    /// Service id -> Maglev table.
+    pub maglev: MapHandle,
+    /// The connection table.
+    pub conntrack: MapHandle,
+    /// Interfaces for XDP_REDIRECT.
+    pub tx_ports: MapHandle,
+    /// The program's settings (its .rodata).
+    pub config: MapHandle,
+}
+
+fn open(path: &Path) -> Result<MapHandle> {
+    MapHandle::from_pinned_path(path).with_context(|| format!("opening map {}", path.display()))
+}
+
+impl Maps {
+    /// Opens the maps of the instance at `pins`.
+    pub fn open(pins: &PinDir) -> Result<Self> {
+        if !pins.map("conntrack").exists() {
+            return Err(anyhow!(
+                "no lb instance at {} (run lb attach first, or give --pin-dir/--netns)",
+                pins.root.display()
+            ));
+        }
+        Ok(Self {
+            stats: open(&pins.map("stats"))?,
+            be_stats: open(&pins.map("be_stats"))?,
+            services: open(&pins.map("services"))?,
+            backends: open(&pins.map("backends"))?,
+            maglev: open(&pins.map("maglev"))?,
+            conntrack: open(&pins.map("conntrack"))?,
+            tx_ports: open(&pins.map("tx_ports"))?,
+            config: open(&pins.config())?,
+        })
+    }
+
+    /// The settings the instance's program was loaded with.
+    pub fn settings(&self) -> Result<Settings> {
+        settings_of(&self.config, self.conntrack.max_entries())
+    }
+}
+
+/// Reads settings back from a program's .rodata map and the size of its
+/// connection table.
+pub fn settings_of(rodata: &dyn MapCore, conntrack_entries: u32) -> Result<Settings> {
+    let b = rodata
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .context("reading the program's settings")?
+        .ok_or_else(|| anyhow!("the program's settings map is empty"))?;
+    let mut ro: types::rodata = unsafe { std::mem::zeroed() };
+    plain::copy_from_bytes(&mut ro, &b)
+        .map_err(|e| anyhow!("settings map has an unexpected layout: {e:?}"))?;
+    Ok(Settings {
+        nat_port_lo: ro.nat_port_lo,
+        nat_port_hi: ro.nat_port_hi,
+        maglev_size: ro.maglev_size,
+        max_flows: conntrack_entries / 2,
+        tcp_timeout: ro.tcp_timeout,
+        udp_timeout: ro.udp_timeout,
+        fin_timeout: ro.fin_timeout,
+    })
+}

@@ -5,7 +5,7 @@
 
 /* Capacities of the fixed-size maps. */
 #define LB_MAX_SERVICES 1024
-#define LB_MAX_BACKENDS 4096
+#define LB_MAX_BACKENDS 8192
 #define LB_MAX_IFACES 64
 
 /* Entry of a Maglev table meaning: no backend takes new flows. */

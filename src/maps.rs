@@ -25,7 +25,7 @@ unsafe impl plain::Plain for types::rodata {}
 /// Capacities of the fixed-size maps (bpf/lb.h).
 pub const MAX_SERVICES: u32 = 1024;
 /// Most backends over all services.
-pub const MAX_BACKENDS: u32 = 4096;
+pub const MAX_BACKENDS: u32 = 8192;
 /// `LB_BACKEND_USED`.
 pub const BACKEND_USED: u16 = 1;
 /// `LB_DIR_TO_BACKEND` / `LB_DIR_TO_CLIENT`.

@@ -133,9 +133,13 @@ pub fn list(m: &Maps) -> Result<Vec<ServiceInfo>> {
 /// Every used backend.
 pub fn backends(m: &Maps) -> Result<Vec<Backend>> {
     let mut out = Vec::new();
-    for id in 0..maps::MAX_BACKENDS {
-        let v = m.backends.lookup(&id.to_ne_bytes(), MapFlags::ANY).context("reading backends")?;
-        let b: BackendEntry = from_bytes(&v.unwrap_or_default());
+    let all = m
+        .backends
+        .lookup_batch(1024, MapFlags::ANY, MapFlags::ANY)
+        .context("reading backends")?;
+    for (k, v) in all {
+        let id = u32::from_ne_bytes(k[..4].try_into().expect("4-byte key"));
+        let b: BackendEntry = from_bytes(&v);
         if b.flags & maps::BACKEND_USED != 0 {
             out.push(Backend {
                 id,

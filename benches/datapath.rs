@@ -1,0 +1,301 @@
+//! Datapath micro-benchmark: BPF_PROG_TEST_RUN nanoseconds per packet for
+//! each path, next to an empty XDP program measured in the same run.
+//!
+//! `cargo bench --bench datapath [-- --quick] [-- --csv FILE]`, as root.
+//!
+//! With `repeat`, the kernel reruns the program on the buffer the previous
+//! run rewrote. Each timed packet is therefore made to take its path on
+//! every repetition, and the counters prove it did:
+//! - established / return: an extra conntrack entry keyed by the rewritten
+//!   packet rewrites it back, so the packet ping-pongs between two
+//!   established entries;
+//! - new flow: the rewritten packet (LB:natport -> backend) is itself a
+//!   service whose backend is the first VIP, so every run misses the table
+//!   and creates a flow with a fresh NAT port;
+//! - passed: a packet for nobody is left untouched.
+
+use std::mem::MaybeUninit;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use etherparse::PacketBuilder;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, ProgramInput};
+
+use lb::bpffs::PinDir;
+use lb::maps::{self, Flow, FlowKey, Maps};
+use lb::service::{self, Proto, Service};
+use lb::settings::Settings;
+use lb::skel::pass::PassSkelBuilder;
+use lb::stats;
+
+const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
+const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+struct Ns(String);
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| args[0].to_string())?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A namespace with eth0 (10.200.0.2/24) and permanent neighbours for the
+/// VIP, the client and the backend, so bpf_fib_lookup resolves them.
+fn namespace() -> Result<Ns> {
+    let ns = Ns(format!("lbbench{}", std::process::id()));
+    sh(&["ip", "netns", "add", &ns.0])?;
+    let n = ns.0.as_str();
+    sh(&["ip", "-n", n, "link", "add", "name", "eth0", "type", "veth", "peer", "name", "eth1"])?;
+    sh(&["ip", "-n", n, "link", "set", "dev", "eth0", "address", "02:00:00:00:00:01", "up"])?;
+    sh(&["ip", "-n", n, "link", "set", "dev", "eth1", "up"])?;
+    sh(&["ip", "-n", n, "addr", "add", "10.200.0.2/24", "dev", "eth0"])?;
+    sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.conf.eth0.forwarding=1"])?;
+    for (ip, mac) in [(VIP, "02:00:00:00:01:00"), (CLIENT, "02:00:00:00:00:0a"), (BACKEND, "02:00:00:00:00:0b")] {
+        sh(&["ip", "-n", n, "neigh", "add", &ip.to_string(), "lladdr", mac, "dev", "eth0", "nud", "permanent"])?;
+    }
+    Ok(ns)
+}
+
+fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(PEER, MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 65535)
+        .ack(1);
+    let payload = [0u8; 64];
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, &payload).expect("building a frame");
+    out
+}
+
+/// Runs `prog` `repeat` times on `frame`; average ns per run.
+fn time(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, frame: &[u8], repeat: u32) -> Result<f64> {
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    let input = ProgramInput {
+        context_in: Some(&mut ctx),
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    };
+    let r = prog.test_run(input).context("test_run")?;
+    Ok(duration_ns(r.duration))
+}
+
+fn duration_ns(d: Duration) -> f64 {
+    d.as_nanos() as f64
+}
+
+fn flow(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, dir: u8, ifindex: u32) -> Flow {
+    Flow {
+        saddr: maps::ip_to_be(saddr),
+        daddr: maps::ip_to_be(daddr),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        ifindex,
+        smac: MAC,
+        dmac: PEER,
+        backend: 0,
+        svc: 0,
+        dir,
+        nh_ok: 1,
+        created: maps::now_ticks(),
+        seen: maps::now_ticks(),
+        ..Default::default()
+    }
+}
+
+fn key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        saddr: maps::ip_to_be(saddr),
+        daddr: maps::ip_to_be(daddr),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: 6,
+        ..Default::default()
+    }
+}
+
+fn put(m: &Maps, k: FlowKey, f: Flow) -> Result<()> {
+    m.conntrack.update(maps::bytes(&k), maps::bytes(&f), MapFlags::ANY).context("conntrack update")
+}
+
+fn counter(m: &Maps, name: &str) -> Result<u64> {
+    Ok(stats::read(&m.stats)?[stats::index(name).unwrap()].packets)
+}
+
+/// Fills the connection table with `n` unrelated flows.
+fn prefill(m: &Maps, n: u32, ifindex: u32) -> Result<()> {
+    let f = flow(LB_IP, 1, BACKEND, 80, maps::DIR_TO_BACKEND, ifindex);
+    let mut keys = Vec::with_capacity(n as usize * 16);
+    let mut vals = Vec::with_capacity(n as usize * std::mem::size_of::<Flow>());
+    for i in 0..n {
+        let k = key(Ipv4Addr::from(0x0a00_0000 + i), (i % 60000) as u16 + 1, Ipv4Addr::new(192, 0, 2, 1), 9);
+        keys.extend_from_slice(maps::bytes(&k));
+        vals.extend_from_slice(maps::bytes(&f));
+    }
+    for (kc, vc) in keys
+        .chunks(16 * 65536)
+        .zip(vals.chunks(std::mem::size_of::<Flow>() * 65536))
+    {
+        let count = (kc.len() / 16) as u32;
+        m.conntrack.update_batch(kc, vc, count, MapFlags::ANY, MapFlags::ANY).context("prefilling")?;
+    }
+    Ok(())
+}
+
+struct Row {
+    path: String,
+    backends: u32,
+    flows: u32,
+    ns: f64,
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let csv = args.iter().position(|a| a == "--csv").and_then(|i| args.get(i + 1)).cloned();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the datapath benchmark needs root (it loads XDP programs into a namespace it creates)");
+    }
+    let repeat: u32 = if quick { 20_000 } else { 1_000_000 };
+    let new_repeat: u32 = if quick { 5_000 } else { 50_000 };
+    lb::bpffs::ensure_mounted(std::path::Path::new(lb::bpffs::DEFAULT_PIN_DIR))?;
+    let ns = namespace()?;
+    let _guard = lb::netns::NetnsGuard::enter(&ns.0)?;
+    let pin_root = PinRoot(format!("/sys/fs/bpf/lbbench{}", std::process::id()).into());
+    std::fs::create_dir(&pin_root.0).context("creating the benchmark's pin directory")?;
+    let ifindex = lb::net::ifindex("eth0")?;
+
+    let mut rows = Vec::new();
+    let backend_counts: &[u32] = if quick { &[2, 4096] } else { &[2, 16, 256, 1024, 4096] };
+    let flow_counts: &[u32] = if quick { &[1, 100_000] } else { &[1, 1_000, 100_000, 1_000_000] };
+
+    // The empty program, for scale.
+    let mut st = MaybeUninit::uninit();
+    let pass = PassSkelBuilder::default().open(&mut st)?.load()?;
+    let frame = tcp_frame(CLIENT, 40000, VIP, 80);
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = pass.progs.lb_pass.test_run(ProgramInput {
+        context_in: Some(&mut ctx),
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })?;
+    let empty = duration_ns(r.duration);
+    rows.push(Row { path: "empty XDP program".into(), backends: 0, flows: 0, ns: empty });
+
+    for &nb in backend_counts {
+        for &nf in flow_counts {
+            if nb != backend_counts[0] && nf != flow_counts[0] {
+                continue; // one axis at a time
+            }
+            let dir = pin_root.0.join(format!("{nb}-{nf}"));
+            std::fs::create_dir(&dir)?;
+            let pins = PinDir::new(&dir);
+            let settings = Settings {
+                nat_port_lo: 1024,
+                nat_port_hi: 65535,
+                max_flows: (nf + 2 * new_repeat + 1024).next_power_of_two(),
+                ..Default::default()
+            };
+            let mut st = MaybeUninit::uninit();
+            let mut skel = lb::loader::load(&settings, false, None, &mut st)?;
+            lb::loader::pin_maps(&mut skel, &pins)?;
+            let m = Maps::open(&pins)?;
+            let vip = Service::new(SocketAddrV4::new(VIP, 80), Proto::Tcp);
+            service::service_add(&m, &vip)?;
+            service::backend_add(&m, &vip, SocketAddrV4::new(BACKEND, 80), 1)?;
+            for i in 1..nb {
+                let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 201, 0, 0)) + i);
+                service::backend_add(&m, &vip, SocketAddrV4::new(ip, 80), 0)?;
+            }
+            prefill(&m, nf.saturating_sub(1), ifindex)?;
+            let prog = &skel.progs.lb_xdp;
+
+            // Established: client->VIP rewritten to LB:5000->backend, and back.
+            put(&m, key(CLIENT, 40000, VIP, 80), flow(LB_IP, 5000, BACKEND, 80, maps::DIR_TO_BACKEND, ifindex))?;
+            put(&m, key(LB_IP, 5000, BACKEND, 80), flow(CLIENT, 40000, VIP, 80, maps::DIR_TO_BACKEND, ifindex))?;
+            let before = counter(&m, "to_backend")?;
+            let est = time(prog, ifindex, &tcp_frame(CLIENT, 40000, VIP, 80), repeat)?;
+            if counter(&m, "to_backend")? - before != u64::from(repeat) {
+                bail!("established: not every run took the established path");
+            }
+            // Return: backend->LB:5001 rewritten to VIP->client, and back.
+            put(&m, key(BACKEND, 80, LB_IP, 5001), flow(VIP, 80, CLIENT, 40001, maps::DIR_TO_CLIENT, ifindex))?;
+            put(&m, key(VIP, 80, CLIENT, 40001), flow(BACKEND, 80, LB_IP, 5001, maps::DIR_TO_CLIENT, ifindex))?;
+            let before = counter(&m, "to_client")?;
+            let ret = time(prog, ifindex, &tcp_frame(BACKEND, 80, LB_IP, 5001), repeat)?;
+            if counter(&m, "to_client")? - before != u64::from(repeat) {
+                bail!("return: not every run took the return path");
+            }
+            // Passed: for nobody.
+            let before = counter(&m, "pass_not_ours")?;
+            let passed = time(prog, ifindex, &tcp_frame(CLIENT, 40002, LB_IP, 22), repeat)?;
+            if counter(&m, "pass_not_ours")? - before != u64::from(repeat) {
+                bail!("passed: not every run passed");
+            }
+            // Passed early: not IPv4 (parsing and one counter only).
+            let mut arp = tcp_frame(CLIENT, 40002, LB_IP, 22);
+            arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+            let not_ip = time(prog, ifindex, &arp, repeat)?;
+            // New flow: VIP:80 -> backend:80 and backend:80 -> VIP:80.
+            let back = Service::new(SocketAddrV4::new(BACKEND, 80), Proto::Tcp);
+            service::service_add(&m, &back)?;
+            service::backend_add(&m, &back, SocketAddrV4::new(VIP, 80), 1)?;
+            let before = counter(&m, "new_flow")?;
+            let new = time(prog, ifindex, &tcp_frame(CLIENT, 41000, VIP, 80), new_repeat)?;
+            let made = counter(&m, "new_flow")? - before;
+            if made != u64::from(new_repeat) {
+                bail!("new flow: {made} of {new_repeat} runs created a flow");
+            }
+            drop(m);
+            drop(skel);
+            let _ = std::fs::remove_dir_all(&dir);
+            for (path, ns) in [("established", est), ("return", ret), ("new flow", new), ("passed (not ours)", passed), ("passed (not IPv4)", not_ip)] {
+                rows.push(Row { path: path.into(), backends: nb, flows: nf, ns });
+            }
+        }
+    }
+
+    println!("{:<20} {:>9} {:>9} {:>10} {:>8}", "path", "backends", "flows", "ns/packet", "x empty");
+    for r in &rows {
+        println!("{:<20} {:>9} {:>9} {:>10.1} {:>8.2}", r.path, r.backends, r.flows, r.ns, r.ns / empty);
+    }
+    if let Some(path) = csv {
+        let mut s = String::from("path,backends,flows,ns,ratio\n");
+        for r in &rows {
+            s += &format!("{},{},{},{:.1},{:.3}\n", r.path, r.backends, r.flows, r.ns, r.ns / empty);
+        }
+        std::fs::write(&path, s).with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
+
+/// The benchmark's pin directory, removed even when it fails.
+struct PinRoot(std::path::PathBuf);
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

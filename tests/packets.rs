@@ -1,0 +1,2730 @@
+//! Packet fixtures for the full-NAT datapath: the XDP program run through
+//! BPF_PROG_TEST_RUN on frames built with etherparse, in a namespace whose
+//! FIB and neighbour table the program's `bpf_fib_lookup` consults, with
+//! services, backends and the connection table in pinned maps managed
+//! through `lb::service` and `lb::conntrack`, as the CLI does.
+//!
+//! Every packet a test sends is checked in full: the verdict, the output
+//! frame (compared byte for byte with one built by etherparse), its IP and
+//! L4 checksums (again, with the independent RFC 1071 code below) and the
+//! counters: exactly the named ones move, by one packet of the frame's size.
+//! A new flow also has both of its connection-table entries checked field by
+//! field.
+
+mod common;
+
+use std::mem::MaybeUninit;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IpFragOffset, IpHeaders,
+    IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, TcpHeader, TcpOptionElement, VlanId,
+};
+use libbpf_rs::{MapCore, MapFlags, OpenObject, ProgramInput};
+
+use lb::conntrack;
+use lb::maps::{self, bytes, Flow, FlowKey, Maps};
+use lb::netns::NetnsGuard;
+use lb::service::{self, Proto, Service};
+use lb::settings::{Settings, TICK_NS};
+use lb::skel::lb::LbSkel;
+use lb::stats;
+
+use common::Netns;
+
+// XDP verdicts (enum xdp_action).
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const ETH_HLEN: usize = 14;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+// Addresses of the test namespace: eth0 (10.200.0.2/24) and eth2
+// (10.200.1.2/24) are the LB's interfaces.
+const LB: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+const LB2: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
+/// The services' addresses: nobody's interface address, so that a rewritten
+/// source (VIP) and the SNAT source (LB) cannot be confused.
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+const VIP2: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 101);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 20);
+const BACKEND_A: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
+const BACKEND_B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 12);
+/// Behind eth2.
+const BACKEND_C: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 11);
+/// On the link, but with no neighbour entry (until a test adds one).
+const BACKEND_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 13);
+/// Outside every route of the namespace (it has no default route).
+const BACKEND_UNROUTED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
+/// Neither client nor backend.
+const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 50);
+/// On the link, not a VIP.
+const OTHER_HOST: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 99);
+
+// MACs, deliberately unrelated to the addresses.
+const ETH0_MAC: [u8; 6] = [0x02, 0x4c, 0x42, 0x00, 0xe0, 0x01];
+const ETH1_MAC: [u8; 6] = [0x02, 0x4c, 0x42, 0x00, 0xe1, 0x01];
+const ETH2_MAC: [u8; 6] = [0x02, 0x4c, 0x42, 0x00, 0xe2, 0x01];
+const ETH3_MAC: [u8; 6] = [0x02, 0x4c, 0x42, 0x00, 0xe3, 0x01];
+/// Source MAC of the clients' frames (the previous hop, not the client's
+/// neighbour entry: the way back must come from the frame).
+const PEER_MAC: [u8; 6] = [0x02, 0x77, 0x19, 0xa3, 0x5e, 0x08];
+/// Previous hop of the second client.
+const PEER2_MAC: [u8; 6] = [0x02, 0x78, 0x2a, 0xb4, 0x6f, 0x19];
+/// A MAC the LB answers to besides eth0's (a VRRP-style virtual MAC).
+const ALIAS_MAC: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x2a];
+const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0x1e, 0x77, 0x01, 0x9a];
+const CLIENT2_MAC: [u8; 6] = [0x02, 0xc2, 0x2e, 0x88, 0x02, 0xab];
+const BACKEND_A_MAC: [u8; 6] = [0x02, 0xaa, 0x31, 0x5c, 0x07, 0xe4];
+const BACKEND_B_MAC: [u8; 6] = [0x02, 0xbb, 0x9d, 0x42, 0x6f, 0x10];
+const BACKEND_C_MAC: [u8; 6] = [0x02, 0xcc, 0x04, 0x17, 0x8e, 0x21];
+const UNRESOLVED_MAC: [u8; 6] = [0x02, 0xdd, 0x55, 0x90, 0x13, 0x3c];
+
+const HTTP_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n";
+const HTTP_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+const DNS_QUERY: &[u8] =
+    b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x02lb\x00\x00\x01\x00\x01";
+const DNS_ANSWER: &[u8] =
+    b"\x12\x34\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\x02lb\x00\x00\x01\x00\x01";
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The neighbour entries the namespace holds (or, for the unresolved
+/// backend, will hold once a test adds it).
+fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
+    match ip {
+        CLIENT => CLIENT_MAC,
+        CLIENT2 => CLIENT2_MAC,
+        BACKEND_A => BACKEND_A_MAC,
+        BACKEND_B => BACKEND_B_MAC,
+        BACKEND_C => BACKEND_C_MAC,
+        BACKEND_UNRESOLVED => UNRESOLVED_MAC,
+        _ => panic!("no neighbour entry for {ip}"),
+    }
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn must<T>(r: Result<T, String>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// The namespace.
+
+/// A namespace with two veth pairs: eth0 (peer eth1) = 10.200.0.2/24 and
+/// eth2 (peer eth3) = 10.200.1.2/24, forwarding on, and permanent neighbours
+/// for the clients and backends a and b on eth0, c on eth2.
+struct Lab {
+    ns: Netns,
+}
+
+/// Interface indexes of the LB's interfaces.
+#[derive(Debug, Clone, Copy)]
+struct Ifaces {
+    eth0: u32,
+    eth2: u32,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let ns = Netns::new("lbp");
+        for (a, b, amac, bmac) in [
+            ("eth0", "eth1", ETH0_MAC, ETH1_MAC),
+            ("eth2", "eth3", ETH2_MAC, ETH3_MAC),
+        ] {
+            let (amac, bmac) = (mac_str(&amac), mac_str(&bmac));
+            ns.ip(&[
+                "link", "add", "name", a, "address", &amac, "type", "veth", "peer", "name", b,
+                "address", &bmac,
+            ]);
+        }
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["link", "set", "eth1", "up"]);
+        ns.ip(&["link", "set", "eth3", "up"]);
+        ns.ip(&["addr", "add", "10.200.0.2/24", "dev", "eth0"]);
+        ns.ip(&["addr", "add", "10.200.1.2/24", "dev", "eth2"]);
+        for dev in ["eth0", "eth2"] {
+            ns.ip(&["link", "set", dev, "up"]);
+            ns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv4.conf.{dev}.forwarding=1")],
+            );
+        }
+        let lab = Self { ns };
+        for ip in [CLIENT, CLIENT2, BACKEND_A, BACKEND_B] {
+            lab.neigh_add(ip, "eth0");
+        }
+        lab.neigh_add(BACKEND_C, "eth2");
+        lab
+    }
+
+    fn neigh_add(&self, ip: Ipv4Addr, dev: &str) {
+        let (ip_s, mac) = (ip.to_string(), mac_str(&mac_of(ip)));
+        self.ns.ip(&[
+            "neigh",
+            "add",
+            &ip_s,
+            "lladdr",
+            &mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+
+    /// Moves the calling thread into the namespace.
+    fn enter(&self) -> (NetnsGuard, Ifaces) {
+        let guard = NetnsGuard::enter(&self.ns.name).expect("entering the test namespace");
+        let ifs = Ifaces {
+            eth0: lb::net::ifindex("eth0").expect("eth0 in the test namespace"),
+            eth2: lb::net::ifindex("eth2").expect("eth2 in the test namespace"),
+        };
+        (guard, ifs)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Independent checksums (RFC 1071), not etherparse's.
+
+fn sum16(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum()
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// How the L4 checksum field of a frame is meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Csum {
+    /// A complete checksum (or, for UDP, 0: none).
+    Complete,
+    /// CHECKSUM_PARTIAL: the folded pseudo-header sum.
+    Partial,
+}
+
+/// An IPv4 TCP or UDP frame, located: offsets of the IP and L4 headers and
+/// the end of the datagram. None for anything else, fragments and malformed
+/// frames.
+struct Located {
+    ip: usize,
+    l4: usize,
+    end: usize,
+    proto: u8,
+}
+
+impl Located {
+    /// Offset of the L4 checksum field.
+    fn check(&self) -> usize {
+        self.l4 + if self.proto == TCP { 16 } else { 6 }
+    }
+}
+
+fn locate(frame: &[u8]) -> Option<Located> {
+    if frame.len() < ETH_HLEN + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = ETH_HLEN;
+    let (version, ihl) = (frame[ip] >> 4, usize::from(frame[ip] & 0x0f) * 4);
+    let tot_len = usize::from(u16::from_be_bytes([frame[ip + 2], frame[ip + 3]]));
+    let frag = u16::from_be_bytes([frame[ip + 6], frame[ip + 7]]) & 0x3fff;
+    if version != 4 || ihl < 20 || tot_len < ihl || ip + tot_len > frame.len() || frag != 0 {
+        return None;
+    }
+    let proto = frame[ip + 9];
+    let min = match proto {
+        TCP => 20,
+        UDP => 8,
+        _ => return None,
+    };
+    if tot_len < ihl + min {
+        return None;
+    }
+    Some(Located {
+        ip,
+        l4: ip + ihl,
+        end: ip + tot_len,
+        proto,
+    })
+}
+
+/// The folded pseudo-header sum: what a CHECKSUM_PARTIAL packet carries.
+fn pseudo_sum(frame: &[u8], at: &Located) -> u16 {
+    let ip = &frame[at.ip..];
+    let l4_len = (at.end - at.l4) as u32;
+    fold(sum16(&ip[12..20]) + u32::from(at.proto) + l4_len)
+}
+
+fn l4_field(frame: &[u8], at: &Located) -> u16 {
+    u16::from_be_bytes([frame[at.check()], frame[at.check() + 1]])
+}
+
+fn set_l4_field(frame: &mut [u8], at: &Located, v: u16) {
+    frame[at.check()..at.check() + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// The one's complement of the sum over pseudo-header and segment with the
+/// checksum field taken as 0: the checksum before UDP's "0 is sent as
+/// 0xffff" rule.
+fn raw_l4_checksum(frame: &[u8], at: &Located) -> u16 {
+    let mut seg = frame[at.l4..at.end].to_vec();
+    let c = at.check() - at.l4;
+    seg[c..c + 2].fill(0);
+    !fold(u32::from(pseudo_sum(frame, at)) + sum16(&seg))
+}
+
+/// The complete checksum the frame's L4 header should carry.
+fn l4_checksum(frame: &[u8], at: &Located) -> u16 {
+    match raw_l4_checksum(frame, at) {
+        0 if at.proto == UDP => 0xffff,
+        c => c,
+    }
+}
+
+/// Checks the IP header checksum and the L4 checksum (complete, or a partial
+/// one) of an IPv4 TCP/UDP frame. Ok(false): not such a frame.
+fn verify_checksums(frame: &[u8], csum: Csum) -> Result<bool, String> {
+    let Some(at) = locate(frame) else {
+        return Ok(false);
+    };
+    let ip_sum = fold(sum16(&frame[at.ip..at.l4]));
+    if ip_sum != 0xffff {
+        return Err(format!("bad IP header checksum (sum {ip_sum:#06x})"));
+    }
+    let field = l4_field(frame, &at);
+    let pseudo = pseudo_sum(frame, &at);
+    if at.proto == UDP && field == 0 {
+        return Ok(true); // no checksum
+    }
+    match csum {
+        Csum::Partial if field != pseudo => Err(format!(
+            "L4 checksum field {field:#06x} is not the partial pseudo-header sum {pseudo:#06x}"
+        )),
+        Csum::Partial => Ok(true),
+        Csum::Complete => {
+            let sum = fold(u32::from(pseudo) + sum16(&frame[at.l4..at.end]));
+            if sum != 0xffff {
+                return Err(format!("bad L4 checksum {field:#06x} (sum {sum:#06x})"));
+            }
+            if at.proto == UDP && field != l4_checksum(frame, &at) {
+                return Err(format!("UDP checksum {field:#06x} where 0xffff is due"));
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Replaces the L4 checksum with the folded pseudo-header sum, as Linux
+/// leaves it for CHECKSUM_PARTIAL.
+fn make_partial(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = locate(&frame).expect("an IPv4 TCP/UDP frame");
+    let pseudo = pseudo_sum(&frame, &at);
+    set_l4_field(&mut frame, &at, pseudo);
+    frame
+}
+
+fn with_csum(frame: Vec<u8>, csum: Csum) -> Vec<u8> {
+    match csum {
+        Csum::Complete => frame,
+        Csum::Partial => make_partial(frame),
+    }
+}
+
+/// Recomputes the IP header checksum after a deliberate edit.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
+    let hdr = ETH_HLEN..ETH_HLEN + ihl.max(20);
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
+    let csum = !fold(sum16(&frame[hdr]));
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// Recomputes the L4 checksum (over the datagram as its total length says)
+/// after a deliberate edit, so that only the edit is wrong with the frame.
+fn fix_l4_checksum(frame: &mut [u8]) {
+    let at = locate(frame).expect("an IPv4 TCP/UDP frame");
+    let c = l4_checksum(frame, &at);
+    set_l4_field(frame, &at, c);
+}
+
+fn set_tot_len(frame: &mut [u8], len: u16) {
+    frame[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&len.to_be_bytes());
+    fix_ip_checksum(frame);
+}
+
+/// Source and destination of a located frame.
+fn endpoints(frame: &[u8], at: &Located) -> (SocketAddrV4, SocketAddrV4) {
+    let ip = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    (
+        sa(ip(at.ip + 12), port(at.l4)),
+        sa(ip(at.ip + 16), port(at.l4 + 2)),
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn same_frame(got: &[u8], want: &[u8]) -> Result<(), String> {
+    if got == want {
+        return Ok(());
+    }
+    let at = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    Err(format!(
+        "output frame differs from byte {at} on ({} vs {} bytes)\n   got {}\n  want {}",
+        got.len(),
+        want.len(),
+        hex(got),
+        hex(want)
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Frames.
+
+/// An Ethernet/IPv4/TCP or UDP packet, built by etherparse.
+#[derive(Debug, Clone)]
+struct Seg {
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    /// Raw IPv4 options (a multiple of 4 bytes).
+    ip_options: Vec<u8>,
+    id: u16,
+    more_fragments: bool,
+    frag_offset: u16,
+    udp: bool,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    fin: bool,
+    rst: bool,
+    psh: bool,
+    tcp_options: Vec<TcpOptionElement>,
+    /// UDP sent without a checksum (field 0).
+    no_checksum: bool,
+    payload: Vec<u8>,
+    /// Ethernet padding: zeros up to this frame length.
+    pad_to: usize,
+}
+
+impl Seg {
+    /// A TCP segment without flags from `src:sport` to `dst:dport`, arriving
+    /// on eth0 from the previous hop.
+    fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self {
+            smac: PEER_MAC,
+            dmac: ETH0_MAC,
+            src,
+            dst,
+            ip_options: Vec::new(),
+            id: 0x1c46,
+            more_fragments: false,
+            frag_offset: 0,
+            udp: false,
+            sport,
+            dport,
+            seq: 0x6b8b_4567,
+            ack: None,
+            syn: false,
+            fin: false,
+            rst: false,
+            psh: false,
+            tcp_options: Vec::new(),
+            no_checksum: false,
+            payload: Vec::new(),
+            pad_to: 0,
+        }
+    }
+
+    /// A SYN.
+    fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self {
+            syn: true,
+            ..Self::tcp(src, sport, dst, dport)
+        }
+    }
+
+    /// A UDP datagram.
+    fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Self {
+        Self {
+            udp: true,
+            payload: payload.to_vec(),
+            ..Self::tcp(src, sport, dst, dport)
+        }
+    }
+
+    /// The same connection's SYN-ACK.
+    fn synack(mut self) -> Self {
+        self.syn = true;
+        self.ack = Some(0x6b8b_4568);
+        self
+    }
+
+    /// The same connection's pure ACK.
+    fn ack(mut self) -> Self {
+        self.syn = false;
+        self.psh = false;
+        self.ack = Some(0x3243_f6a8);
+        self.payload.clear();
+        self
+    }
+
+    /// The same connection's data segment.
+    fn data(mut self, payload: &[u8]) -> Self {
+        self = self.ack();
+        self.psh = true;
+        self.payload = payload.to_vec();
+        self
+    }
+
+    /// The same connection's FIN-ACK.
+    fn fin(self) -> Self {
+        Self {
+            fin: true,
+            ..self.ack()
+        }
+    }
+
+    /// The same connection's RST-ACK.
+    fn rst(self) -> Self {
+        Self {
+            rst: true,
+            ..self.ack()
+        }
+    }
+
+    fn macs(mut self, smac: [u8; 6], dmac: [u8; 6]) -> Self {
+        self.smac = smac;
+        self.dmac = dmac;
+        self
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut Self)) -> Self {
+        f(&mut self);
+        self
+    }
+
+    /// The packet as the LB sends it on: new addresses, ports and MACs, the
+    /// rest (options, payload, padding) as it was.
+    fn nat(&self, src: SocketAddrV4, dst: SocketAddrV4, smac: [u8; 6], dmac: [u8; 6]) -> Self {
+        Self {
+            src: *src.ip(),
+            sport: src.port(),
+            dst: *dst.ip(),
+            dport: dst.port(),
+            smac,
+            dmac,
+            ..self.clone()
+        }
+    }
+
+    fn proto(&self) -> u8 {
+        if self.udp {
+            UDP
+        } else {
+            TCP
+        }
+    }
+
+    /// Its connection-table key.
+    fn key(&self) -> FlowKey {
+        flow_key(
+            sa(self.src, self.sport),
+            sa(self.dst, self.dport),
+            self.proto(),
+        )
+    }
+
+    fn frame(&self) -> Vec<u8> {
+        let fragment = self.more_fragments || self.frag_offset != 0;
+        let ip = Ipv4Header {
+            source: self.src.octets(),
+            destination: self.dst.octets(),
+            time_to_live: 64,
+            identification: self.id,
+            dont_fragment: !fragment,
+            more_fragments: self.more_fragments,
+            fragment_offset: IpFragOffset::try_new(self.frag_offset).unwrap(),
+            options: Ipv4Options::try_from(&self.ip_options[..]).unwrap(),
+            ..Default::default()
+        };
+        let builder = PacketBuilder::ethernet2(self.smac, self.dmac)
+            .ip(IpHeaders::Ipv4(ip, Default::default()));
+        let mut out = Vec::new();
+        if self.udp {
+            builder
+                .udp(self.sport, self.dport)
+                .write(&mut out, &self.payload)
+                .unwrap();
+            if self.no_checksum {
+                let at = ETH_HLEN + 20 + self.ip_options.len() + 6;
+                out[at..at + 2].fill(0);
+            }
+        } else {
+            let mut tcp = TcpHeader::new(self.sport, self.dport, self.seq, 64240);
+            tcp.syn = self.syn;
+            tcp.fin = self.fin;
+            tcp.rst = self.rst;
+            tcp.psh = self.psh;
+            if let Some(ack) = self.ack {
+                tcp.ack = true;
+                tcp.acknowledgment_number = ack;
+            }
+            tcp.set_options(&self.tcp_options).unwrap();
+            builder
+                .tcp_header(tcp)
+                .write(&mut out, &self.payload)
+                .unwrap();
+        }
+        if out.len() < self.pad_to {
+            out.resize(self.pad_to, 0);
+        }
+        out
+    }
+}
+
+fn flow_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
+    FlowKey {
+        saddr: maps::ip_to_be(*src.ip()),
+        daddr: maps::ip_to_be(*dst.ip()),
+        sport: src.port().to_be(),
+        dport: dst.port().to_be(),
+        proto,
+        pad: [0; 3],
+    }
+}
+
+fn arp_request() -> Vec<u8> {
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REQUEST,
+        &CLIENT_MAC,
+        &CLIENT.octets(),
+        &[0; 6],
+        &VIP.octets(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, [0xff; 6])
+        .arp(arp)
+        .write(&mut out)
+        .unwrap();
+    out
+}
+
+fn ipv6_syn() -> Vec<u8> {
+    let src = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+    let dst = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, ETH0_MAC)
+        .ipv6(src, dst, 64)
+        .tcp(40000, 80, 1, 64240)
+        .syn()
+        .write(&mut out, &[])
+        .unwrap();
+    out
+}
+
+fn vlan_syn() -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, ETH0_MAC)
+        .single_vlan(VlanId::try_new(100).unwrap())
+        .ipv4(CLIENT.octets(), VIP.octets(), 64)
+        .tcp(40000, 80, 1, 64240)
+        .syn()
+        .write(&mut out, &[])
+        .unwrap();
+    out
+}
+
+fn icmp_echo() -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, ETH0_MAC)
+        .ipv4(CLIENT.octets(), VIP.octets(), 64)
+        .icmpv4_echo_request(0x4242, 1)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+/// An IPv4 packet of another protocol (SCTP, GRE, ...) to the VIP.
+fn other_proto(proto: u8, payload: &[u8]) -> Vec<u8> {
+    let ip = Ipv4Header::new(
+        payload.len() as u16,
+        64,
+        IpNumber(proto),
+        CLIENT.octets(),
+        VIP.octets(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    Ethernet2Header {
+        source: PEER_MAC,
+        destination: ETH0_MAC,
+        ether_type: EtherType::IPV4,
+    }
+    .write(&mut out)
+    .unwrap();
+    ip.write(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    fix_ip_checksum(&mut out);
+    out
+}
+
+/// A plain client SYN to the VIP, for the malformed variants.
+fn client_syn() -> Seg {
+    Seg::syn(CLIENT, 40000, VIP, 80)
+}
+
+/// A plain client DNS query to the VIP.
+fn client_udp() -> Seg {
+    Seg::udp(CLIENT, 40000, VIP, 53, DNS_QUERY)
+}
+
+/// 8 bytes of IPv4 options: NOPs, then end of list (IHL 7).
+const IP_OPTIONS: [u8; 8] = [1, 1, 1, 1, 1, 1, 1, 0];
+
+fn tcp_options() -> Vec<TcpOptionElement> {
+    vec![
+        TcpOptionElement::MaximumSegmentSize(1460),
+        TcpOptionElement::SelectiveAcknowledgementPermitted,
+        TcpOptionElement::Timestamp(0x0102_0304, 0),
+        TcpOptionElement::Noop,
+        TcpOptionElement::WindowScale(7),
+    ]
+}
+
+/// The two-byte word that, appended to `base`, makes `out(payload)`'s
+/// complete L4 checksum compute to 0 (before UDP's 0 -> 0xffff rule).
+/// Searched, and checked with the code above, not solved.
+fn payload_for_zero_checksum(base: &[u8], out: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    (0..=u16::MAX)
+        .map(|w| [base, &w.to_be_bytes()].concat())
+        .find(|p| {
+            let f = out(p);
+            let at = locate(&f).expect("an IPv4 TCP/UDP frame");
+            raw_l4_checksum(&f, &at) == 0
+        })
+        .expect("some payload gives a zero checksum")
+}
+
+// ---------------------------------------------------------------------------
+// An lb instance: the program loaded with its maps pinned, not attached.
+
+/// Small settings for fixtures.
+fn settings() -> Settings {
+    Settings {
+        max_flows: 4096,
+        ..Default::default()
+    }
+}
+
+/// Settings with a NAT range of one port.
+fn one_nat_port() -> Settings {
+    Settings {
+        nat_port_lo: 61000,
+        nat_port_hi: 61000,
+        ..settings()
+    }
+}
+
+fn verdict_name(v: u32) -> String {
+    match v {
+        0 => "XDP_ABORTED".into(),
+        XDP_DROP => "XDP_DROP".into(),
+        XDP_PASS => "XDP_PASS".into(),
+        XDP_TX => "XDP_TX".into(),
+        XDP_REDIRECT => "XDP_REDIRECT".into(),
+        v => format!("verdict {v}"),
+    }
+}
+
+/// A connection as the tests follow it.
+#[derive(Debug, Clone)]
+struct Conn {
+    /// The client's first packet: its MACs are the way back.
+    client: Seg,
+    /// The backend (its real port).
+    backend: SocketAddrV4,
+    /// The LB's source address and NAT port towards the backend.
+    nat: SocketAddrV4,
+    /// The interface towards the backend.
+    egress: u32,
+    /// Its MAC.
+    lb_mac: [u8; 6],
+}
+
+impl Conn {
+    fn client_addr(&self) -> SocketAddrV4 {
+        sa(self.client.src, self.client.sport)
+    }
+
+    fn vip(&self) -> SocketAddrV4 {
+        sa(self.client.dst, self.client.dport)
+    }
+
+    /// A packet from the backend to the LB's NAT port, as it arrives.
+    fn reply(&self) -> Seg {
+        let (b, n) = (self.backend, self.nat);
+        let seg = if self.client.udp {
+            Seg::udp(*b.ip(), b.port(), *n.ip(), n.port(), b"")
+        } else {
+            Seg::tcp(*b.ip(), b.port(), *n.ip(), n.port())
+        };
+        seg.macs(mac_of(*b.ip()), self.lb_mac)
+    }
+
+    /// The key of the way back.
+    fn reverse_key(&self) -> FlowKey {
+        flow_key(self.backend, self.nat, self.client.proto())
+    }
+}
+
+struct Lb<'obj> {
+    skel: LbSkel<'obj>,
+    m: Maps,
+    settings: Settings,
+    skb_mode: bool,
+    ifs: Ifaces,
+    _pins: common::PinDir,
+}
+
+impl<'obj> Lb<'obj> {
+    fn new(
+        ifs: Ifaces,
+        settings: Settings,
+        skb_mode: bool,
+        storage: &'obj mut MaybeUninit<OpenObject>,
+    ) -> Self {
+        let pins = common::PinDir::new("lbp");
+        std::fs::create_dir(&pins.path).expect("creating the pin directory");
+        let bp = lb::bpffs::PinDir::new(&pins.path);
+        let mut skel =
+            lb::loader::load(&settings, skb_mode, None, storage).expect("loading the XDP program");
+        lb::loader::pin_maps(&mut skel, &bp).expect("pinning the maps");
+        let m = Maps::open(&bp).expect("opening the pinned maps");
+        assert_eq!(m.settings().expect("reading the settings back"), settings);
+        Self {
+            skel,
+            m,
+            settings,
+            skb_mode,
+            ifs,
+            _pins: pins,
+        }
+    }
+
+    fn service(&self, vip: Ipv4Addr, port: u16, proto: Proto) -> Service {
+        let svc = Service { vip, port, proto };
+        service::service_add(&self.m, &svc).expect("adding a service");
+        svc
+    }
+
+    fn backend(&self, svc: &Service, ip: Ipv4Addr, port: u16, weight: u32) -> u32 {
+        service::backend_add(&self.m, svc, sa(ip, port), weight).expect("adding a backend")
+    }
+
+    /// Runs the program once on `frame` as if it arrived on `ifindex`;
+    /// returns the verdict and the frame as the program left it.
+    fn run(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>), libbpf_rs::Error> {
+        // The kernel wants at least an Ethernet header of input. A shorter
+        // frame is given behind metadata (xdp_md.data = metadata length),
+        // which the program's data..data_end does not cover. Kernels that
+        // count the minimum after the metadata (6.18 does) refuse it with
+        // EINVAL.
+        let meta = if frame.len() < ETH_HLEN {
+            (ETH_HLEN - frame.len()).div_ceil(4) * 4
+        } else {
+            0
+        };
+        let mut data_in = vec![0u8; meta];
+        data_in.extend_from_slice(frame);
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
+        //                 rx_queue_index, egress_ifindex }
+        let md: [u32; 6] = [meta as u32, data_in.len() as u32, 0, ifindex, 0, 0];
+        let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut out = vec![0u8; data_in.len() + 256];
+        let input = ProgramInput {
+            context_in: Some(&mut ctx),
+            data_in: Some(&data_in),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
+        let res = self.skel.progs.lb_xdp.test_run(input)?;
+        let verdict = res.return_value;
+        let len = res.data.as_ref().map_or(0, |d| d.len());
+        assert!(
+            len >= meta,
+            "test_run returned {len} bytes, less than the metadata"
+        );
+        out.truncate(len);
+        Ok((verdict, out.split_off(meta)))
+    }
+
+    fn counters(&self) -> Vec<stats::Counter> {
+        stats::read(&self.m.stats).expect("reading the counters")
+    }
+
+    fn conns(&self) -> Vec<conntrack::Conn> {
+        conntrack::list(&self.m).expect("listing connections")
+    }
+
+    fn entries(&self) -> Vec<(FlowKey, Flow)> {
+        conntrack::entries(&self.m).expect("reading the connection table")
+    }
+
+    fn entry(&self, key: &FlowKey) -> Option<Flow> {
+        let v = self
+            .m
+            .conntrack
+            .lookup(bytes(key), MapFlags::ANY)
+            .expect("conntrack lookup")?;
+        Some(maps::from_bytes(&v))
+    }
+
+    /// Makes an entry look idle for longer than its timeout, as if its
+    /// direction had been silent that long.
+    fn age_out(&self, key: &FlowKey) {
+        let mut f = self.entry(key).expect("the entry to age");
+        let timeout = if f.state == maps::CT_CLOSING {
+            self.settings.fin_timeout
+        } else if key.proto == TCP {
+            self.settings.tcp_timeout
+        } else {
+            self.settings.udp_timeout
+        };
+        let ticks = (u64::from(timeout) * 1_000_000_000 / TICK_NS) as u32;
+        f.seen = maps::now_ticks().wrapping_sub(ticks + 1);
+        f.created = f.seen;
+        self.m
+            .conntrack
+            .update(bytes(key), bytes(&f), MapFlags::EXIST)
+            .expect("aging an entry");
+    }
+
+    /// Lets `secs` seconds pass for the connection table: every entry's
+    /// timestamps move that far into the past (the datapath only compares
+    /// them with its clock).
+    fn time_passes(&self, secs: u32) {
+        let ticks = (u64::from(secs) * 1_000_000_000 / TICK_NS) as u32;
+        for (k, mut f) in self.entries() {
+            f.seen = f.seen.wrapping_sub(ticks);
+            f.created = f.created.wrapping_sub(ticks);
+            self.m
+                .conntrack
+                .update(bytes(&k), bytes(&f), MapFlags::EXIST)
+                .expect("aging the table");
+        }
+    }
+
+    fn traffic(&self, id: u32) -> stats::Traffic {
+        stats::report(&self.m)
+            .expect("reading the report")
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .find(|b| b.backend.id == id)
+            .unwrap_or_else(|| panic!("no backend id {id} in the report"))
+            .traffic
+    }
+
+    /// The interface, source address and MAC the LB reaches `ip` by.
+    fn path(&self, ip: Ipv4Addr) -> (u32, Ipv4Addr, [u8; 6]) {
+        if ip.octets()[..3] == [10, 200, 1] {
+            (self.ifs.eth2, LB2, ETH2_MAC)
+        } else {
+            (self.ifs.eth0, LB, ETH0_MAC)
+        }
+    }
+
+    /// The input frame of `seg`, checked for sanity.
+    fn input(&self, seg: &Seg, csum: Csum) -> Result<Vec<u8>, String> {
+        let f = with_csum(seg.frame(), csum);
+        verify_checksums(&f, csum).map_err(|e| format!("input: {e}"))?;
+        if let (true, Csum::Complete, Some(at)) = (self.skb_mode, csum, locate(&f)) {
+            // A complete checksum that happens to equal the pseudo-header
+            // sum would be taken for a partial one: not what is tested here.
+            assert_ne!(
+                l4_field(&f, &at),
+                pseudo_sum(&f, &at),
+                "ambiguous fixture {seg:?}"
+            );
+        }
+        Ok(f)
+    }
+
+    /// Runs `input` arriving on `ingress` and checks the verdict, the whole
+    /// output frame, its checksums and that exactly `moved` counters moved.
+    fn expect(
+        &self,
+        ingress: u32,
+        input: &[u8],
+        verdict: u32,
+        want: &[u8],
+        csum: Csum,
+        moved: &[&str],
+    ) -> Result<(), String> {
+        let before = self.counters();
+        let (v, out) = self
+            .run(ingress, input)
+            .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
+        let after = self.counters();
+        if v != verdict {
+            return Err(format!(
+                "{}, expected {}; counters: {}",
+                verdict_name(v),
+                verdict_name(verdict),
+                moved_counters(&before, &after)
+            ));
+        }
+        same_frame(&out, want)?;
+        verify_checksums(&out, csum).map_err(|e| format!("output: {e}"))?;
+        counter_delta(&before, &after, moved, input.len())
+    }
+
+    /// `input` passes untouched, counted under `counter`.
+    fn passes(&self, input: &[u8], counter: &str) -> Result<(), String> {
+        self.expect(
+            self.ifs.eth0,
+            input,
+            XDP_PASS,
+            input,
+            Csum::Complete,
+            &[counter],
+        )
+    }
+
+    /// `input` is dropped untouched, counted under `counter`.
+    fn drops(&self, input: &[u8], counter: &str) -> Result<(), String> {
+        self.expect(
+            self.ifs.eth0,
+            input,
+            XDP_DROP,
+            input,
+            Csum::Complete,
+            &[counter],
+        )
+    }
+
+    /// The first packet of a connection from a client on eth0: rewritten to
+    /// LB:natport -> one of `backends` (port 0: the client's port), sent to
+    /// the backend's MAC; both connection-table entries written.
+    fn open(&self, seg: &Seg, backends: &[SocketAddrV4], csum: Csum) -> Result<Conn, String> {
+        let input = self.input(seg, csum)?;
+        let before = self.counters();
+        let (verdict, out) = self
+            .run(self.ifs.eth0, &input)
+            .map_err(|e| format!("BPF_PROG_TEST_RUN: {e}"))?;
+        let after = self.counters();
+        let at = locate(&out).ok_or_else(|| {
+            format!(
+                "{}: output is not an IPv4 TCP/UDP frame; counters: {}",
+                verdict_name(verdict),
+                moved_counters(&before, &after)
+            )
+        })?;
+        let (src, dst) = endpoints(&out, &at);
+        let backend = backends
+            .iter()
+            .map(|b| {
+                if b.port() == 0 {
+                    sa(*b.ip(), seg.dport)
+                } else {
+                    *b
+                }
+            })
+            .find(|b| *b == dst)
+            .ok_or_else(|| {
+                format!(
+                    "{}: sent to {dst}, not to one of {backends:?}; counters: {}",
+                    verdict_name(verdict),
+                    moved_counters(&before, &after)
+                )
+            })?;
+        let (egress, lb_ip, lb_mac) = self.path(*backend.ip());
+        if *src.ip() != lb_ip {
+            return Err(format!("source {src}, expected the LB's address {lb_ip}"));
+        }
+        let (lo, hi) = (self.settings.nat_port_lo, self.settings.nat_port_hi);
+        if !(lo..=hi).contains(&src.port()) {
+            return Err(format!("NAT port {} outside {lo}-{hi}", src.port()));
+        }
+        let want_verdict = if egress == self.ifs.eth0 {
+            XDP_TX
+        } else {
+            XDP_REDIRECT
+        };
+        if verdict != want_verdict {
+            return Err(format!(
+                "{}, expected {}",
+                verdict_name(verdict),
+                verdict_name(want_verdict)
+            ));
+        }
+        let want = with_csum(
+            seg.nat(src, backend, lb_mac, mac_of(*backend.ip())).frame(),
+            csum,
+        );
+        same_frame(&out, &want)?;
+        verify_checksums(&out, csum).map_err(|e| format!("output: {e}"))?;
+        counter_delta(&before, &after, &["to_backend", "new_flow"], input.len())?;
+        let conn = Conn {
+            client: seg.clone(),
+            backend,
+            nat: src,
+            egress,
+            lb_mac,
+        };
+        self.check_entries(&conn, true)?;
+        Ok(conn)
+    }
+
+    /// Both entries of `conn`, field by field (state: open, if `open`).
+    fn check_entries(&self, conn: &Conn, open: bool) -> Result<(), String> {
+        let f = self
+            .entry(&conn.client.key())
+            .ok_or("no client->VIP entry")?;
+        let be = |a: SocketAddrV4| (maps::ip_to_be(*a.ip()), a.port().to_be());
+        let (nat, backend, vip, client) = (
+            be(conn.nat),
+            be(conn.backend),
+            be(conn.vip()),
+            be(conn.client_addr()),
+        );
+        let want = Flow {
+            saddr: nat.0,
+            daddr: backend.0,
+            sport: nat.1,
+            dport: backend.1,
+            ifindex: conn.egress,
+            smac: conn.lb_mac,
+            dmac: mac_of(*conn.backend.ip()),
+            dir: maps::DIR_TO_BACKEND,
+            nh_ok: 1,
+            ..f
+        };
+        if bytes(&f) != bytes(&want) {
+            return Err(format!("client entry {f:?}, expected {want:?}"));
+        }
+        let r = self
+            .entry(&conn.reverse_key())
+            .ok_or("no backend->LB entry")?;
+        let want = Flow {
+            saddr: vip.0,
+            daddr: client.0,
+            sport: vip.1,
+            dport: client.1,
+            ifindex: self.ifs.eth0,
+            smac: conn.client.dmac,
+            dmac: conn.client.smac,
+            backend: f.backend,
+            svc: f.svc,
+            dir: maps::DIR_TO_CLIENT,
+            nh_ok: 1,
+            ..r
+        };
+        if bytes(&r) != bytes(&want) {
+            return Err(format!("reverse entry {r:?}, expected {want:?}"));
+        }
+        if open && (f.state != 0 || r.state != 0) {
+            return Err(format!("states {} and {}, expected open", f.state, r.state));
+        }
+        let b = service::backends(&self.m)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|b| b.id == f.backend)
+            .ok_or_else(|| format!("entry names backend id {}, which is unused", f.backend))?;
+        if *b.addr.ip() != *conn.backend.ip() || (b.addr.port() != 0 && b.addr != conn.backend) {
+            return Err(format!(
+                "entry names backend {}, packet went to {}",
+                b.addr, conn.backend
+            ));
+        }
+        Ok(())
+    }
+
+    /// A later packet of `conn` from the client: same backend, same NAT port.
+    fn cont(&self, conn: &Conn, seg: &Seg, csum: Csum) -> Result<(), String> {
+        let input = self.input(seg, csum)?;
+        let want = seg.nat(
+            conn.nat,
+            conn.backend,
+            conn.lb_mac,
+            mac_of(*conn.backend.ip()),
+        );
+        let verdict = if conn.egress == self.ifs.eth0 {
+            XDP_TX
+        } else {
+            XDP_REDIRECT
+        };
+        self.expect(
+            self.ifs.eth0,
+            &input,
+            verdict,
+            &with_csum(want.frame(), csum),
+            csum,
+            &["to_backend"],
+        )
+    }
+
+    /// A packet of `conn` from the backend: rewritten to VIP -> client, to
+    /// the MAC the client's first packet came from, from the one it went to.
+    fn back(&self, conn: &Conn, reply: &Seg, csum: Csum) -> Result<(), String> {
+        let input = self.input(reply, csum)?;
+        let want = reply.nat(
+            conn.vip(),
+            conn.client_addr(),
+            conn.client.dmac,
+            conn.client.smac,
+        );
+        let verdict = if conn.egress == self.ifs.eth0 {
+            XDP_TX
+        } else {
+            XDP_REDIRECT
+        };
+        self.expect(
+            conn.egress,
+            &input,
+            verdict,
+            &with_csum(want.frame(), csum),
+            csum,
+            &["to_client"],
+        )
+    }
+}
+
+/// The counters that moved, for messages.
+fn moved_counters(before: &[stats::Counter], after: &[stats::Counter]) -> String {
+    let moved: Vec<String> = before
+        .iter()
+        .zip(after)
+        .enumerate()
+        .filter(|(_, (b, a))| a.packets != b.packets)
+        .map(|(i, (b, a))| format!("{}+{}", stats::NAMES[i], a.packets - b.packets))
+        .collect();
+    if moved.is_empty() {
+        "none moved".into()
+    } else {
+        moved.join(" ")
+    }
+}
+
+/// Checks that exactly the `moved` counters moved, by one packet of `bytes`
+/// bytes each.
+fn counter_delta(
+    before: &[stats::Counter],
+    after: &[stats::Counter],
+    moved: &[&str],
+    bytes: usize,
+) -> Result<(), String> {
+    for name in moved {
+        stats::index(name).ok_or_else(|| format!("unknown counter {name}"))?;
+    }
+    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+        let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
+        let want = if moved.contains(&stats::NAMES[i]) {
+            (1, bytes as u64)
+        } else {
+            (0, 0)
+        };
+        if (dp, db) != want {
+            return Err(format!(
+                "counter {} moved by {dp} packets/{db} bytes, expected {}/{} ({})",
+                stats::NAMES[i],
+                want.0,
+                want.1,
+                moved_counters(before, after)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sets up a lab, enters it and loads an instance: `$lb` in scope.
+macro_rules! instance {
+    ($name:literal, $lb:ident, $settings:expr, $skb:expr) => {
+        if !common::root_or_skip($name) {
+            return;
+        }
+        let lab = Lab::new();
+        let (_guard, ifs) = lab.enter();
+        let mut storage = MaybeUninit::uninit();
+        let $lb = Lb::new(ifs, $settings, $skb, &mut storage);
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Everything that passes (or is refused) without creating state.
+
+struct PassFixture {
+    name: &'static str,
+    input: Vec<u8>,
+    counter: &'static str,
+}
+
+fn pass(name: &'static str, input: Vec<u8>, counter: &'static str) -> PassFixture {
+    PassFixture {
+        name,
+        input,
+        counter,
+    }
+}
+
+fn malformed(name: &'static str, input: Vec<u8>) -> PassFixture {
+    pass(name, input, "pass_malformed")
+}
+
+fn fragment(name: &'static str, seg: Seg) -> PassFixture {
+    pass(name, seg.frame(), "pass_fragment")
+}
+
+fn pass_fixtures() -> Vec<PassFixture> {
+    vec![
+        // --- not IPv4 ----------------------------------------------------
+        pass("ARP request for the VIP", arp_request(), "pass_not_ipv4"),
+        pass("IPv6 TCP SYN", ipv6_syn(), "pass_not_ipv4"),
+        pass(
+            "VLAN-tagged client SYN to the VIP",
+            vlan_syn(),
+            "pass_not_ipv4",
+        ),
+        // --- not TCP or UDP ----------------------------------------------
+        pass("ICMP echo to the VIP", icmp_echo(), "pass_not_l4"),
+        pass(
+            "ICMP fragment to the VIP (protocol before fragment)",
+            {
+                let mut f = icmp_echo();
+                f[ETH_HLEN + 6] |= 0x20; // MF
+                fix_ip_checksum(&mut f);
+                f
+            },
+            "pass_not_l4",
+        ),
+        pass("SCTP to the VIP", other_proto(132, &[0; 16]), "pass_not_l4"),
+        pass(
+            "GRE to the VIP",
+            other_proto(47, &[0, 0, 0x08, 0]),
+            "pass_not_l4",
+        ),
+        // --- not ours: no flow, no service --------------------------------
+        pass(
+            "TCP to another address (unknown VIP)",
+            Seg::syn(CLIENT, 40000, OTHER_HOST, 80).frame(),
+            "pass_not_ours",
+        ),
+        pass(
+            "UDP to another address (unknown VIP)",
+            Seg::udp(CLIENT, 40000, OTHER_HOST, 53, DNS_QUERY).frame(),
+            "pass_not_ours",
+        ),
+        pass(
+            "TCP to the VIP on an unknown port",
+            Seg::syn(CLIENT, 40000, VIP, 8080).frame(),
+            "pass_not_ours",
+        ),
+        pass(
+            "UDP to the VIP on an unknown port",
+            Seg::udp(CLIENT, 40000, VIP, 5353, DNS_QUERY).frame(),
+            "pass_not_ours",
+        ),
+        pass(
+            "UDP to a TCP-only service port",
+            Seg::udp(CLIENT, 40000, VIP, 80, b"not tcp").frame(),
+            "pass_not_ours",
+        ),
+        pass(
+            "TCP to a UDP-only service port",
+            Seg::syn(CLIENT, 40000, VIP, 53).frame(),
+            "pass_not_ours",
+        ),
+        pass(
+            "TCP to the LB's own address (the host's traffic)",
+            Seg::syn(STRANGER, 40000, LB, 22).frame(),
+            "pass_not_ours",
+        ),
+        pass(
+            "backend to the LB on a NAT port without a flow",
+            Seg::tcp(BACKEND_A, 80, LB, 61000)
+                .data(HTTP_OK)
+                .macs(BACKEND_A_MAC, ETH0_MAC)
+                .frame(),
+            "pass_not_ours",
+        ),
+        pass(
+            "TCP from the LB to a backend",
+            Seg::syn(LB, 40000, BACKEND_A, 80).frame(),
+            "pass_not_ours",
+        ),
+        // --- malformed ----------------------------------------------------
+        malformed("truncated in the Ethernet header (10 bytes)", {
+            let mut f = client_syn().frame();
+            f.truncate(10);
+            f
+        }),
+        malformed("Ethernet header only", {
+            let mut f = client_syn().frame();
+            f.truncate(ETH_HLEN);
+            f
+        }),
+        malformed("truncated in the IP header", {
+            let mut f = client_syn().frame();
+            f.truncate(ETH_HLEN + 12);
+            f
+        }),
+        malformed("IHL 4", {
+            let mut f = client_syn().frame();
+            f[ETH_HLEN] = 0x44;
+            fix_ip_checksum(&mut f);
+            f
+        }),
+        malformed("IP version 6 in an IPv4 frame", {
+            let mut f = client_syn().frame();
+            f[ETH_HLEN] = 0x65;
+            fix_ip_checksum(&mut f);
+            f
+        }),
+        malformed("IHL 7 but the options are cut off", {
+            let mut f = client_syn()
+                .with(|t| t.ip_options = IP_OPTIONS.to_vec())
+                .frame();
+            f.truncate(ETH_HLEN + 24);
+            f
+        }),
+        malformed("IP total length beyond the frame", {
+            let mut f = client_syn().frame();
+            let tot = (f.len() - ETH_HLEN + 20) as u16;
+            set_tot_len(&mut f, tot);
+            f
+        }),
+        malformed("IP total length below the header length", {
+            let mut f = client_syn().frame();
+            set_tot_len(&mut f, 16);
+            f
+        }),
+        malformed("truncated TCP header", {
+            let mut f = client_syn().frame();
+            set_tot_len(&mut f, 30);
+            f.truncate(ETH_HLEN + 30);
+            f
+        }),
+        malformed("TCP header beyond the IP total length (rest is padding)", {
+            let mut f = client_syn().frame();
+            set_tot_len(&mut f, 30);
+            f
+        }),
+        malformed("TCP data offset 4", {
+            let mut f = client_syn().frame();
+            let b = &mut f[ETH_HLEN + 20 + 12];
+            *b = (*b & 0x0f) | 0x40;
+            fix_l4_checksum(&mut f);
+            f
+        }),
+        malformed("TCP data offset 15 beyond the datagram", {
+            let mut f = client_syn().data(HTTP_GET).frame();
+            let b = &mut f[ETH_HLEN + 20 + 12];
+            *b = (*b & 0x0f) | 0xf0;
+            fix_l4_checksum(&mut f);
+            f
+        }),
+        malformed("TCP options cut off by the frame", {
+            let mut f = client_syn().with(|t| t.tcp_options = tcp_options()).frame();
+            let len = f.len() - 8;
+            set_tot_len(&mut f, (len - ETH_HLEN) as u16);
+            f.truncate(len);
+            fix_l4_checksum(&mut f);
+            f
+        }),
+        malformed("truncated UDP header", {
+            let mut f = client_udp().frame();
+            set_tot_len(&mut f, 24);
+            f.truncate(ETH_HLEN + 24);
+            f
+        }),
+        malformed("UDP header beyond the IP total length (rest is padding)", {
+            let mut f = client_udp().frame();
+            set_tot_len(&mut f, 24);
+            f
+        }),
+        malformed("fragment with IHL 4 (malformed before fragment)", {
+            let mut f = client_syn().with(|t| t.more_fragments = true).frame();
+            f[ETH_HLEN] = 0x44;
+            fix_ip_checksum(&mut f);
+            f
+        }),
+        // --- fragments ----------------------------------------------------
+        fragment(
+            "first fragment (MF) client -> VIP:80",
+            client_syn()
+                .data(HTTP_GET)
+                .with(|t| t.more_fragments = true),
+        ),
+        fragment(
+            "later fragment (offset 185) client -> VIP:80",
+            client_syn().data(HTTP_GET).with(|t| t.frag_offset = 185),
+        ),
+        fragment(
+            "last fragment (offset, no MF) backend -> LB NAT port",
+            Seg::tcp(BACKEND_A, 80, LB, 61000)
+                .data(HTTP_OK)
+                .macs(BACKEND_A_MAC, ETH0_MAC)
+                .with(|t| t.frag_offset = 3),
+        ),
+        fragment(
+            "first UDP fragment client -> VIP:53",
+            client_udp().with(|t| t.more_fragments = true),
+        ),
+        fragment(
+            "fragment from a stranger to an unknown address (fragment before service)",
+            Seg::syn(STRANGER, 40000, OTHER_HOST, 80).with(|t| t.more_fragments = true),
+        ),
+    ]
+}
+
+#[test]
+fn pass_fixtures_leave_packets_and_table_alone() {
+    instance!(
+        "pass_fixtures_leave_packets_and_table_alone",
+        lb,
+        settings(),
+        false
+    );
+    let tcp = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&tcp, BACKEND_A, 80, 1);
+    lb.backend(&tcp, BACKEND_B, 80, 1);
+    let udp = lb.service(VIP, 53, Proto::Udp);
+    lb.backend(&udp, BACKEND_A, 53, 1);
+
+    let fixtures = pass_fixtures();
+    let mut failures = Vec::new();
+    for fx in &fixtures {
+        // Sanity of the fixture itself: a locatable input has right checksums.
+        if let Err(e) = verify_checksums(&fx.input, Csum::Complete) {
+            failures.push(format!("{}: input: {e}", fx.name));
+            continue;
+        }
+        let r = match lb.run(lb.ifs.eth0, &fx.input) {
+            Err(e)
+                if fx.input.len() < ETH_HLEN && e.kind() == libbpf_rs::ErrorKind::InvalidInput =>
+            {
+                eprintln!(
+                    "NOTE {}: this kernel's BPF_PROG_TEST_RUN refuses frames shorter than \
+                     an Ethernet header ({e}); not run",
+                    fx.name
+                );
+                continue;
+            }
+            _ => lb.passes(&fx.input, fx.counter),
+        };
+        let r = r.and_then(|()| match lb.entries().len() {
+            0 => Ok(()),
+            n => Err(format!("{n} connection-table entries appeared")),
+        });
+        if let Err(e) = r {
+            failures.push(format!("{}: {e}", fx.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        fixtures.len(),
+        failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// TCP.
+
+#[test]
+fn tcp_new_flow_established_and_return() {
+    instance!("tcp_new_flow_established_and_return", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, 1);
+    let b = lb.backend(&svc, BACKEND_B, 80, 1);
+    let backends = [sa(BACKEND_A, 80), sa(BACKEND_B, 80)];
+    let c = Csum::Complete;
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &backends, c), "client SYN opens a flow");
+    let conns = lb.conns();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let k = &conns[0];
+    assert_eq!(
+        (k.proto, k.client, k.vip, k.backend, k.nat, k.state),
+        (
+            "tcp",
+            sa(CLIENT, 40000),
+            sa(VIP, 80),
+            conn.backend,
+            conn.nat,
+            "open"
+        )
+    );
+
+    must(
+        lb.cont(&conn, &syn, c),
+        "retransmitted SYN stays on the flow",
+    );
+    must(
+        lb.cont(&conn, &syn.clone().ack(), c),
+        "client ACK (established)",
+    );
+    must(
+        lb.cont(&conn, &syn.clone().data(HTTP_GET), c),
+        "client data",
+    );
+    must(
+        lb.back(&conn, &conn.reply().synack(), c),
+        "backend SYN-ACK -> client",
+    );
+    must(
+        lb.back(&conn, &conn.reply().data(HTTP_OK), c),
+        "backend data -> client",
+    );
+    must(
+        lb.cont(&conn, &syn.clone().ack(), c),
+        "client ACK of the data",
+    );
+    assert_eq!(lb.entries().len(), 2, "two entries per connection");
+
+    // Per-backend counters: both directions, one new flow, one open.
+    let (mine, other) = if *conn.backend.ip() == BACKEND_A {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let t = lb.traffic(mine);
+    assert_eq!((t.packets, t.new_flows, t.active_flows), (7, 1, 1), "{t:?}");
+    assert_eq!(lb.traffic(other), stats::Traffic::default());
+
+    // The backend's reply from another port, or to another NAT port, is not
+    // this flow's.
+    let wrong_port = conn.reply().data(HTTP_OK).with(|s| s.sport = 81).frame();
+    must(
+        lb.passes(&wrong_port, "pass_not_ours"),
+        "reply from another backend port",
+    );
+    let other_nat = conn
+        .reply()
+        .data(HTTP_OK)
+        .with(|s| s.dport = if s.dport == 65535 { 61000 } else { s.dport + 1 })
+        .frame();
+    must(
+        lb.passes(&other_nat, "pass_not_ours"),
+        "reply to another NAT port",
+    );
+    let other_backend = conn
+        .reply()
+        .data(HTTP_OK)
+        .with(|s| {
+            s.src = if s.src == BACKEND_A {
+                BACKEND_B
+            } else {
+                BACKEND_A
+            }
+        })
+        .frame();
+    must(
+        lb.passes(&other_backend, "pass_not_ours"),
+        "reply from the other backend",
+    );
+}
+
+#[test]
+fn flows_stick_to_their_backend_and_nat_port() {
+    instance!(
+        "flows_stick_to_their_backend_and_nat_port",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    lb.backend(&svc, BACKEND_B, 80, 1);
+    let backends = [sa(BACKEND_A, 80), sa(BACKEND_B, 80)];
+    let c = Csum::Complete;
+    let mut nats = std::collections::HashSet::new();
+    for sport in (50000..50040).step_by(2) {
+        let syn = Seg::syn(CLIENT, sport, VIP, 80);
+        let conn = must(lb.open(&syn, &backends, c), "SYN");
+        assert!(nats.insert(conn.nat), "NAT {} given twice", conn.nat);
+        for seg in [
+            syn.clone().ack(),
+            syn.clone().data(HTTP_GET),
+            syn.clone().data(HTTP_GET),
+        ] {
+            must(lb.cont(&conn, &seg, c), &format!("flow {CLIENT}:{sport}"));
+        }
+        must(lb.back(&conn, &conn.reply().data(HTTP_OK), c), "reply");
+    }
+    assert_eq!(lb.conns().len(), 20);
+}
+
+#[test]
+fn ip_and_tcp_options_and_padding() {
+    instance!("ip_and_tcp_options_and_padding", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    lb.backend(&svc, BACKEND_B, 80, 1);
+    let backends = [sa(BACKEND_A, 80), sa(BACKEND_B, 80)];
+    let c = Csum::Complete;
+
+    let syn = Seg::syn(CLIENT, 40004, VIP, 80).with(|t| {
+        t.ip_options = IP_OPTIONS.to_vec();
+        t.tcp_options = tcp_options();
+    });
+    let conn = must(lb.open(&syn, &backends, c), "SYN with IP and TCP options");
+    let synack = conn.reply().synack().with(|t| {
+        t.ip_options = IP_OPTIONS.to_vec();
+        t.tcp_options = tcp_options();
+    });
+    must(
+        lb.back(&conn, &synack, c),
+        "SYN-ACK with IP and TCP options",
+    );
+    let data = Seg::syn(CLIENT, 40004, VIP, 80).data(HTTP_GET).with(|t| {
+        t.ip_options = IP_OPTIONS.to_vec();
+        t.tcp_options = vec![TcpOptionElement::Timestamp(7, 9)];
+    });
+    must(lb.cont(&conn, &data, c), "data with IP and TCP options");
+
+    // Short segments with Ethernet padding: rewritten, padding kept.
+    let short = Seg::syn(CLIENT, 40010, VIP, 80).with(|t| t.pad_to = 60);
+    let conn = must(
+        lb.open(&short, &backends, c),
+        "short SYN padded to 60 bytes",
+    );
+    must(
+        lb.back(&conn, &conn.reply().ack().with(|t| t.pad_to = 60), c),
+        "short padded ACK back",
+    );
+    must(
+        lb.cont(&conn, &short.clone().ack().with(|t| t.pad_to = 60), c),
+        "short padded ACK",
+    );
+}
+
+#[test]
+fn backend_port_differs_from_service_port() {
+    instance!(
+        "backend_port_differs_from_service_port",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 8080, 1);
+    let c = Csum::Complete;
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80).with(|t| t.tcp_options = tcp_options());
+    let conn = must(lb.open(&syn, &[sa(BACKEND_A, 8080)], c), "VIP:80 -> A:8080");
+    assert_eq!(conn.backend, sa(BACKEND_A, 8080));
+    must(
+        lb.cont(&conn, &syn.clone().data(HTTP_GET), c),
+        "data to :8080",
+    );
+    must(
+        lb.back(&conn, &conn.reply().synack(), c),
+        "A:8080 SYN-ACK -> VIP:80",
+    );
+    must(
+        lb.back(&conn, &conn.reply().data(HTTP_OK), c),
+        "A:8080 data -> VIP:80",
+    );
+    let from_80 = conn.reply().data(HTTP_OK).with(|t| t.sport = 80).frame();
+    must(
+        lb.passes(&from_80, "pass_not_ours"),
+        "A:80 is not the flow's backend port",
+    );
+}
+
+#[test]
+fn clients_with_the_same_source_port_get_distinct_nat_ports() {
+    instance!(
+        "clients_with_the_same_source_port_get_distinct_nat_ports",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, 1);
+    let c = Csum::Complete;
+    let backends = [sa(BACKEND_A, 80)];
+    let syn1 = Seg::syn(CLIENT, 40000, VIP, 80);
+    // The second client's frames come from another hop, to another MAC of
+    // the LB: the way back must use exactly those.
+    let syn2 = Seg::syn(CLIENT2, 40000, VIP, 80).macs(PEER2_MAC, ALIAS_MAC);
+    let c1 = must(lb.open(&syn1, &backends, c), "client 1");
+    let c2 = must(lb.open(&syn2, &backends, c), "client 2");
+    assert_ne!(c1.nat, c2.nat, "two clients share a NAT port");
+    assert_eq!(c1.nat.ip(), c2.nat.ip());
+
+    must(lb.back(&c2, &c2.reply().synack(), c), "reply to client 2");
+    must(lb.back(&c1, &c1.reply().synack(), c), "reply to client 1");
+    must(
+        lb.cont(&c1, &syn1.clone().data(HTTP_GET), c),
+        "client 1 data",
+    );
+    must(
+        lb.cont(&c2, &syn2.clone().data(HTTP_GET), c),
+        "client 2 data",
+    );
+    must(
+        lb.back(&c1, &c1.reply().data(HTTP_OK), c),
+        "data to client 1",
+    );
+    must(
+        lb.back(&c2, &c2.reply().data(HTTP_OK), c),
+        "data to client 2",
+    );
+    assert_eq!(lb.conns().len(), 2);
+    let t = lb.traffic(a);
+    assert_eq!((t.packets, t.new_flows, t.active_flows), (8, 2, 2), "{t:?}");
+}
+
+#[test]
+fn fin_and_rst_close_and_a_new_syn_starts_over() {
+    instance!(
+        "fin_and_rst_close_and_a_new_syn_starts_over",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let backends = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+    let closing = |lb: &Lb, conn: &Conn, what: &str| {
+        let f = lb.entry(&conn.client.key()).expect("client entry");
+        let r = lb.entry(&conn.reverse_key()).expect("reverse entry");
+        assert_eq!(
+            (f.state, r.state),
+            (maps::CT_CLOSING, maps::CT_CLOSING),
+            "{what}"
+        );
+        let k = lb
+            .conns()
+            .into_iter()
+            .find(|k| k.nat == conn.nat)
+            .expect("listed");
+        assert_eq!(k.state, "closing", "{what}");
+    };
+
+    // FIN from the client.
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &backends, c), "SYN");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&conn, &syn.clone().data(HTTP_GET), c), "data");
+    must(
+        lb.cont(&conn, &syn.clone().fin(), c),
+        "client FIN is forwarded",
+    );
+    closing(&lb, &conn, "after the client's FIN");
+    // The rest of the close still flows, without reopening anything.
+    must(
+        lb.back(&conn, &conn.reply().fin(), c),
+        "backend FIN-ACK while closing",
+    );
+    must(
+        lb.cont(&conn, &syn.clone().ack(), c),
+        "last ACK while closing",
+    );
+    closing(&lb, &conn, "after the last ACK");
+    // A bare SYN from the backend side is no way to reopen.
+    let bare = conn.reply().with(|t| t.syn = true).frame();
+    must(
+        lb.passes(&bare, "pass_not_ours"),
+        "backend SYN on a closing flow",
+    );
+
+    // A new SYN on the same 4-tuple: a new flow (the old way back lingers,
+    // so it gets another NAT port).
+    let conn2 = must(lb.open(&syn, &backends, c), "new SYN on the closed 4-tuple");
+    assert_ne!(conn2.nat, conn.nat);
+    must(
+        lb.back(&conn2, &conn2.reply().synack(), c),
+        "new flow's SYN-ACK",
+    );
+    must(lb.cont(&conn2, &syn.clone().ack(), c), "new flow's ACK");
+    let old = lb.entry(&conn.reverse_key()).expect("old way back lingers");
+    assert_eq!(old.state, maps::CT_CLOSING);
+    assert_eq!(lb.conns().len(), 1);
+
+    // RST from the backend closes both entries too.
+    let syn3 = Seg::syn(CLIENT, 40002, VIP, 80);
+    let conn3 = must(lb.open(&syn3, &backends, c), "SYN 3");
+    must(
+        lb.back(&conn3, &conn3.reply().rst(), c),
+        "backend RST is forwarded",
+    );
+    closing(&lb, &conn3, "after the backend's RST");
+    must(
+        lb.cont(&conn3, &syn3.clone().ack(), c),
+        "a non-SYN after RST stays on the flow",
+    );
+    // RST from the client.
+    let syn4 = Seg::syn(CLIENT, 40004, VIP, 80);
+    let conn4 = must(lb.open(&syn4, &backends, c), "SYN 4");
+    must(
+        lb.cont(&conn4, &syn4.clone().rst(), c),
+        "client RST is forwarded",
+    );
+    closing(&lb, &conn4, "after the client's RST");
+    let conn4b = must(lb.open(&syn4, &backends, c), "SYN after RST");
+    assert_ne!(conn4b.nat, conn4.nat);
+    let i = stats::index("new_flow").unwrap();
+    assert_eq!(lb.counters()[i].packets, 5);
+}
+
+// ---------------------------------------------------------------------------
+// UDP.
+
+#[test]
+fn udp_flow_and_return() {
+    instance!("udp_flow_and_return", lb, settings(), false);
+    let svc = lb.service(VIP, 53, Proto::Udp);
+    lb.backend(&svc, BACKEND_A, 53, 1);
+    lb.backend(&svc, BACKEND_B, 53, 1);
+    let backends = [sa(BACKEND_A, 53), sa(BACKEND_B, 53)];
+    let c = Csum::Complete;
+    let q = Seg::udp(CLIENT, 40000, VIP, 53, DNS_QUERY);
+    let conn = must(lb.open(&q, &backends, c), "UDP query opens a flow");
+    let conns = lb.conns();
+    assert_eq!((conns.len(), conns[0].proto), (1, "udp"));
+    must(
+        lb.back(
+            &conn,
+            &conn.reply().with(|t| t.payload = DNS_ANSWER.to_vec()),
+            c,
+        ),
+        "answer",
+    );
+    must(
+        lb.cont(
+            &conn,
+            &q.clone().with(|t| t.payload = b"second".to_vec()),
+            c,
+        ),
+        "second query",
+    );
+    let opts = q.clone().with(|t| t.ip_options = IP_OPTIONS.to_vec());
+    must(lb.cont(&conn, &opts, c), "query with IP options");
+    // A FIN bit means nothing to UDP: no closing.
+    assert_eq!(lb.entry(&q.key()).unwrap().state, 0);
+}
+
+#[test]
+fn udp_without_checksum_stays_without() {
+    instance!("udp_without_checksum_stays_without", lb, settings(), false);
+    let svc = lb.service(VIP, 53, Proto::Udp);
+    lb.backend(&svc, BACKEND_A, 5353, 1);
+    let c = Csum::Complete;
+    let q = Seg::udp(CLIENT, 40000, VIP, 53, DNS_QUERY).with(|t| t.no_checksum = true);
+    let f = q.frame();
+    let at = locate(&f).unwrap();
+    assert_eq!(l4_field(&f, &at), 0, "fixture: no checksum");
+    let conn = must(
+        lb.open(&q, &[sa(BACKEND_A, 5353)], c),
+        "query without checksum",
+    );
+    must(lb.cont(&conn, &q, c), "again");
+    let a = conn.reply().with(|t| {
+        t.payload = DNS_ANSWER.to_vec();
+        t.no_checksum = true;
+    });
+    must(lb.back(&conn, &a, c), "answer without checksum");
+}
+
+#[test]
+fn checksums_that_compute_to_zero() {
+    instance!("checksums_that_compute_to_zero", lb, one_nat_port(), false);
+    let udp = lb.service(VIP, 53, Proto::Udp);
+    lb.backend(&udp, BACKEND_A, 53, 1);
+    let tcp = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&tcp, BACKEND_A, 8080, 1);
+    let c = Csum::Complete;
+    let nat = sa(LB, 61000); // the only NAT port
+
+    // UDP, client -> backend: the rewritten checksum computes to 0 and must
+    // be sent as 0xffff (0 would mean "no checksum").
+    let client = sa(CLIENT, 40000);
+    let payload = payload_for_zero_checksum(b"zero", |p| {
+        Seg::udp(CLIENT, 40000, VIP, 53, p)
+            .nat(nat, sa(BACKEND_A, 53), ETH0_MAC, BACKEND_A_MAC)
+            .frame()
+    });
+    let q = Seg::udp(*client.ip(), client.port(), VIP, 53, &payload);
+    let input = q.frame();
+    let at = locate(&input).unwrap();
+    assert!(
+        !matches!(l4_field(&input, &at), 0 | 0xffff),
+        "fixture: an ordinary input checksum"
+    );
+    let want = q
+        .nat(nat, sa(BACKEND_A, 53), ETH0_MAC, BACKEND_A_MAC)
+        .frame();
+    assert_eq!(
+        l4_field(&want, &locate(&want).unwrap()),
+        0xffff,
+        "fixture: etherparse's 0xffff"
+    );
+    let conn = must(
+        lb.open(&q, &[sa(BACKEND_A, 53)], c),
+        "UDP whose new checksum is 0",
+    );
+    assert_eq!(conn.nat, nat);
+
+    // UDP, backend -> client.
+    let payload = payload_for_zero_checksum(b"back", |p| {
+        conn.reply()
+            .with(|t| t.payload = p.to_vec())
+            .nat(sa(VIP, 53), client, ETH0_MAC, PEER_MAC)
+            .frame()
+    });
+    let a = conn.reply().with(|t| t.payload = payload);
+    must(lb.back(&conn, &a, c), "UDP reply whose new checksum is 0");
+
+    // TCP has no such rule: a checksum computing to 0 is sent as 0.
+    let payload = payload_for_zero_checksum(b"tcp0", |p| {
+        Seg::syn(CLIENT, 40000, VIP, 80)
+            .data(p)
+            .nat(nat, sa(BACKEND_A, 8080), ETH0_MAC, BACKEND_A_MAC)
+            .frame()
+    });
+    let s = Seg::syn(CLIENT, 40000, VIP, 80).data(&payload);
+    let want = s
+        .nat(nat, sa(BACKEND_A, 8080), ETH0_MAC, BACKEND_A_MAC)
+        .frame();
+    assert_eq!(l4_field(&want, &locate(&want).unwrap()), 0);
+    must(
+        lb.open(&s, &[sa(BACKEND_A, 8080)], c).map(drop),
+        "TCP whose new checksum is 0",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Services.
+
+#[test]
+fn wildcard_service_and_backend_port_zero() {
+    instance!(
+        "wildcard_service_and_backend_port_zero",
+        lb,
+        settings(),
+        false
+    );
+    let any = lb.service(VIP2, 0, Proto::Tcp);
+    lb.backend(&any, BACKEND_A, 0, 1);
+    let http = lb.service(VIP2, 80, Proto::Tcp);
+    lb.backend(&http, BACKEND_B, 8080, 1);
+    let dns = lb.service(VIP2, 0, Proto::Udp);
+    lb.backend(&dns, BACKEND_B, 0, 1);
+    let tls = lb.service(VIP, 443, Proto::Tcp);
+    lb.backend(&tls, BACKEND_A, 0, 1);
+    let c = Csum::Complete;
+
+    for port in [22, 5000, 65535, 1] {
+        let syn = Seg::syn(CLIENT, 40000, VIP2, port);
+        let conn = must(
+            lb.open(&syn, &[sa(BACKEND_A, 0)], c),
+            &format!("VIP2:{port}"),
+        );
+        assert_eq!(
+            conn.backend,
+            sa(BACKEND_A, port),
+            "the client's port is kept"
+        );
+        must(
+            lb.back(&conn, &conn.reply().synack(), c),
+            &format!("reply from A:{port}"),
+        );
+    }
+    // The service on the exact port wins over the wildcard.
+    let syn = Seg::syn(CLIENT, 40000, VIP2, 80);
+    let conn = must(
+        lb.open(&syn, &[sa(BACKEND_B, 8080)], c),
+        "VIP2:80 exact service",
+    );
+    must(
+        lb.back(&conn, &conn.reply().synack(), c),
+        "reply from B:8080",
+    );
+    // A wildcard is per protocol.
+    let q = Seg::udp(CLIENT, 40000, VIP2, 5353, DNS_QUERY);
+    let conn = must(lb.open(&q, &[sa(BACKEND_B, 0)], c), "UDP VIP2:5353");
+    assert_eq!(conn.backend, sa(BACKEND_B, 5353));
+    // Backend port 0 on a one-port service.
+    let conn = must(
+        lb.open(&Seg::syn(CLIENT, 40002, VIP, 443), &[sa(BACKEND_A, 0)], c),
+        "VIP:443",
+    );
+    assert_eq!(conn.backend, sa(BACKEND_A, 443));
+    // No wildcard on VIP: other ports of VIP are not ours.
+    must(
+        lb.passes(&Seg::syn(CLIENT, 40000, VIP, 444).frame(), "pass_not_ours"),
+        "VIP:444",
+    );
+}
+
+#[test]
+fn weight_zero_drains() {
+    instance!("weight_zero_drains", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let backends = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &backends, c), "flow before the drain");
+
+    service::backend_set(&lb.m, &svc, sa(BACKEND_A, 80), 0).expect("weight 0");
+    let new = Seg::syn(CLIENT, 40002, VIP, 80);
+    must(
+        lb.drops(&new.frame(), "drop_no_backend"),
+        "new flow while draining",
+    );
+    assert!(
+        lb.entry(&new.key()).is_none(),
+        "a refused flow left an entry"
+    );
+    assert_eq!(lb.entries().len(), 2);
+    must(
+        lb.cont(&conn, &syn.clone().data(HTTP_GET), c),
+        "established flow continues",
+    );
+    must(
+        lb.back(&conn, &conn.reply().data(HTTP_OK), c),
+        "and its replies",
+    );
+
+    service::backend_set(&lb.m, &svc, sa(BACKEND_A, 80), 1).expect("weight 1");
+    must(
+        lb.open(&new, &backends, c).map(drop),
+        "new flow after the drain",
+    );
+
+    // A service without any backend refuses new flows the same way.
+    lb.service(VIP, 81, Proto::Tcp);
+    must(
+        lb.drops(&Seg::syn(CLIENT, 40000, VIP, 81).frame(), "drop_no_backend"),
+        "service without backends",
+    );
+}
+
+#[test]
+fn nat_port_range_exhausted_per_backend() {
+    instance!(
+        "nat_port_range_exhausted_per_backend",
+        lb,
+        one_nat_port(),
+        false
+    );
+    let s1 = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&s1, BACKEND_A, 80, 1);
+    let s2 = lb.service(VIP2, 80, Proto::Tcp);
+    lb.backend(&s2, BACKEND_B, 80, 1);
+    let s3 = lb.service(VIP, 8080, Proto::Tcp);
+    lb.backend(&s3, BACKEND_A, 8080, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+
+    let first = Seg::syn(CLIENT, 40000, VIP, 80);
+    let c1 = must(lb.open(&first, &a80, c), "first flow takes the only port");
+    assert_eq!(c1.nat, sa(LB, 61000));
+    let second = Seg::syn(CLIENT2, 40000, VIP, 80);
+    must(
+        lb.drops(&second.frame(), "drop_nat_full"),
+        "second flow to A:80",
+    );
+    assert!(lb.entry(&second.key()).is_none());
+    let third = Seg::syn(CLIENT, 40002, VIP, 80);
+    must(
+        lb.drops(&third.frame(), "drop_nat_full"),
+        "same client, other port, to A:80",
+    );
+    must(
+        lb.cont(&c1, &first.clone().data(HTTP_GET), c),
+        "the first flow goes on",
+    );
+    must(lb.back(&c1, &c1.reply().data(HTTP_OK), c), "and back");
+
+    // Ports are per backend address and port.
+    let cb = must(
+        lb.open(&Seg::syn(CLIENT2, 40000, VIP2, 80), &[sa(BACKEND_B, 80)], c),
+        "to B:80",
+    );
+    assert_eq!(cb.nat, sa(LB, 61000));
+    let ca = must(
+        lb.open(
+            &Seg::syn(CLIENT2, 40000, VIP, 8080),
+            &[sa(BACKEND_A, 8080)],
+            c,
+        ),
+        "A:8080",
+    );
+    assert_eq!(ca.nat, sa(LB, 61000));
+
+    // The first flow's entries deleted: the port is free again.
+    let a1 = lb.entry(&first.key()).unwrap().backend;
+    let gone = conntrack::end_flows(&lb.m, |f| f.backend == a1).expect("ending the first flow");
+    assert_eq!(gone, 2);
+    let c2 = must(
+        lb.open(&second, &a80, c),
+        "second flow once the port is free",
+    );
+    must(lb.back(&c2, &c2.reply().synack(), c), "second flow's reply");
+    must(
+        lb.drops(&first.frame(), "drop_nat_full"),
+        "the ended flow cannot come back",
+    );
+
+    // Removing and re-adding the backend ends its flows: free again.
+    service::backend_del(&lb.m, &s1, sa(BACKEND_A, 80)).expect("backend del");
+    lb.backend(&s1, BACKEND_A, 80, 1);
+    let c3 = must(lb.open(&third, &a80, c), "flow after backend del + add");
+    assert_eq!(c3.nat, sa(LB, 61000));
+
+    // An expired way back frees the port too (its flow idle as long).
+    lb.age_out(&third.key());
+    lb.age_out(&c3.reverse_key());
+    assert_eq!(
+        lb.conns()
+            .iter()
+            .find(|k| k.nat == c3.nat && k.client == sa(CLIENT, 40002))
+            .unwrap()
+            .state,
+        "expired"
+    );
+    let c4 = must(lb.open(&second, &a80, c), "flow over an expired one");
+    assert_eq!(c4.nat, sa(LB, 61000));
+}
+
+#[test]
+fn backend_del_ends_its_flows_only() {
+    instance!("backend_del_ends_its_flows_only", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, 1);
+    let b = lb.backend(&svc, BACKEND_B, 80, 1);
+    let backends = [sa(BACKEND_A, 80), sa(BACKEND_B, 80)];
+    let c = Csum::Complete;
+    let mut conns: Vec<Conn> = Vec::new();
+    for sport in (40000..).step_by(2) {
+        let n = |ip| conns.iter().filter(|k| *k.backend.ip() == ip).count();
+        if n(BACKEND_A) >= 2 && n(BACKEND_B) >= 2 {
+            break;
+        }
+        conns.push(must(
+            lb.open(&Seg::syn(CLIENT, sport, VIP, 80), &backends, c),
+            "SYN",
+        ));
+    }
+    service::backend_del(&lb.m, &svc, sa(BACKEND_A, 80)).expect("backend del");
+
+    for (k, f) in lb.entries() {
+        assert_ne!(
+            f.backend, a,
+            "entry of the removed backend left: {k:?} {f:?}"
+        );
+        assert!(f.daddr != maps::ip_to_be(BACKEND_A) && k.saddr != maps::ip_to_be(BACKEND_A));
+    }
+    let listed = lb.conns();
+    assert!(
+        listed
+            .iter()
+            .all(|k| k.backend_id == b && *k.backend.ip() == BACKEND_B),
+        "{listed:?}"
+    );
+    assert_eq!(
+        listed.len(),
+        conns
+            .iter()
+            .filter(|k| *k.backend.ip() == BACKEND_B)
+            .count()
+    );
+    assert!(service::list(&lb.m).unwrap()[0]
+        .backends
+        .iter()
+        .all(|x| x.id == b));
+
+    for conn in &conns {
+        let ack = conn.client.clone().ack();
+        if *conn.backend.ip() == BACKEND_B {
+            must(lb.cont(conn, &ack, c), "B's flow goes on");
+            must(lb.back(conn, &conn.reply().ack(), c), "B's flow's replies");
+        } else {
+            let r = conn.reply().data(HTTP_OK).frame();
+            must(lb.passes(&r, "pass_not_ours"), "A's replies are nobody's");
+            // The client of an ended flow starts over, on B.
+            let moved = must(
+                lb.open(&ack, &[sa(BACKEND_B, 80)], c),
+                "A's client moves to B",
+            );
+            assert_eq!(lb.entry(&ack.key()).unwrap().backend, b);
+            must(lb.back(&moved, &moved.reply().ack(), c), "from B");
+        }
+    }
+}
+
+#[test]
+fn redirect_to_another_interface() {
+    instance!("redirect_to_another_interface", lb, settings(), false);
+    for i in [lb.ifs.eth0, lb.ifs.eth2] {
+        lb.m.tx_ports
+            .update(&i.to_ne_bytes(), &i.to_ne_bytes(), MapFlags::ANY)
+            .expect("adding to the redirect map");
+    }
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_C, 80, 1);
+    let c = Csum::Complete;
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80).with(|t| t.tcp_options = tcp_options());
+    let conn = must(
+        lb.open(&syn, &[sa(BACKEND_C, 80)], c),
+        "SYN redirected to eth2",
+    );
+    assert_eq!(
+        (conn.egress, *conn.nat.ip(), conn.lb_mac),
+        (lb.ifs.eth2, LB2, ETH2_MAC)
+    );
+    must(
+        lb.back(&conn, &conn.reply().synack(), c),
+        "SYN-ACK from eth2 redirected to eth0",
+    );
+    must(lb.cont(&conn, &syn.clone().data(HTTP_GET), c), "data");
+    must(lb.back(&conn, &conn.reply().data(HTTP_OK), c), "reply");
+
+    // Without the devmap entry the program falls back to bpf_redirect.
+    lb.m.tx_ports
+        .delete(&lb.ifs.eth2.to_ne_bytes())
+        .expect("removing eth2");
+    must(
+        lb.cont(&conn, &syn.clone().ack(), c),
+        "redirect without the devmap entry",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Neighbour and route.
+
+#[test]
+fn unresolved_backend_is_rewritten_and_passed_until_resolved() {
+    if !common::root_or_skip("unresolved_backend_is_rewritten_and_passed_until_resolved") {
+        return;
+    }
+    let lab = Lab::new();
+    let (_guard, ifs) = lab.enter();
+    let mut storage = MaybeUninit::uninit();
+    let lb = Lb::new(ifs, settings(), false, &mut storage);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_UNRESOLVED, 80, 1);
+    let c = Csum::Complete;
+    let backend = sa(BACKEND_UNRESOLVED, 80);
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let input = syn.frame();
+    let before = lb.counters();
+    let (verdict, out) = lb.run(ifs.eth0, &input).expect("BPF_PROG_TEST_RUN");
+    let after = lb.counters();
+    assert_eq!(verdict, XDP_PASS, "{}", verdict_name(verdict));
+    let at = locate(&out).expect("an IPv4/TCP output");
+    let (nat, _) = endpoints(&out, &at);
+    assert_eq!(*nat.ip(), LB);
+    let (lo, hi) = (lb.settings.nat_port_lo, lb.settings.nat_port_hi);
+    assert!((lo..=hi).contains(&nat.port()), "NAT port {}", nat.port());
+    // Rewritten (L3/L4), MACs as they came: the kernel forwards it.
+    let want = syn.nat(nat, backend, PEER_MAC, ETH0_MAC).frame();
+    must(same_frame(&out, &want), "first packet, unresolved");
+    verify_checksums(&out, c).expect("output checksums");
+    must(
+        counter_delta(&before, &after, &["new_flow", "pass_no_neigh"], input.len()),
+        "first packet's counters",
+    );
+    // The flow is recorded, its next hop not resolved.
+    let f = lb.entry(&syn.key()).expect("the flow is recorded");
+    assert_eq!((f.nh_ok, f.ifindex), (0, ifs.eth0));
+    assert_eq!(
+        lb.entry(&flow_key(backend, nat, TCP))
+            .expect("the way back")
+            .nh_ok,
+        1
+    );
+    let conn = Conn {
+        client: syn.clone(),
+        backend,
+        nat,
+        egress: ifs.eth0,
+        lb_mac: ETH0_MAC,
+    };
+    let ack = syn.clone().ack();
+    let want = ack.nat(nat, backend, PEER_MAC, ETH0_MAC).frame();
+    must(
+        lb.expect(
+            ifs.eth0,
+            &ack.frame(),
+            XDP_PASS,
+            &want,
+            c,
+            &["pass_no_neigh"],
+        ),
+        "second packet, still unresolved",
+    );
+
+    // Resolved: the next packet goes out with MACs, XDP_TX.
+    lab.neigh_add(BACKEND_UNRESOLVED, "eth0");
+    must(
+        lb.cont(&conn, &syn.clone().data(HTTP_GET), c),
+        "resolved: forwarded",
+    );
+    let f = lb.entry(&syn.key()).unwrap();
+    assert_eq!((f.nh_ok, f.dmac, f.smac), (1, UNRESOLVED_MAC, ETH0_MAC));
+    must(lb.check_entries(&conn, true), "entries once resolved");
+    must(lb.back(&conn, &conn.reply().synack(), c), "reply");
+}
+
+#[test]
+fn unrouted_backend_passes_untouched() {
+    instance!("unrouted_backend_passes_untouched", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_UNROUTED, 80, 1);
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    must(
+        lb.passes(&syn.frame(), "pass_no_route"),
+        "SYN to an unrouted backend",
+    );
+    must(
+        lb.passes(&syn.clone().data(HTTP_GET).frame(), "pass_no_route"),
+        "data",
+    );
+    assert!(lb.entries().is_empty(), "no route, no flow");
+}
+
+// ---------------------------------------------------------------------------
+// skb mode: partial checksums.
+
+#[test]
+fn skb_mode_partial_checksums() {
+    instance!("skb_mode_partial_checksums", lb, settings(), true);
+    let tcp = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&tcp, BACKEND_A, 8080, 1);
+    let udp = lb.service(VIP, 53, Proto::Udp);
+    lb.backend(&udp, BACKEND_A, 5353, 1);
+    let (p, c) = (Csum::Partial, Csum::Complete);
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80).with(|t| t.tcp_options = tcp_options());
+    let conn = must(
+        lb.open(&syn, &[sa(BACKEND_A, 8080)], p),
+        "partial SYN -> :8080",
+    );
+    must(
+        lb.back(&conn, &conn.reply().synack(), p),
+        "partial SYN-ACK from :8080",
+    );
+    must(
+        lb.cont(&conn, &syn.clone().data(HTTP_GET), p),
+        "partial data",
+    );
+    let opts = syn
+        .clone()
+        .data(HTTP_GET)
+        .with(|t| t.ip_options = IP_OPTIONS.to_vec());
+    must(lb.cont(&conn, &opts, p), "partial data with IP options");
+    must(
+        lb.back(&conn, &conn.reply().data(HTTP_OK), p),
+        "partial data back",
+    );
+    // Complete checksums stay complete in skb mode.
+    must(
+        lb.cont(&conn, &syn.clone().data(HTTP_GET), c),
+        "complete data",
+    );
+    must(
+        lb.back(&conn, &conn.reply().data(HTTP_OK), c),
+        "complete data back",
+    );
+    let syn2 = Seg::syn(CLIENT, 40002, VIP, 80).data(HTTP_GET);
+    let conn2 = must(
+        lb.open(&syn2, &[sa(BACKEND_A, 8080)], c),
+        "complete first packet",
+    );
+    must(
+        lb.back(&conn2, &conn2.reply().data(HTTP_OK), c),
+        "complete back",
+    );
+
+    let q = Seg::udp(CLIENT, 40000, VIP, 53, DNS_QUERY);
+    let conn = must(
+        lb.open(&q, &[sa(BACKEND_A, 5353)], p),
+        "partial UDP -> :5353",
+    );
+    must(
+        lb.back(
+            &conn,
+            &conn.reply().with(|t| t.payload = DNS_ANSWER.to_vec()),
+            p,
+        ),
+        "UDP back",
+    );
+    must(lb.cont(&conn, &q, c), "complete UDP");
+    must(
+        lb.back(
+            &conn,
+            &conn.reply().with(|t| t.payload = DNS_ANSWER.to_vec()),
+            c,
+        ),
+        "complete back",
+    );
+    let none = q.clone().with(|t| t.no_checksum = true);
+    must(lb.cont(&conn, &none, c), "UDP without checksum in skb mode");
+}
+
+#[test]
+fn native_mode_never_guesses_partial() {
+    instance!("native_mode_never_guesses_partial", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 8080, 1);
+    // A complete checksum that happens to equal the pseudo-header sum.
+    let seg = |p: &[u8]| Seg::syn(CLIENT, 40000, VIP, 80).data(p);
+    let payload = (0..=u16::MAX)
+        .map(|w| [b"same".as_slice(), &w.to_be_bytes()].concat())
+        .find(|p| {
+            let f = seg(p).frame();
+            let at = locate(&f).unwrap();
+            l4_field(&f, &at) == pseudo_sum(&f, &at)
+        })
+        .expect("a payload whose checksum is the pseudo-header sum");
+    let conn = lb.open(&seg(&payload), &[sa(BACKEND_A, 8080)], Csum::Complete);
+    must(
+        conn.map(drop),
+        "native mode updates it as the complete checksum it is",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Connection-table timeouts.
+
+#[test]
+fn expired_entries() {
+    instance!("expired_entries", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let udp = lb.service(VIP, 53, Proto::Udp);
+    lb.backend(&udp, BACKEND_A, 53, 1);
+    let backends = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+
+    // An expired connection: the client's next packet is a new flow.
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &backends, c), "SYN");
+    lb.age_out(&syn.key());
+    lb.age_out(&conn.reverse_key());
+    assert_eq!(lb.conns()[0].state, "expired");
+    must(
+        lb.passes(&conn.reply().data(HTTP_OK).frame(), "pass_not_ours"),
+        "expired way back",
+    );
+    let again = must(
+        lb.open(&syn.clone().ack(), &backends, c),
+        "client after expiry",
+    );
+    must(lb.back(&again, &again.reply().ack(), c), "new way back");
+
+    // Closing entries expire after fin_timeout.
+    let syn2 = Seg::syn(CLIENT, 40002, VIP, 80);
+    let conn2 = must(lb.open(&syn2, &backends, c), "SYN 2");
+    must(lb.cont(&conn2, &syn2.clone().fin(), c), "FIN");
+    lb.age_out(&syn2.key());
+    lb.age_out(&conn2.reverse_key());
+    must(
+        lb.passes(&conn2.reply().fin().frame(), "pass_not_ours"),
+        "closed way back",
+    );
+    must(
+        lb.open(&syn2.clone().ack(), &backends, c).map(drop),
+        "closed flow's client again",
+    );
+
+    // UDP, with its own timeout.
+    let q = Seg::udp(CLIENT, 40000, VIP, 53, DNS_QUERY);
+    let conn3 = must(lb.open(&q, &[sa(BACKEND_A, 53)], c), "UDP");
+    lb.age_out(&q.key());
+    lb.age_out(&conn3.reverse_key());
+    must(
+        lb.passes(&conn3.reply().frame(), "pass_not_ours"),
+        "expired UDP way back",
+    );
+    must(
+        lb.open(&q, &[sa(BACKEND_A, 53)], c).map(drop),
+        "UDP client again",
+    );
+}
+
+/// A connection lives as long as packets flow in either direction: while a
+/// client keeps sending (one-way UDP: syslog, metrics, media) and the backend
+/// stays silent, the backend's eventual reply must reach the client, and no
+/// other flow may take the connection's NAT port.
+#[test]
+#[ignore = "datapath bug: each entry of a connection expires on its own direction's traffic"]
+fn one_way_client_flow_keeps_its_way_back() {
+    instance!(
+        "one_way_client_flow_keeps_its_way_back",
+        lb,
+        one_nat_port(),
+        false
+    );
+    let svc = lb.service(VIP, 514, Proto::Udp);
+    lb.backend(&svc, BACKEND_A, 514, 1);
+    let c = Csum::Complete;
+    let log = Seg::udp(CLIENT, 40000, VIP, 514, b"<14>one-way");
+    let conn = must(lb.open(&log, &[sa(BACKEND_A, 514)], c), "first datagram");
+    // 80 s (udp_timeout: 60 s) of datagrams from the client, none back.
+    for _ in 0..2 {
+        lb.time_passes(40);
+        must(lb.cont(&conn, &log, c), "the client keeps sending");
+    }
+    let mut failures = Vec::new();
+    let reply = conn.reply().with(|t| t.payload = b"ack".to_vec());
+    if let Err(e) = lb.back(&conn, &reply, c) {
+        failures.push(format!("the backend's reply to the live flow: {e}"));
+    }
+    let other = Seg::udp(CLIENT2, 40000, VIP, 514, b"<14>other");
+    if let Err(e) = lb.drops(&other.frame(), "drop_nat_full") {
+        failures.push(format!(
+            "another client took the live flow's only NAT port: {e}"
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The other way round: a backend streams to a silent client for longer
+/// than udp_timeout; the client's next datagram belongs to the same flow.
+#[test]
+#[ignore = "datapath bug: each entry of a connection expires on its own direction's traffic"]
+fn one_way_backend_flow_keeps_its_nat_port() {
+    instance!(
+        "one_way_backend_flow_keeps_its_nat_port",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 5004, Proto::Udp);
+    lb.backend(&svc, BACKEND_A, 5004, 1);
+    let c = Csum::Complete;
+    let hello = Seg::udp(CLIENT, 40000, VIP, 5004, b"PLAY");
+    let conn = must(
+        lb.open(&hello, &[sa(BACKEND_A, 5004)], c),
+        "the client's request",
+    );
+    // 80 s of stream from the backend, nothing from the client.
+    for _ in 0..2 {
+        lb.time_passes(40);
+        let frame = conn.reply().with(|t| t.payload = b"frame".to_vec());
+        must(lb.back(&conn, &frame, c), "the backend keeps streaming");
+    }
+    let stop = hello.clone().with(|t| t.payload = b"STOP".to_vec());
+    must(
+        lb.cont(&conn, &stop, c),
+        "the client's next datagram, same flow",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Maglev.
+
+/// New flows from `flows` even source ports over backends a and b with
+/// `weights`; returns how many went to each.
+fn spread(lb: &Lb, weights: [u32; 2], flows: usize) -> (usize, usize) {
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, weights[0]);
+    let b = lb.backend(&svc, BACKEND_B, 80, weights[1]);
+    let backends = [sa(BACKEND_A, 80), sa(BACKEND_B, 80)];
+    let (mut na, mut nb) = (0, 0);
+    // Even source ports only, as connect() picks them.
+    for sport in (40000..).step_by(2).take(flows) {
+        let conn = must(
+            lb.open(&Seg::syn(CLIENT, sport, VIP, 80), &backends, Csum::Complete),
+            "SYN",
+        );
+        if *conn.backend.ip() == BACKEND_A {
+            na += 1;
+        } else {
+            nb += 1;
+        }
+    }
+    assert_eq!(lb.traffic(a).new_flows, na as u64);
+    assert_eq!(lb.traffic(b).new_flows, nb as u64);
+    let i = stats::index("new_flow").unwrap();
+    assert_eq!(lb.counters()[i].packets, flows as u64);
+    eprintln!("{flows} flows, weights {weights:?}: {na} to {BACKEND_A}, {nb} to {BACKEND_B}");
+    (na, nb)
+}
+
+#[test]
+fn maglev_spreads_flows_over_equal_backends() {
+    instance!(
+        "maglev_spreads_flows_over_equal_backends",
+        lb,
+        settings(),
+        false
+    );
+    let flows = 200;
+    let (a, b) = spread(&lb, [1, 1], flows);
+    let min = flows / 4;
+    assert!(
+        a > min && b > min,
+        "{flows} flows: {a} and {b}; each should get more than {min}"
+    );
+}
+
+#[test]
+fn maglev_follows_weights() {
+    instance!("maglev_follows_weights", lb, settings(), false);
+    let flows = 400;
+    let (a, _) = spread(&lb, [3, 1], flows);
+    let share = a * 100 / flows;
+    assert!(
+        (60..=90).contains(&share),
+        "weight 3 of 4 got {share}% of {flows} flows"
+    );
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn stat_names_match_the_map() {
+    instance!("stat_names_match_the_map", lb, settings(), false);
+    assert_eq!(
+        stats::NAMES.len(),
+        lb.skel.maps.stats.max_entries() as usize,
+        "src/stats.rs NAMES and enum lb_stat (LB_STAT_MAX) disagree"
+    );
+    assert_eq!(lb.m.stats.max_entries() as usize, stats::NAMES.len());
+    for (i, n) in stats::NAMES.iter().enumerate() {
+        assert_eq!(stats::index(n), Some(i), "duplicate counter name {n}");
+    }
+}

@@ -5,6 +5,7 @@ pub mod bpffs;
 pub mod cli;
 pub mod config;
 pub mod loader;
+pub mod maglev;
 pub mod net;
 pub mod netns;
 pub mod skel;

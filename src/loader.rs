@@ -133,11 +133,10 @@ pub fn attach(iface: &str, cfg: &Config, mode: Mode, pins: &PinDir) -> Result<At
     let existing = if link_pin.exists() {
         let fd = xdp::open_pinned(&link_pin)?;
         let info = xdp::link_info(fd.as_fd())?;
-        if info.ifindex != ifindex {
+        if !link_is_on(&info, ifindex)? {
             bail!(
-                "{} is pinned for {iface} but attached to ifindex {} (stale pin from another namespace? run lb detach {iface})",
-                link_pin.display(),
-                info.ifindex
+                "{} is pinned for {iface}, but not for the {iface} of this network namespace (another namespace's, or stale: use --netns, or lb detach {iface})",
+                link_pin.display()
             );
         }
         // The link keeps the mode it was created with.
@@ -238,6 +237,14 @@ pub fn attach(iface: &str, cfg: &Config, mode: Mode, pins: &PinDir) -> Result<At
     })
 }
 
+/// Whether a link is the one running on `ifindex` of the current network
+/// namespace. Interface indexes repeat across namespaces and pins are shared
+/// by all of them, so the index alone is not enough: the program the
+/// interface runs must be the link's.
+fn link_is_on(info: &xdp::LinkInfo, ifindex: u32) -> Result<bool> {
+    Ok(info.ifindex == ifindex && xdp::query(ifindex)?.prog_id == info.prog_id)
+}
+
 /// Detaches the `lb` program from `iface` and removes its pins (and the
 /// shared ones once no interface is left). Refuses to touch a program that
 /// `lb` did not attach.
@@ -264,14 +271,14 @@ pub fn detach(iface: &str, pins: &PinDir) -> Result<Vec<String>> {
     let fd = xdp::open_pinned(&link_pin)?;
     let info = xdp::link_info(fd.as_fd())?;
     match ifindex {
-        Some(i) if info.ifindex == i => {
+        Some(i) if link_is_on(&info, i)? => {
             xdp::link_detach(fd.as_fd()).with_context(|| format!("detaching from {iface}"))?
         }
         // The interface (or its namespace) went away: the link is defunct,
         // only the pins are left to remove.
         _ if info.ifindex == 0 => {}
         Some(_) | None => bail!(
-            "{} belongs to ifindex {}, not to {iface} in this network namespace (use --netns)",
+            "{} belongs to another network namespace's {iface} (ifindex {}), not to this one's (use --netns)",
             link_pin.display(),
             info.ifindex
         ),
@@ -380,5 +387,16 @@ pub fn pass_attach(iface: &str, mode: Mode) -> Result<u32> {
 
 /// Removes the pass program from `iface`.
 pub fn pass_detach(iface: &str, mode: Mode) -> Result<()> {
-    xdp::detach_legacy(net::ifindex(iface)?, mode)
+    let ifindex = net::ifindex(iface)?;
+    xdp::detach_legacy(ifindex, mode)?;
+    let left = xdp::query(ifindex)?;
+    if left.prog_id != 0 {
+        bail!(
+            "{iface} still runs XDP program {} in {} mode (try --mode {})",
+            left.prog_id,
+            left.mode,
+            left.mode
+        );
+    }
+    Ok(())
 }

@@ -22,12 +22,19 @@ pub fn root_or_skip(test: &str) -> bool {
 /// A name unique to this process and call, short enough for interfaces.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command and panics with its output if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}{}",
@@ -69,7 +76,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -84,7 +93,9 @@ impl PinDir {
     /// A fresh path; bpffs is mounted if needed.
     pub fn new(prefix: &str) -> Self {
         lb::bpffs::ensure_mounted(Path::new(lb::bpffs::DEFAULT_PIN_DIR)).expect("bpffs");
-        Self { path: PathBuf::from(lb::bpffs::BPFFS_ROOT).join(unique(prefix)) }
+        Self {
+            path: PathBuf::from(lb::bpffs::BPFFS_ROOT).join(unique(prefix)),
+        }
     }
 
     /// The path as a string, for command lines.
@@ -106,7 +117,10 @@ pub fn lb_bin() -> &'static str {
 
 /// Runs `lb args...` and returns its output, whatever the exit status.
 pub fn lb(args: &[&str]) -> Output {
-    Command::new(lb_bin()).args(args).output().expect("running lb")
+    Command::new(lb_bin())
+        .args(args)
+        .output()
+        .expect("running lb")
 }
 
 /// Addresses of scripts/topo.
@@ -136,7 +150,11 @@ impl Topo {
             .env("LB", lb_bin())
             .output()
             .expect("scripts/topo");
-        assert!(out.status.success(), "topo up: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "topo up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         topo
     }
 

@@ -1,0 +1,342 @@
+//! The command line's failures: each exits with the right code, prints one
+//! line naming the problem on stderr, and leaves nothing behind (no pins, no
+//! XDP program). Every attach happens in a namespace of the test's own, on a
+//! veth pair that leads nowhere.
+
+mod common;
+#[path = "common/e2e.rs"]
+mod util;
+
+use std::process::Command;
+
+use common::{lb_bin, root_or_skip, PinDir, A_IP, B_IP, CLIENT_IP, LB_IP};
+use util::*;
+
+#[test]
+fn attach_to_a_missing_interface() {
+    if !root_or_skip("attach_to_a_missing_interface") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let mut args = attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &["--mode", "native"]);
+    args[1] = "nosuch0".into();
+    assert_error(&lb_s(&args), 1, &["no such interface", "nosuch0"]);
+    assert_no_pins(&pins);
+    assert_no_xdp(&ns.name, "eth0");
+    assert_no_xdp(&ns.name, "eth1");
+}
+
+#[test]
+fn missing_network_namespace() {
+    if !root_or_skip("missing_network_namespace") {
+        return;
+    }
+    let name = common::unique("lbnone");
+    let pins = PinDir::new("lbc");
+    let out = lb_s(&attach_args(&name, pins.arg(), &[A_IP, B_IP], &[]));
+    assert_error(&out, 1, &["no such network namespace", &name]);
+    assert_no_pins(&pins);
+    let out = lb_s(&detach_args(&name, pins.arg()));
+    assert_error(&out, 1, &["no such network namespace", &name]);
+    assert_no_pins(&pins);
+    assert!(!std::path::Path::new("/run/netns").join(&name).exists());
+}
+
+#[test]
+fn malformed_address_is_a_usage_error() {
+    if !root_or_skip("malformed_address_is_a_usage_error") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let mut args = attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &[]);
+    let i = args.iter().position(|a| a == "--lb").unwrap();
+    args[i + 1] = "10.200.0.300".into();
+    assert_usage_error(&lb_s(&args), &["10.200.0.300", "--lb"]);
+
+    let args = attach_args(&ns.name, pins.arg(), &[A_IP, "10.200.0"], &[]);
+    assert_usage_error(&lb_s(&args), &["10.200.0", "--backend"]);
+
+    // No backend at all.
+    let args = attach_args(&ns.name, pins.arg(), &[], &[]);
+    assert_usage_error(&lb_s(&args), &["--backend"]);
+
+    assert_no_pins(&pins);
+    assert_no_xdp(&ns.name, "eth0");
+}
+
+#[test]
+fn inconsistent_configuration_is_refused() {
+    if !root_or_skip("inconsistent_configuration_is_refused") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let many: Vec<String> = (20..37).map(|i| format!("10.200.0.{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            attach_args(&ns.name, pins.arg(), &[A_IP, B_IP, A_IP], &[]),
+            vec![A_IP, "twice"],
+        ),
+        (
+            attach_args(&ns.name, pins.arg(), &[A_IP, LB_IP], &[]),
+            vec![LB_IP, "also the LB"],
+        ),
+        (
+            attach_args(&ns.name, pins.arg(), &[CLIENT_IP], &[]),
+            vec![CLIENT_IP, "client"],
+        ),
+        (
+            attach_args(&ns.name, pins.arg(), &many, &[]),
+            vec!["at most 16", "17"],
+        ),
+        (
+            attach_args(&ns.name, pins.arg(), &[A_IP], &["--port", "0"]),
+            vec!["port 0"],
+        ),
+        (
+            {
+                let mut a = attach_args(&ns.name, pins.arg(), &[A_IP], &[]);
+                let i = a.iter().position(|x| x == "--client").unwrap();
+                a[i + 1] = LB_IP.into();
+                a
+            },
+            vec![LB_IP, "same address"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let line = assert_error(&lb_s(&args), 1, &needles);
+        eprintln!("{line}");
+        assert_no_pins(&pins);
+        assert_no_xdp(&ns.name, "eth0");
+    }
+}
+
+/// An XDP program lb did not attach (the pass program, attached without a
+/// link as other tools do) is neither replaced by attach nor removed by
+/// detach, whatever the modes.
+#[test]
+fn foreign_xdp_program_is_left_alone() {
+    if !root_or_skip("foreign_xdp_program_is_left_alone") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    for pass_mode in ["native", "skb"] {
+        let out = lb_ok(&strings(&[
+            "peer-pass",
+            "eth0",
+            "--mode",
+            pass_mode,
+            "--netns",
+            &ns.name,
+        ]));
+        let (pass_id, name) = xdp_prog(&ns.name, "eth0").expect("pass program attached");
+        assert_eq!(name, "lb_pass");
+        assert!(
+            text(&out.stdout).contains(&format!("program id {pass_id}")),
+            "{}",
+            show(&out)
+        );
+
+        for mode in ["native", "skb", "auto"] {
+            let args = attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &["--mode", mode]);
+            assert_error(
+                &lb_s(&args),
+                1,
+                &[
+                    "eth0 already has an XDP program",
+                    &format!("id {pass_id}"),
+                    "lb did not attach",
+                ],
+            );
+            assert_no_pins(&pins);
+            assert_eq!(
+                xdp_prog(&ns.name, "eth0"),
+                Some((pass_id, "lb_pass".into()))
+            );
+        }
+
+        let out = lb_s(&detach_args(&ns.name, pins.arg()));
+        assert_error(&out, 1, &["did not attach", &format!("id {pass_id}")]);
+        assert_no_pins(&pins);
+        assert_eq!(
+            xdp_prog(&ns.name, "eth0"),
+            Some((pass_id, "lb_pass".into())),
+            "detach touched a program lb did not attach"
+        );
+
+        lb_ok(&strings(&[
+            "peer-pass",
+            "eth0",
+            "--remove",
+            "--mode",
+            pass_mode,
+            "--netns",
+            &ns.name,
+        ]));
+        assert_no_xdp(&ns.name, "eth0");
+    }
+}
+
+#[test]
+fn detach_when_nothing_is_attached() {
+    if !root_or_skip("detach_when_nothing_is_attached") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let out = lb_s(&detach_args(&ns.name, pins.arg()));
+    assert_error(&out, 1, &["nothing attached by lb on eth0"]);
+    assert_no_pins(&pins);
+    assert_no_xdp(&ns.name, "eth0");
+
+    // Nor on an interface that does not exist.
+    let mut args = detach_args(&ns.name, pins.arg());
+    args[1] = "nosuch0".into();
+    assert_error(&lb_s(&args), 1, &["nosuch0"]);
+    assert_no_pins(&pins);
+}
+
+/// `bin args...` as nobody (uid 65534): setpriv, or runuser if setpriv is
+/// missing.
+fn as_nobody(bin: &str, args: &[String]) -> Command {
+    let has_setpriv = Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut c;
+    if has_setpriv {
+        c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    } else {
+        c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]);
+    }
+    c.arg(bin).args(args);
+    c
+}
+
+#[test]
+fn refuses_to_run_unprivileged() {
+    if !root_or_skip("refuses_to_run_unprivileged") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    // A copy nobody can run whatever the permissions of the build tree.
+    let dir = TempDir::new("lbc");
+    let bin = dir.path.join("lb");
+    std::fs::copy(lb_bin(), &bin).expect("copying lb");
+    let bin = bin.to_str().unwrap();
+
+    for args in [
+        attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &["--mode", "native"]),
+        detach_args(&ns.name, pins.arg()),
+        strings(&["status", "--netns", &ns.name, "--pin-dir", pins.arg()]),
+    ] {
+        let out = as_nobody(bin, &args)
+            .output()
+            .expect("running lb as nobody");
+        assert_error(&out, 1, &["must run as root"]);
+        assert_no_pins(&pins);
+        assert_no_xdp(&ns.name, "eth0");
+    }
+}
+
+#[test]
+fn pin_dir_outside_bpffs() {
+    if !root_or_skip("pin_dir_outside_bpffs") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let dir = TempDir::new("lbc");
+    // Parent exists (tmpfs or whatever /tmp is), and parent missing.
+    for pin_dir in [dir.path.join("x"), dir.path.join("missing/x")] {
+        let p = pin_dir.to_str().unwrap();
+        let out = lb_s(&attach_args(&ns.name, p, &[A_IP, B_IP], &[]));
+        assert_error(&out, 1, &[p, "not on a bpf filesystem"]);
+        assert!(!pin_dir.exists(), "{p} was created");
+        assert!(!dir.path.join("missing").exists());
+        assert_no_xdp(&ns.name, "eth0");
+        let out = lb_s(&detach_args(&ns.name, p));
+        assert_error(&out, 1, &[p, "not on a bpf filesystem"]);
+    }
+    assert_eq!(std::fs::read_dir(&dir.path).unwrap().count(), 0);
+}
+
+/// bpffs is not mounted and cannot be: in a private mount namespace of our
+/// own, /sys/fs/bpf unmounted and CAP_SYS_ADMIN dropped (still uid 0).
+#[test]
+fn bpffs_not_mountable() {
+    if !root_or_skip("bpffs_not_mountable") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let args = attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &["--mode", "native"]);
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "umount -l /sys/fs/bpf && \
+             exec setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin \"$0\" \"$@\"",
+        )
+        .arg(lb_bin())
+        .args(&args)
+        .output()
+        .expect("unshare");
+    assert_error(
+        &out,
+        1,
+        &["bpffs is not mounted at /sys/fs/bpf", "mounting it failed"],
+    );
+    assert_no_pins(&pins);
+    assert_no_xdp(&ns.name, "eth0");
+    let fs = nix::sys::statfs::statfs("/sys/fs/bpf").expect("statfs /sys/fs/bpf");
+    assert_eq!(
+        fs.filesystem_type(),
+        nix::sys::statfs::BPF_FS_MAGIC,
+        "the host's bpffs is gone"
+    );
+}
+
+/// Pins live in the host's bpffs, shared by every namespace, and ifindexes
+/// repeat across namespaces: a pin of namespace x used with `--netns y` must
+/// be refused, not act on x.
+#[test]
+fn pins_of_another_namespace_are_refused() {
+    if !root_or_skip("pins_of_another_namespace_are_refused") {
+        return;
+    }
+    let x = veth_ns("lbc");
+    let y = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    // The trap: the same ifindex on both sides.
+    assert_eq!(ifindex(&x.name, "eth0"), ifindex(&y.name, "eth0"));
+    lb_ok(&attach_args(
+        &x.name,
+        pins.arg(),
+        &[A_IP, B_IP],
+        &["--mode", "native"],
+    ));
+    let (prog, _) = xdp_prog(&x.name, "eth0").expect("attached in x");
+
+    let out = lb_s(&attach_args(
+        &y.name,
+        pins.arg(),
+        &[A_IP],
+        &["--mode", "native"],
+    ));
+    assert_eq!(out.status.code(), Some(1), "attach in y:\n{}", show(&out));
+    assert_eq!(xdp_prog(&x.name, "eth0"), Some((prog, "lb_xdp".into())));
+    assert_no_xdp(&y.name, "eth0");
+
+    let out = lb_s(&detach_args(&y.name, pins.arg()));
+    assert_eq!(out.status.code(), Some(1), "detach in y:\n{}", show(&out));
+    assert_eq!(xdp_prog(&x.name, "eth0"), Some((prog, "lb_xdp".into())));
+
+    lb_ok(&detach_args(&x.name, pins.arg()));
+    assert_no_xdp(&x.name, "eth0");
+}

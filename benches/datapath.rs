@@ -47,7 +47,10 @@ impl Drop for Ns {
 }
 
 fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| args[0].to_string())?;
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| args[0].to_string())?;
     if !out.status.success() {
         bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -60,13 +63,51 @@ fn namespace() -> Result<Ns> {
     let ns = Ns(format!("lbbench{}", std::process::id()));
     sh(&["ip", "netns", "add", &ns.0])?;
     let n = ns.0.as_str();
-    sh(&["ip", "-n", n, "link", "add", "name", "eth0", "type", "veth", "peer", "name", "eth1"])?;
-    sh(&["ip", "-n", n, "link", "set", "dev", "eth0", "address", "02:00:00:00:00:01", "up"])?;
+    sh(&[
+        "ip", "-n", n, "link", "add", "name", "eth0", "type", "veth", "peer", "name", "eth1",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        n,
+        "link",
+        "set",
+        "dev",
+        "eth0",
+        "address",
+        "02:00:00:00:00:01",
+        "up",
+    ])?;
     sh(&["ip", "-n", n, "link", "set", "dev", "eth1", "up"])?;
     sh(&["ip", "-n", n, "addr", "add", "10.200.0.2/24", "dev", "eth0"])?;
-    sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.conf.eth0.forwarding=1"])?;
-    for (ip, mac) in [(VIP, "02:00:00:00:01:00"), (CLIENT, "02:00:00:00:00:0a"), (BACKEND, "02:00:00:00:00:0b")] {
-        sh(&["ip", "-n", n, "neigh", "add", &ip.to_string(), "lladdr", mac, "dev", "eth0", "nud", "permanent"])?;
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        n,
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.eth0.forwarding=1",
+    ])?;
+    for (ip, mac) in [
+        (VIP, "02:00:00:00:01:00"),
+        (CLIENT, "02:00:00:00:00:0a"),
+        (BACKEND, "02:00:00:00:00:0b"),
+    ] {
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "neigh",
+            "add",
+            &ip.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
     }
     Ok(ns)
 }
@@ -133,7 +174,9 @@ fn key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> FlowKey {
 }
 
 fn put(m: &Maps, k: FlowKey, f: Flow) -> Result<()> {
-    m.conntrack.update(maps::bytes(&k), maps::bytes(&f), MapFlags::ANY).context("conntrack update")
+    m.conntrack
+        .update(maps::bytes(&k), maps::bytes(&f), MapFlags::ANY)
+        .context("conntrack update")
 }
 
 fn counter(m: &Maps, name: &str) -> Result<u64> {
@@ -146,7 +189,12 @@ fn prefill(m: &Maps, n: u32, ifindex: u32) -> Result<()> {
     let mut keys = Vec::with_capacity(n as usize * 16);
     let mut vals = Vec::with_capacity(n as usize * std::mem::size_of::<Flow>());
     for i in 0..n {
-        let k = key(Ipv4Addr::from(0x0a00_0000 + i), (i % 60000) as u16 + 1, Ipv4Addr::new(192, 0, 2, 1), 9);
+        let k = key(
+            Ipv4Addr::from(0x0a00_0000 + i),
+            (i % 60000) as u16 + 1,
+            Ipv4Addr::new(192, 0, 2, 1),
+            9,
+        );
         keys.extend_from_slice(maps::bytes(&k));
         vals.extend_from_slice(maps::bytes(&f));
     }
@@ -155,7 +203,9 @@ fn prefill(m: &Maps, n: u32, ifindex: u32) -> Result<()> {
         .zip(vals.chunks(std::mem::size_of::<Flow>() * 65536))
     {
         let count = (kc.len() / 16) as u32;
-        m.conntrack.update_batch(kc, vc, count, MapFlags::ANY, MapFlags::ANY).context("prefilling")?;
+        m.conntrack
+            .update_batch(kc, vc, count, MapFlags::ANY, MapFlags::ANY)
+            .context("prefilling")?;
     }
     Ok(())
 }
@@ -170,9 +220,15 @@ struct Row {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let csv = args.iter().position(|a| a == "--csv").and_then(|i| args.get(i + 1)).cloned();
+    let csv = args
+        .iter()
+        .position(|a| a == "--csv")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     if !nix::unistd::geteuid().is_root() {
-        bail!("the datapath benchmark needs root (it loads XDP programs into a namespace it creates)");
+        bail!(
+            "the datapath benchmark needs root (it loads XDP programs into a namespace it creates)"
+        );
     }
     let repeat: u32 = if quick { 20_000 } else { 1_000_000 };
     let new_repeat: u32 = if quick { 5_000 } else { 50_000 };
@@ -184,8 +240,16 @@ fn main() -> Result<()> {
     let ifindex = lb::net::ifindex("eth0")?;
 
     let mut rows = Vec::new();
-    let backend_counts: &[u32] = if quick { &[2, 4096] } else { &[2, 16, 256, 1024, 4096] };
-    let flow_counts: &[u32] = if quick { &[1, 100_000] } else { &[1, 1_000, 100_000, 1_000_000] };
+    let backend_counts: &[u32] = if quick {
+        &[2, 4096]
+    } else {
+        &[2, 16, 256, 1024, 4096]
+    };
+    let flow_counts: &[u32] = if quick {
+        &[1, 100_000]
+    } else {
+        &[1, 1_000, 100_000, 1_000_000]
+    };
 
     // The empty program, for scale.
     let mut st = MaybeUninit::uninit();
@@ -202,7 +266,12 @@ fn main() -> Result<()> {
         ..Default::default()
     })?;
     let empty = duration_ns(r.duration);
-    rows.push(Row { path: "empty XDP program".into(), backends: 0, flows: 0, ns: empty });
+    rows.push(Row {
+        path: "empty XDP program".into(),
+        backends: 0,
+        flows: 0,
+        ns: empty,
+    });
 
     for &nb in backend_counts {
         for &nf in flow_counts {
@@ -233,16 +302,32 @@ fn main() -> Result<()> {
             let prog = &skel.progs.lb_xdp;
 
             // Established: client->VIP rewritten to LB:5000->backend, and back.
-            put(&m, key(CLIENT, 40000, VIP, 80), flow(LB_IP, 5000, BACKEND, 80, maps::DIR_TO_BACKEND, ifindex))?;
-            put(&m, key(LB_IP, 5000, BACKEND, 80), flow(CLIENT, 40000, VIP, 80, maps::DIR_TO_BACKEND, ifindex))?;
+            put(
+                &m,
+                key(CLIENT, 40000, VIP, 80),
+                flow(LB_IP, 5000, BACKEND, 80, maps::DIR_TO_BACKEND, ifindex),
+            )?;
+            put(
+                &m,
+                key(LB_IP, 5000, BACKEND, 80),
+                flow(CLIENT, 40000, VIP, 80, maps::DIR_TO_BACKEND, ifindex),
+            )?;
             let before = counter(&m, "to_backend")?;
             let est = time(prog, ifindex, &tcp_frame(CLIENT, 40000, VIP, 80), repeat)?;
             if counter(&m, "to_backend")? - before != u64::from(repeat) {
                 bail!("established: not every run took the established path");
             }
             // Return: backend->LB:5001 rewritten to VIP->client, and back.
-            put(&m, key(BACKEND, 80, LB_IP, 5001), flow(VIP, 80, CLIENT, 40001, maps::DIR_TO_CLIENT, ifindex))?;
-            put(&m, key(VIP, 80, CLIENT, 40001), flow(BACKEND, 80, LB_IP, 5001, maps::DIR_TO_CLIENT, ifindex))?;
+            put(
+                &m,
+                key(BACKEND, 80, LB_IP, 5001),
+                flow(VIP, 80, CLIENT, 40001, maps::DIR_TO_CLIENT, ifindex),
+            )?;
+            put(
+                &m,
+                key(VIP, 80, CLIENT, 40001),
+                flow(BACKEND, 80, LB_IP, 5001, maps::DIR_TO_CLIENT, ifindex),
+            )?;
             let before = counter(&m, "to_client")?;
             let ret = time(prog, ifindex, &tcp_frame(BACKEND, 80, LB_IP, 5001), repeat)?;
             if counter(&m, "to_client")? - before != u64::from(repeat) {
@@ -263,7 +348,12 @@ fn main() -> Result<()> {
             service::service_add(&m, &back)?;
             service::backend_add(&m, &back, SocketAddrV4::new(VIP, 80), 1)?;
             let before = counter(&m, "new_flow")?;
-            let new = time(prog, ifindex, &tcp_frame(CLIENT, 41000, VIP, 80), new_repeat)?;
+            let new = time(
+                prog,
+                ifindex,
+                &tcp_frame(CLIENT, 41000, VIP, 80),
+                new_repeat,
+            )?;
             let made = counter(&m, "new_flow")? - before;
             if made != u64::from(new_repeat) {
                 bail!("new flow: {made} of {new_repeat} runs created a flow");
@@ -271,20 +361,48 @@ fn main() -> Result<()> {
             drop(m);
             drop(skel);
             let _ = std::fs::remove_dir_all(&dir);
-            for (path, ns) in [("established", est), ("return", ret), ("new flow", new), ("passed (not ours)", passed), ("passed (not IPv4)", not_ip)] {
-                rows.push(Row { path: path.into(), backends: nb, flows: nf, ns });
+            for (path, ns) in [
+                ("established", est),
+                ("return", ret),
+                ("new flow", new),
+                ("passed (not ours)", passed),
+                ("passed (not IPv4)", not_ip),
+            ] {
+                rows.push(Row {
+                    path: path.into(),
+                    backends: nb,
+                    flows: nf,
+                    ns,
+                });
             }
         }
     }
 
-    println!("{:<20} {:>9} {:>9} {:>10} {:>8}", "path", "backends", "flows", "ns/packet", "x empty");
+    println!(
+        "{:<20} {:>9} {:>9} {:>10} {:>8}",
+        "path", "backends", "flows", "ns/packet", "x empty"
+    );
     for r in &rows {
-        println!("{:<20} {:>9} {:>9} {:>10.1} {:>8.2}", r.path, r.backends, r.flows, r.ns, r.ns / empty);
+        println!(
+            "{:<20} {:>9} {:>9} {:>10.1} {:>8.2}",
+            r.path,
+            r.backends,
+            r.flows,
+            r.ns,
+            r.ns / empty
+        );
     }
     if let Some(path) = csv {
         let mut s = String::from("path,backends,flows,ns,ratio\n");
         for r in &rows {
-            s += &format!("{},{},{},{:.1},{:.3}\n", r.path, r.backends, r.flows, r.ns, r.ns / empty);
+            s += &format!(
+                "{},{},{},{:.1},{:.3}\n",
+                r.path,
+                r.backends,
+                r.flows,
+                r.ns,
+                r.ns / empty
+            );
         }
         std::fs::write(&path, s).with_context(|| format!("writing {path}"))?;
     }

@@ -84,7 +84,9 @@ impl SettingsArgs {
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("'{s}' is not LO-HI"))?;
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("'{s}' is not LO-HI"))?;
     let p = |v: &str| v.parse::<u16>().map_err(|_| format!("'{v}' is not a port"));
     Ok((p(lo)?, p(hi)?))
 }
@@ -126,7 +128,7 @@ pub enum Command {
         #[arg(long = "backend", value_name = "IP", requires = "lb")]
         backends: Vec<Ipv4Addr>,
         /// One-liner: the service's port [every port].
-        #[arg(long, value_name = "PORT", requires = "lb")]
+        #[arg(long, value_name = "PORT", requires = "lb", value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
         #[command(flatten)]
         settings: SettingsArgs,
@@ -263,27 +265,55 @@ fn prepare(place: &Place) -> Result<(Option<netns::NetnsGuard>, PinDir)> {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v).context("encoding JSON")?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).context("encoding JSON")?
+    );
     Ok(())
 }
 
 /// Runs a parsed command, printing its result to stdout.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Attach { iface, mode, lb, client: _, backends, port, settings, place } => {
-            let one_liner = lb.map(|lb| (Service::new(SocketAddrV4::new(lb, port.unwrap_or(0)), Proto::Tcp), backends));
+        Command::Attach {
+            iface,
+            mode,
+            lb,
+            client: _,
+            backends,
+            port,
+            settings,
+            place,
+        } => {
+            let one_liner = lb.map(|lb| {
+                (
+                    Service::new(SocketAddrV4::new(lb, port.unwrap_or(0)), Proto::Tcp),
+                    backends,
+                )
+            });
             if let Some((svc, bes)) = &one_liner {
                 check_one_liner(svc, bes)?;
             }
             let (_ns, pins) = prepare(&place)?;
             let base = loader::instance_settings(&pins)?.unwrap_or_default();
             let a = loader::attach(&iface, mode, settings.apply(base).as_ref(), &pins)?;
-            let verb = if a.replaced { "replaced the lb program on" } else { "attached to" };
-            println!("{verb} {} (ifindex {}): program id {}, {} mode", a.iface, a.ifindex, a.prog_id, a.mode);
+            let verb = if a.replaced {
+                "replaced the lb program on"
+            } else {
+                "attached to"
+            };
+            println!(
+                "{verb} {} (ifindex {}): program id {}, {} mode",
+                a.iface, a.ifindex, a.prog_id, a.mode
+            );
             for s in &a.sysctls {
                 println!("set {s}");
             }
-            let kept = if a.reused_maps { " (existing maps and flows kept)" } else { "" };
+            let kept = if a.reused_maps {
+                " (existing maps and flows kept)"
+            } else {
+                ""
+            };
             println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
             if let Some((svc, bes)) = one_liner {
                 let m = Maps::open(&pins)?;
@@ -325,23 +355,42 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Backend(cmd) => match cmd {
-            BackendCmd::Add { svc, addr, weight, place } => {
+            BackendCmd::Add {
+                svc,
+                addr,
+                weight,
+                place,
+            } => {
                 let (_ns, pins) = prepare(&place)?;
                 let m = Maps::open(&pins)?;
                 let id = service::backend_add(&m, &svc.service(), addr, weight)?;
-                println!("added backend {addr} (id {id}, weight {weight}) to {}", svc.service());
+                println!(
+                    "added backend {addr} (id {id}, weight {weight}) to {}",
+                    svc.service()
+                );
             }
             BackendCmd::Del { svc, addr, place } => {
                 let (_ns, pins) = prepare(&place)?;
                 let m = Maps::open(&pins)?;
                 service::backend_del(&m, &svc.service(), addr)?;
-                println!("removed backend {addr} from {} and ended its flows", svc.service());
+                println!(
+                    "removed backend {addr} from {} and ended its flows",
+                    svc.service()
+                );
             }
-            BackendCmd::Set { svc, addr, weight, place } => {
+            BackendCmd::Set {
+                svc,
+                addr,
+                weight,
+                place,
+            } => {
                 let (_ns, pins) = prepare(&place)?;
                 let m = Maps::open(&pins)?;
                 service::backend_set(&m, &svc.service(), addr, weight)?;
-                println!("backend {addr} of {} now has weight {weight}", svc.service());
+                println!(
+                    "backend {addr} of {} now has weight {weight}",
+                    svc.service()
+                );
             }
         },
         Command::List { json, place } => {
@@ -353,7 +402,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 for s in &list {
                     println!("{} (id {})", s.service, s.id);
                     for b in &s.backends {
-                        println!("  {:<21} weight {:<5} id {}", b.addr.to_string(), b.weight, b.id);
+                        println!(
+                            "  {:<21} weight {:<5} id {}",
+                            b.addr.to_string(),
+                            b.weight,
+                            b.id
+                        );
                     }
                 }
             }
@@ -392,7 +446,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_report(&r);
             }
         }
-        Command::PeerPass { iface, remove, mode, place } => {
+        Command::PeerPass {
+            iface,
+            remove,
+            mode,
+            place,
+        } => {
             let (_ns, _) = prepare(&place)?;
             if remove {
                 loader::pass_detach(&iface, mode)?;
@@ -458,7 +517,11 @@ fn print_status(s: &loader::Status) {
         );
     }
     for svc in &s.services {
-        let b: Vec<String> = svc.backends.iter().map(|b| format!("{} (w{})", b.addr, b.weight)).collect();
+        let b: Vec<String> = svc
+            .backends
+            .iter()
+            .map(|b| format!("{} (w{})", b.addr, b.weight))
+            .collect();
         println!("service {} -> {}", svc.service, b.join(", "));
     }
     print_counters(&s.counters);
@@ -474,10 +537,16 @@ fn print_counters(c: &[(String, stats::Counter)]) {
 }
 
 fn print_report(r: &stats::Report) {
-    println!("{:<28} {:>10} {:>12} {:>9} {:>8}", "service / backend", "packets", "bytes", "new", "active");
+    println!(
+        "{:<28} {:>10} {:>12} {:>9} {:>8}",
+        "service / backend", "packets", "bytes", "new", "active"
+    );
     for s in &r.services {
         let t = &s.traffic;
-        println!("{:<28} {:>10} {:>12} {:>9} {:>8}", s.service, t.packets, t.bytes, t.new_flows, t.active_flows);
+        println!(
+            "{:<28} {:>10} {:>12} {:>9} {:>8}",
+            s.service, t.packets, t.bytes, t.new_flows, t.active_flows
+        );
         for b in &s.backends {
             let t = &b.traffic;
             println!(

@@ -49,7 +49,11 @@ fn secs(ticks: u32) -> u64 {
 pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow)>> {
     let mut out = Vec::new();
     for k in m.conntrack.keys() {
-        if let Some(v) = m.conntrack.lookup(&k, MapFlags::ANY).context("reading conntrack")? {
+        if let Some(v) = m
+            .conntrack
+            .lookup(&k, MapFlags::ANY)
+            .context("reading conntrack")?
+        {
             out.push((from_bytes(&k), from_bytes(&v)));
         }
     }
@@ -117,7 +121,10 @@ pub fn active_per_backend(m: &Maps) -> Result<std::collections::HashMap<u32, u64
     let now = maps::now_ticks();
     let mut out = std::collections::HashMap::new();
     for (k, f) in entries(m)? {
-        if f.dir == maps::DIR_TO_BACKEND && f.state != maps::CT_CLOSING && !expired(&f, k.proto, &s, now) {
+        if f.dir == maps::DIR_TO_BACKEND
+            && f.state != maps::CT_CLOSING
+            && !expired(&f, k.proto, &s, now)
+        {
             *out.entry(f.backend).or_insert(0) += 1;
         }
     }

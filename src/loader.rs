@@ -29,7 +29,9 @@ pub fn load<'obj>(
     reuse: Option<&PinDir>,
     storage: &'obj mut MaybeUninit<OpenObject>,
 ) -> Result<LbSkel<'obj>> {
-    let mut open = LbSkelBuilder::default().open(storage).context("opening the XDP program")?;
+    let mut open = LbSkelBuilder::default()
+        .open(storage)
+        .context("opening the XDP program")?;
     let ro = open
         .maps
         .rodata_data
@@ -63,7 +65,8 @@ pub fn load<'obj>(
             }
         }
     }
-    open.load().context("loading the XDP program into the kernel")
+    open.load()
+        .context("loading the XDP program into the kernel")
 }
 
 /// Pins what is new under `pins` (which must exist): the maps of a fresh
@@ -83,7 +86,8 @@ pub fn pin_maps(skel: &mut LbSkel<'_>, pins: &PinDir) -> Result<Vec<PathBuf>> {
             continue;
         };
         if !path.exists() {
-            map.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+            map.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
             pinned.push(path);
         }
     }
@@ -141,7 +145,12 @@ pub fn instance_settings(pins: &PinDir) -> Result<Option<Settings>> {
 /// survive); if `lb` already has a link on the interface, its program is
 /// replaced atomically. `settings`: `None` keeps the instance's (or the
 /// defaults for a new one).
-pub fn attach(iface: &str, mode: Mode, settings: Option<&Settings>, pins: &PinDir) -> Result<Attachment> {
+pub fn attach(
+    iface: &str,
+    mode: Mode,
+    settings: Option<&Settings>,
+    pins: &PinDir,
+) -> Result<Attachment> {
     let ifindex = net::ifindex(iface)?;
     let current = instance_settings(pins)?;
     let settings = match (settings, &current) {
@@ -186,7 +195,8 @@ pub fn attach(iface: &str, mode: Mode, settings: Option<&Settings>, pins: &PinDi
     let mut rollback = PinRollback(Vec::new());
     for dir in [&pins.root, &pins.iface_dir(iface)] {
         if !dir.exists() {
-            fs::create_dir(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
+            fs::create_dir(dir)
+                .with_context(|| format!("creating pin directory {}", dir.display()))?;
             rollback.0.push(dir.clone());
         }
     }
@@ -204,23 +214,28 @@ pub fn attach(iface: &str, mode: Mode, settings: Option<&Settings>, pins: &PinDi
         link.update_prog(&skel.progs.lb_xdp)
             .with_context(|| format!("replacing the program on {iface}"))?;
     } else {
-        let link = xdp::link_create(skel.progs.lb_xdp.as_fd(), ifindex, mode).map_err(|e| {
-            match e.raw_os_error().map(nix::errno::Errno::from_raw) {
-                Some(nix::errno::Errno::EBUSY) | Some(nix::errno::Errno::EEXIST) => {
-                    anyhow!("{iface} already has an XDP program attached by something else")
+        let link =
+            xdp::link_create(skel.progs.lb_xdp.as_fd(), ifindex, mode).map_err(|e| {
+                match e.raw_os_error().map(nix::errno::Errno::from_raw) {
+                    Some(nix::errno::Errno::EBUSY) | Some(nix::errno::Errno::EEXIST) => {
+                        anyhow!("{iface} already has an XDP program attached by something else")
+                    }
+                    Some(nix::errno::Errno::EOPNOTSUPP) | Some(nix::errno::Errno::EINVAL) => {
+                        anyhow!("{iface} does not support XDP in {mode} mode")
+                    }
+                    _ => anyhow!("attaching to {iface} in {mode} mode: {e}"),
                 }
-                Some(nix::errno::Errno::EOPNOTSUPP) | Some(nix::errno::Errno::EINVAL) => {
-                    anyhow!("{iface} does not support XDP in {mode} mode")
-                }
-                _ => anyhow!("attaching to {iface} in {mode} mode: {e}"),
-            }
-        })?;
+            })?;
         xdp::pin(link.as_fd(), &link_pin)?;
         rollback.0.push(link_pin.clone());
     }
     skel.maps
         .tx_ports
-        .update(&ifindex.to_ne_bytes(), &ifindex.to_ne_bytes(), MapFlags::ANY)
+        .update(
+            &ifindex.to_ne_bytes(),
+            &ifindex.to_ne_bytes(),
+            MapFlags::ANY,
+        )
         .with_context(|| format!("adding {iface} to the redirect map"))?;
 
     let now = xdp::query(ifindex)?;
@@ -264,7 +279,10 @@ pub fn detach(iface: &str, pins: &PinDir) -> Result<Vec<String>> {
                 );
             }
         }
-        bail!("nothing attached by lb on {iface} (no link pinned at {})", link_pin.display());
+        bail!(
+            "nothing attached by lb on {iface} (no link pinned at {})",
+            link_pin.display()
+        );
     }
     let fd = xdp::open_pinned(&link_pin)?;
     let info = xdp::link_info(fd.as_fd())?;
@@ -289,7 +307,11 @@ pub fn detach(iface: &str, pins: &PinDir) -> Result<Vec<String>> {
     removed.push(link_pin.display().to_string());
     PinDir::remove_dir_if_empty(&pins.iface_dir(iface));
     if pins.interfaces()?.is_empty() {
-        for p in maps::PINNED.iter().map(|n| pins.map(n)).chain([pins.config()]) {
+        for p in maps::PINNED
+            .iter()
+            .map(|n| pins.map(n))
+            .chain([pins.config()])
+        {
             if p.exists() {
                 PinDir::remove(&p)?;
                 removed.push(p.display().to_string());
@@ -340,7 +362,9 @@ pub fn status(pins: &PinDir) -> Result<Status> {
         let mode = if info.ifindex == 0 {
             "gone".to_string()
         } else {
-            xdp::query(info.ifindex).map(|a| a.mode.to_string()).unwrap_or_else(|_| "?".into())
+            xdp::query(info.ifindex)
+                .map(|a| a.mode.to_string())
+                .unwrap_or_else(|_| "?".into())
         };
         interfaces.push(IfaceStatus {
             iface,
@@ -354,11 +378,21 @@ pub fn status(pins: &PinDir) -> Result<Status> {
         Ok(m) => (
             Some(m.settings()?),
             crate::service::list(&m)?,
-            stats::NAMES.iter().map(|n| n.to_string()).zip(stats::read(&m.stats)?).collect(),
+            stats::NAMES
+                .iter()
+                .map(|n| n.to_string())
+                .zip(stats::read(&m.stats)?)
+                .collect(),
         ),
         Err(_) => (None, Vec::new(), Vec::new()),
     };
-    Ok(Status { pin_dir: pins.root.display().to_string(), interfaces, settings, services, counters })
+    Ok(Status {
+        pin_dir: pins.root.display().to_string(),
+        interfaces,
+        settings,
+        services,
+        counters,
+    })
 }
 
 /// Attaches the pass-everything program to `iface` without a link (it stays
@@ -383,7 +417,12 @@ pub fn pass_detach(iface: &str, mode: Mode) -> Result<()> {
     xdp::detach_legacy(ifindex, mode)?;
     let left = xdp::query(ifindex)?;
     if left.prog_id != 0 {
-        bail!("{iface} still runs XDP program {} in {} mode (try --mode {})", left.prog_id, left.mode, left.mode);
+        bail!(
+            "{iface} still runs XDP program {} in {} mode (try --mode {})",
+            left.prog_id,
+            left.mode,
+            left.mode
+        );
     }
     Ok(())
 }

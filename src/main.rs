@@ -8,7 +8,10 @@ fn main() -> ExitCode {
     // Die quietly on a closed pipe (`lb stats | head`), like other tools.
     // SAFETY: called before any other thread exists.
     let _ = unsafe {
-        nix::sys::signal::signal(nix::sys::signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
     };
     let cli = lb::cli::Cli::parse();
     match lb::cli::run(cli) {

@@ -16,8 +16,19 @@ use crate::{conntrack, stats};
 pub const MAX_WEIGHT: u32 = 10_000;
 
 /// Transport protocol of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     /// TCP.
@@ -73,7 +84,11 @@ impl fmt::Display for Service {
 impl Service {
     /// The service at `addr` with `proto`.
     pub fn new(addr: SocketAddrV4, proto: Proto) -> Self {
-        Self { vip: *addr.ip(), port: addr.port(), proto }
+        Self {
+            vip: *addr.ip(),
+            port: addr.port(),
+            proto,
+        }
     }
 
     fn key(&self) -> SvcKey {
@@ -117,14 +132,27 @@ pub fn list(m: &Maps) -> Result<Vec<ServiceInfo>> {
     let mut out = Vec::new();
     for k in m.services.keys() {
         let key: SvcKey = from_bytes(&k);
-        let v = m.services.lookup(&k, MapFlags::ANY).context("reading services")?;
+        let v = m
+            .services
+            .lookup(&k, MapFlags::ANY)
+            .context("reading services")?;
         let Some(v) = v else { continue };
         let id = from_bytes::<SvcValue>(&v).id;
-        let Some(proto) = Proto::from_number(key.proto) else { continue };
-        let service = Service { vip: maps::ip_from_be(key.vip), port: u16::from_be(key.port), proto };
+        let Some(proto) = Proto::from_number(key.proto) else {
+            continue;
+        };
+        let service = Service {
+            vip: maps::ip_from_be(key.vip),
+            port: u16::from_be(key.port),
+            proto,
+        };
         let mut b: Vec<Backend> = bes.iter().filter(|b| b.svc_id == id).cloned().collect();
         b.sort_by_key(|b| b.addr);
-        out.push(ServiceInfo { service, id, backends: b });
+        out.push(ServiceInfo {
+            service,
+            id,
+            backends: b,
+        });
     }
     out.sort_by_key(|s| s.service);
     Ok(out)
@@ -183,7 +211,9 @@ pub fn service_add(m: &Maps, svc: &Service) -> Result<u32> {
 /// Removes a service, its backends and their flows.
 pub fn service_del(m: &Maps, svc: &Service) -> Result<()> {
     let info = find(m, svc)?;
-    m.services.delete(bytes(&svc.key())).with_context(|| format!("removing service {svc}"))?;
+    m.services
+        .delete(bytes(&svc.key()))
+        .with_context(|| format!("removing service {svc}"))?;
     let _ = m.maglev.delete(&info.id.to_ne_bytes());
     for b in &info.backends {
         clear_backend(m, b.id)?;
@@ -225,7 +255,12 @@ pub fn backend_add(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> 
         .update(&id.to_ne_bytes(), bytes(&entry), MapFlags::ANY)
         .with_context(|| format!("adding backend {addr}"))?;
     let mut all = info.backends.clone();
-    all.push(Backend { id, addr, weight, svc_id: info.id });
+    all.push(Backend {
+        id,
+        addr,
+        weight,
+        svc_id: info.id,
+    });
     if let Err(e) = install_table(m, info.id, &all, m.settings()?.maglev_size) {
         clear_backend(m, id)?;
         return Err(e);
@@ -262,11 +297,19 @@ pub fn backend_set(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> 
     let all: Vec<Backend> = info
         .backends
         .into_iter()
-        .map(|x| if x.id == b.id { Backend { weight, ..x } } else { x })
+        .map(|x| {
+            if x.id == b.id {
+                Backend { weight, ..x }
+            } else {
+                x
+            }
+        })
         .collect();
     install_table(m, info.id, &all, m.settings()?.maglev_size)?;
     let mut entry: BackendEntry = from_bytes(
-        &m.backends.lookup(&b.id.to_ne_bytes(), MapFlags::ANY)?.unwrap_or_default(),
+        &m.backends
+            .lookup(&b.id.to_ne_bytes(), MapFlags::ANY)?
+            .unwrap_or_default(),
     );
     entry.weight = weight;
     m.backends
@@ -276,7 +319,11 @@ pub fn backend_set(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> 
 
 fn clear_backend(m: &Maps, id: u32) -> Result<()> {
     m.backends
-        .update(&id.to_ne_bytes(), bytes(&BackendEntry::default()), MapFlags::ANY)
+        .update(
+            &id.to_ne_bytes(),
+            bytes(&BackendEntry::default()),
+            MapFlags::ANY,
+        )
         .with_context(|| format!("clearing backend id {id}"))
 }
 
@@ -286,7 +333,11 @@ fn clear_backend(m: &Maps, id: u32) -> Result<()> {
 fn install_table(m: &Maps, id: u32, backends: &[Backend], size: u32) -> Result<()> {
     let input: Vec<maglev::Backend> = backends
         .iter()
-        .map(|b| maglev::Backend { key: b.addr.to_string(), id: b.id, weight: b.weight })
+        .map(|b| maglev::Backend {
+            key: b.addr.to_string(),
+            id: b.id,
+            weight: b.weight,
+        })
         .collect();
     let table = maglev::build(&input, size)?;
     let opts = libbpf_sys::bpf_map_create_opts {

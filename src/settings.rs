@@ -78,7 +78,10 @@ impl Settings {
             );
         }
         if !maglev::is_prime(self.maglev_size) || self.maglev_size > 1_000_003 {
-            bail!("Maglev table size {} must be a prime up to 1000003", self.maglev_size);
+            bail!(
+                "Maglev table size {} must be a prime up to 1000003",
+                self.maglev_size
+            );
         }
         if self.max_flows < 1024 || self.max_flows > 64 << 20 {
             bail!("max flows {} out of range 1024..=67108864", self.max_flows);

@@ -65,7 +65,10 @@ pub fn read(map: &dyn MapCore) -> Result<Vec<Counter>> {
     (0..NAMES.len() as u32)
         .map(|i| {
             let s = sum_percpu(map, i, 2)?;
-            Ok(Counter { packets: s[0], bytes: s[1] })
+            Ok(Counter {
+                packets: s[0],
+                bytes: s[1],
+            })
         })
         .collect()
 }
@@ -156,12 +159,21 @@ pub fn report(m: &Maps) -> Result<Report> {
                 active_flows: active.get(&b.id).copied().unwrap_or(0),
             };
             total += t;
-            backends.push(BackendStats { backend: b, traffic: t });
+            backends.push(BackendStats {
+                backend: b,
+                traffic: t,
+            });
         }
-        services.push(ServiceStats { service: s.service.to_string(), traffic: total, backends });
+        services.push(ServiceStats {
+            service: s.service.to_string(),
+            traffic: total,
+            backends,
+        });
     }
-    let counters =
-        NAMES.iter().map(|n| n.to_string()).zip(read(&m.stats)?).collect();
+    let counters = NAMES
+        .iter()
+        .map(|n| n.to_string())
+        .zip(read(&m.stats)?)
+        .collect();
     Ok(Report { services, counters })
 }
-

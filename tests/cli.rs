@@ -73,8 +73,6 @@ fn inconsistent_configuration_is_refused() {
     }
     let ns = veth_ns("lbc");
     let pins = PinDir::new("lbc");
-    let many: Vec<String> = (20..37).map(|i| format!("10.200.0.{i}")).collect();
-    let many: Vec<&str> = many.iter().map(String::as_str).collect();
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (
             attach_args(&ns.name, pins.arg(), &[A_IP, B_IP, A_IP], &[]),
@@ -83,27 +81,6 @@ fn inconsistent_configuration_is_refused() {
         (
             attach_args(&ns.name, pins.arg(), &[A_IP, LB_IP], &[]),
             vec![LB_IP, "also the LB"],
-        ),
-        (
-            attach_args(&ns.name, pins.arg(), &[CLIENT_IP], &[]),
-            vec![CLIENT_IP, "client"],
-        ),
-        (
-            attach_args(&ns.name, pins.arg(), &many, &[]),
-            vec!["at most 16", "17"],
-        ),
-        (
-            attach_args(&ns.name, pins.arg(), &[A_IP], &["--port", "0"]),
-            vec!["port 0"],
-        ),
-        (
-            {
-                let mut a = attach_args(&ns.name, pins.arg(), &[A_IP], &[]);
-                let i = a.iter().position(|x| x == "--client").unwrap();
-                a[i + 1] = LB_IP.into();
-                a
-            },
-            vec![LB_IP, "same address"],
         ),
     ];
     for (args, needles) in cases {
@@ -339,4 +316,153 @@ fn pins_of_another_namespace_are_refused() {
 
     lb_ok(&detach_args(&x.name, pins.arg()));
     assert_no_xdp(&x.name, "eth0");
+}
+
+/// Services and backends: every bad input gives one line, a non-zero exit,
+/// and changes nothing (the service list is the same before and after).
+#[test]
+fn service_errors_change_nothing() {
+    if !root_or_skip("service_errors_change_nothing") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let place = |mut a: Vec<String>| {
+        a.extend(strings(&["--netns", &ns.name, "--pin-dir", pins.arg()]));
+        a
+    };
+    // Before any instance exists.
+    assert_error(
+        &lb_s(&place(strings(&["service", "add", "10.200.0.2:80"]))),
+        1,
+        &["no lb instance"],
+    );
+    lb_ok(&place(strings(&["attach", "eth0", "--max-flows", "4096"])));
+    lb_ok(&place(strings(&["service", "add", "10.200.0.2:80"])));
+    lb_ok(&place(strings(&[
+        "backend",
+        "add",
+        "10.200.0.2:80",
+        "10.200.0.11:80",
+    ])));
+    let list = |_: ()| text(&lb_ok(&place(strings(&["list", "--json"]))).stdout);
+    let before = list(());
+
+    let errors: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
+        (
+            vec!["service", "add", "10.200.0.2:80"],
+            1,
+            vec!["already exists"],
+        ),
+        (
+            vec!["service", "del", "10.200.0.2:81"],
+            1,
+            vec!["no such service", "10.200.0.2:81/tcp"],
+        ),
+        (
+            vec![
+                "attach",
+                "eth0",
+                "--lb",
+                "10.200.0.2",
+                "--backend",
+                "10.200.0.11",
+                "--port",
+                "0",
+            ],
+            2,
+            vec!["0"],
+        ),
+        (
+            vec!["service", "add", "10.200.0.256:80"],
+            2,
+            vec!["10.200.0.256:80"],
+        ),
+        (
+            vec!["service", "add", "255.255.255.255:80"],
+            1,
+            vec!["not a unicast address"],
+        ),
+        (
+            vec!["backend", "add", "10.200.0.2:81", "10.200.0.12:80"],
+            1,
+            vec!["no such service"],
+        ),
+        (
+            vec!["backend", "add", "10.200.0.2:80", "10.200.0.11:80"],
+            1,
+            vec!["already belongs"],
+        ),
+        (
+            vec![
+                "backend",
+                "add",
+                "10.200.0.2:80",
+                "10.200.0.12:80",
+                "--weight",
+                "10001",
+            ],
+            1,
+            vec!["weight 10001 out of range"],
+        ),
+        (
+            vec!["backend", "add", "10.200.0.2:80", "10.200.0.12"],
+            2,
+            vec!["10.200.0.12"],
+        ),
+        (
+            vec![
+                "backend",
+                "set",
+                "10.200.0.2:80",
+                "10.200.0.12:80",
+                "--weight",
+                "2",
+            ],
+            1,
+            vec!["no backend 10.200.0.12:80"],
+        ),
+        (
+            vec!["backend", "del", "10.200.0.2:80", "10.200.0.12:80"],
+            1,
+            vec!["no backend"],
+        ),
+        (
+            vec![
+                "backend",
+                "add",
+                "10.200.0.2:80",
+                "10.200.0.12:80",
+                "--proto",
+                "udp",
+            ],
+            1,
+            vec!["no such service", "udp"],
+        ),
+    ];
+    for (args, code, needles) in errors {
+        let out = lb_s(&place(strings(&args)));
+        if code == 2 {
+            assert_usage_error(&out, &needles);
+        } else {
+            assert_error(&out, code, &needles);
+        }
+        assert_eq!(list(()), before, "{args:?} changed the services");
+    }
+
+    // A NAT port range inside the host's ephemeral ports is refused when
+    // the instance is created.
+    lb_ok(&place(strings(&["detach", "eth0"])));
+    assert_error(
+        &lb_s(&place(strings(&[
+            "attach",
+            "eth0",
+            "--nat-ports",
+            "40000-41000",
+        ]))),
+        1,
+        &["overlaps the host's ephemeral ports"],
+    );
+    assert_no_pins(&pins);
+    assert_no_xdp(&ns.name, "eth0");
 }

@@ -6,7 +6,7 @@ mod common;
 #[path = "common/e2e.rs"]
 mod util;
 
-use common::{root_or_skip, PinDir, Topo, A_IP, B_IP, CLIENT_IP, LB_IP};
+use common::{root_or_skip, PinDir, Topo, A_IP, B_IP, LB_IP};
 use util::*;
 
 /// Requests per test: each a new connection, so a new flow hash.
@@ -19,13 +19,17 @@ fn check_attached(ns: &str, pins: &PinDir, mode: &str, backends: &[&str]) -> (u6
     let i = only_iface(&st);
     assert_eq!(i["iface"], "eth0", "{st:#}");
     assert_eq!(i["mode"], mode, "{st:#}");
-    assert_eq!(i["config"]["lb"], LB_IP, "{st:#}");
-    assert_eq!(i["config"]["client"], CLIENT_IP, "{st:#}");
-    assert_eq!(
-        i["config"]["backends"],
-        serde_json::json!(backends),
-        "{st:#}"
-    );
+    let svc = &st["services"][0];
+    assert_eq!(svc["vip"], LB_IP, "{st:#}");
+    assert_eq!(svc["proto"], "tcp", "{st:#}");
+    let addrs: Vec<String> = backends.iter().map(|b| format!("{b}:0")).collect();
+    let got: Vec<&str> = svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["addr"].as_str().expect("addr"))
+        .collect();
+    assert_eq!(got, addrs, "{st:#}");
     let link_id = i["link_id"].as_u64().expect("link_id");
     let prog_id = i["prog_id"].as_u64().expect("prog_id");
     assert!(link_id > 0 && prog_id > 0, "{st:#}");
@@ -100,7 +104,7 @@ fn balances(test: &str, mode: &str) {
         show(&out)
     );
     let (_, prog_id) = check_attached(&ns, &pins, mode, &[A_IP, B_IP]);
-    assert_eq!(only_iface(&status(&ns, &pins))["config"]["port"], 80);
+    assert_eq!(status(&ns, &pins)["services"][0]["port"], 80);
 
     let body = curl(&topo.ns("c"));
     assert!(
@@ -117,7 +121,7 @@ fn balances(test: &str, mode: &str) {
     for c in ["to_backend", "to_client"] {
         assert!(packets(&st, c) >= 3 * n, "{c} too low: {st:#}");
     }
-    for c in ["pass_malformed", "drop_fragment"] {
+    for c in ["pass_malformed", "pass_fragment"] {
         assert_eq!(packets(&st, c), 0, "{c}: {st:#}");
     }
 
@@ -208,7 +212,7 @@ fn program_outlives_the_cli() {
     let (_, prog_id) = check_attached(&ns, &pins, "native", &[A_IP, B_IP]);
     assert!(
         pins.path.join("eth0/link").exists()
-            && pins.path.join("eth0/config").exists()
+            && pins.path.join("config").exists()
             && pins.path.join("stats").exists(),
         "pins missing under {}",
         pins.path.display()
@@ -220,8 +224,9 @@ fn program_outlives_the_cli() {
 
     let (a, b) = tally(&requests(&topo.ns("c"), 20));
     assert!(a > 0 && b > 0, "not balanced: a {a}, b {b}");
-    // Not TCP (a UDP datagram): passes to the LB's own stack, counted.
-    let before = packets(&status(&ns, &pins), "pass_not_tcp");
+    // Not a service (a UDP datagram to port 9): passes to the LB's own
+    // stack, counted.
+    let before = packets(&status(&ns, &pins), "pass_not_ours");
     let udp = format!(
         "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('{LB_IP}', 9))"
     );
@@ -232,11 +237,11 @@ fn program_outlives_the_cli() {
     // Delivery is asynchronous (veth NAPI): give it up to 2 s.
     let start = std::time::Instant::now();
     let mut st = status(&ns, &pins);
-    while packets(&st, "pass_not_tcp") <= before && start.elapsed().as_secs() < 2 {
+    while packets(&st, "pass_not_ours") <= before && start.elapsed().as_secs() < 2 {
         std::thread::sleep(std::time::Duration::from_millis(50));
         st = status(&ns, &pins);
     }
-    assert!(packets(&st, "pass_not_tcp") > before, "{st:#}");
+    assert!(packets(&st, "pass_not_ours") > before, "{st:#}");
     check_checksums(&topo);
 
     detach_and_check(&ns, &pins, prog_id);

@@ -123,8 +123,32 @@ fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     out
 }
 
-/// Runs `prog` `repeat` times on `frame`; average ns per run.
+/// Runs `prog` `repeat` times on `frame`, three times over; the lowest
+/// average ns per run (the least disturbed by the rest of the machine).
 fn time(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, frame: &[u8], repeat: u32) -> Result<f64> {
+    time_frames(prog, ifindex, |_| frame.to_vec(), repeat)
+}
+
+/// As [`time`], with round `i` timing `frame(i)`.
+fn time_frames(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    ifindex: u32,
+    frame: impl Fn(u16) -> Vec<u8>,
+    repeat: u32,
+) -> Result<f64> {
+    let mut best = f64::MAX;
+    for i in 0..3 {
+        best = best.min(time_once(prog, ifindex, &frame(i), repeat)?);
+    }
+    Ok(best)
+}
+
+fn time_once(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    ifindex: u32,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<f64> {
     let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
     let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = vec![0u8; frame.len() + 256];
@@ -231,7 +255,9 @@ fn main() -> Result<()> {
         );
     }
     let repeat: u32 = if quick { 20_000 } else { 1_000_000 };
-    let new_repeat: u32 = if quick { 5_000 } else { 50_000 };
+    // Every new-flow run takes a NAT port of one of two backends for good:
+    // 3 x new_repeat / 2 must stay below the 64512 ports of the range.
+    let new_repeat: u32 = if quick { 5_000 } else { 20_000 };
     lb::bpffs::ensure_mounted(std::path::Path::new(lb::bpffs::DEFAULT_PIN_DIR))?;
     let ns = namespace()?;
     let _guard = lb::netns::NetnsGuard::enter(&ns.0)?;
@@ -284,7 +310,7 @@ fn main() -> Result<()> {
             let settings = Settings {
                 nat_port_lo: 1024,
                 nat_port_hi: 65535,
-                max_flows: (nf + 2 * new_repeat + 1024).next_power_of_two(),
+                max_flows: (nf + 4 * new_repeat + 1024).next_power_of_two(),
                 ..Default::default()
             };
             let mut st = MaybeUninit::uninit();
@@ -314,7 +340,7 @@ fn main() -> Result<()> {
             )?;
             let before = counter(&m, "to_backend")?;
             let est = time(prog, ifindex, &tcp_frame(CLIENT, 40000, VIP, 80), repeat)?;
-            if counter(&m, "to_backend")? - before != u64::from(repeat) {
+            if counter(&m, "to_backend")? - before != 3 * u64::from(repeat) {
                 bail!("established: not every run took the established path");
             }
             // Return: backend->LB:5001 rewritten to VIP->client, and back.
@@ -330,33 +356,40 @@ fn main() -> Result<()> {
             )?;
             let before = counter(&m, "to_client")?;
             let ret = time(prog, ifindex, &tcp_frame(BACKEND, 80, LB_IP, 5001), repeat)?;
-            if counter(&m, "to_client")? - before != u64::from(repeat) {
+            if counter(&m, "to_client")? - before != 3 * u64::from(repeat) {
                 bail!("return: not every run took the return path");
             }
             // Passed: for nobody.
             let before = counter(&m, "pass_not_ours")?;
             let passed = time(prog, ifindex, &tcp_frame(CLIENT, 40002, LB_IP, 22), repeat)?;
-            if counter(&m, "pass_not_ours")? - before != u64::from(repeat) {
+            if counter(&m, "pass_not_ours")? - before != 3 * u64::from(repeat) {
                 bail!("passed: not every run passed");
             }
             // Passed early: not IPv4 (parsing and one counter only).
             let mut arp = tcp_frame(CLIENT, 40002, LB_IP, 22);
             arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
             let not_ip = time(prog, ifindex, &arp, repeat)?;
-            // New flow: VIP:80 -> backend:80 and backend:80 -> VIP:80.
-            let back = Service::new(SocketAddrV4::new(BACKEND, 80), Proto::Tcp);
-            service::service_add(&m, &back)?;
-            service::backend_add(&m, &back, SocketAddrV4::new(VIP, 80), 1)?;
+            // New flow: VIP:p -> backend:p and backend:p -> VIP:p, with a
+            // port of its own per round so rounds cannot meet each other's
+            // flows.
+            for i in 0..3u16 {
+                let fwd = Service::new(SocketAddrV4::new(VIP, 81 + i), Proto::Tcp);
+                let back = Service::new(SocketAddrV4::new(BACKEND, 81 + i), Proto::Tcp);
+                service::service_add(&m, &fwd)?;
+                service::backend_add(&m, &fwd, SocketAddrV4::new(BACKEND, 81 + i), 1)?;
+                service::service_add(&m, &back)?;
+                service::backend_add(&m, &back, SocketAddrV4::new(VIP, 81 + i), 1)?;
+            }
             let before = counter(&m, "new_flow")?;
-            let new = time(
+            let new = time_frames(
                 prog,
                 ifindex,
-                &tcp_frame(CLIENT, 41000, VIP, 80),
+                |i| tcp_frame(CLIENT, 41000, VIP, 81 + i),
                 new_repeat,
             )?;
             let made = counter(&m, "new_flow")? - before;
-            if made != u64::from(new_repeat) {
-                bail!("new flow: {made} of {new_repeat} runs created a flow");
+            if made != 3 * u64::from(new_repeat) {
+                bail!("new flow: {made} of {} runs created a flow", 3 * new_repeat);
             }
             drop(m);
             drop(skel);

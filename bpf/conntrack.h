@@ -38,9 +38,9 @@ static __always_inline __u32 flow_hash(const struct flow_key *k)
 static __always_inline int flow_expired(const struct flow *f, __u8 proto,
 					__u32 now)
 {
-	__u32 timeout = f->state == LB_CT_CLOSING ? fin_timeout
-			: proto == IPPROTO_TCP	  ? tcp_timeout
-						  : udp_timeout;
+	__u32 timeout = (f->state & LB_CT_CLOSING) ? fin_timeout
+			: proto == IPPROTO_TCP	   ? tcp_timeout
+						   : udp_timeout;
 
 	/* seconds to ticks: a multiply and a shift */
 	return now - f->seen > ((__u64)timeout * 1000000000) >> 30;
@@ -57,17 +57,52 @@ static __always_inline void flow_peer_key(const struct flow *f, __u8 proto,
 	peer->proto = proto;
 }
 
-/* A FIN or RST ends the connection: both entries linger for fin_timeout. */
-static __always_inline void flow_close(struct flow *f, __u8 proto)
+static __always_inline struct flow *flow_peer(const struct flow *f, __u8 proto)
 {
 	struct flow_key peer = {};
+
+	flow_peer_key(f, proto, &peer);
+	return bpf_map_lookup_elem(&conntrack, &peer);
+}
+
+/*
+ * A packet keeps its connection alive, both directions: a one-way stream
+ * must not lose its way back (or its NAT port) while it flows. Written at
+ * most once a tick.
+ */
+static __always_inline void flow_touch(struct flow *f, __u8 proto, __u32 now)
+{
 	struct flow *pf;
 
-	f->state = LB_CT_CLOSING;
-	flow_peer_key(f, proto, &peer);
-	pf = bpf_map_lookup_elem(&conntrack, &peer);
-	if (pf)
-		pf->state = LB_CT_CLOSING;
+	if (f->seen == now)
+		return;
+	f->seen = now;
+	pf = flow_peer(f, proto);
+	if (pf && pf->seen != now)
+		pf->seen = now;
+}
+
+/*
+ * TCP end: a RST closes both directions at once; a FIN half-closes its own
+ * direction, and the connection is closing once both sides sent one. A
+ * closing connection lingers for fin_timeout.
+ */
+static __always_inline void flow_tcp_end(struct flow *f, __u8 tcp_flags)
+{
+	struct flow *pf;
+
+	if (f->state & LB_CT_CLOSING)
+		return;
+	if (!(tcp_flags & TCP_RST) && (f->state & LB_CT_FIN))
+		return; /* a repeated FIN */
+	pf = flow_peer(f, IPPROTO_TCP);
+	if ((tcp_flags & TCP_RST) || (pf && (pf->state & LB_CT_FIN))) {
+		f->state = LB_CT_CLOSING;
+		if (pf)
+			pf->state = LB_CT_CLOSING;
+	} else {
+		f->state |= LB_CT_FIN;
+	}
 }
 
 /* Resolve the next hop towards f->daddr into f; 0 on success, else the

@@ -102,7 +102,7 @@ static __always_inline int process(struct xdp_md *ctx)
 	now = lb_now();
 	f = bpf_map_lookup_elem(&conntrack, &p.key);
 	if (f && (flow_expired(f, p.key.proto, now) ||
-		  (f->state == LB_CT_CLOSING &&
+		  ((f->state & LB_CT_CLOSING) &&
 		   (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN))) {
 		/* A dead flow's return path is nobody's; a client's new
 		 * flow (or reused port) starts over. */
@@ -121,12 +121,12 @@ static __always_inline int process(struct xdp_md *ctx)
 				     why == LB_PASS_NO_ROUTE ? XDP_PASS
 							     : XDP_DROP);
 		new_flow = 1;
-	} else if (f->seen != now) {
-		f->seen = now;
+	} else {
+		flow_touch(f, p.key.proto, now);
 	}
 
-	if ((p.tcp_flags & (TCP_FIN | TCP_RST)) && f->state == LB_CT_OPEN)
-		flow_close(f, p.key.proto);
+	if (p.tcp_flags & (TCP_FIN | TCP_RST))
+		flow_tcp_end(f, p.tcp_flags);
 	if (!f->nh_ok && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
 		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
 

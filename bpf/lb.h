@@ -83,9 +83,11 @@ enum flow_dir {
 	LB_DIR_TO_CLIENT = 1,
 };
 
+/* Bits of flow.state. */
 enum flow_state {
 	LB_CT_OPEN = 0,
-	LB_CT_CLOSING = 1, /* FIN or RST seen: lingers for fin_timeout */
+	LB_CT_CLOSING = 1, /* RST, or FIN both ways: lingers for fin_timeout */
+	LB_CT_FIN = 2,	   /* this direction sent FIN (half-closed) */
 };
 
 /*
@@ -103,7 +105,7 @@ struct flow {
 	__u32 backend; /* backend id */
 	__u32 svc;     /* service id */
 	__u8 dir;      /* enum flow_dir */
-	__u8 state;    /* enum flow_state */
+	__u8 state;    /* enum flow_state bits */
 	__u8 nh_ok;    /* smac/dmac/ifindex resolved */
 	__u8 pad;
 	__u32 created; /* clock ticks (2^30 ns, see lb_now) */

@@ -21,7 +21,7 @@ pub struct Conn {
     pub backend: SocketAddrV4,
     /// The LB's source address and NAT port towards the backend.
     pub nat: SocketAddrV4,
-    /// "open", "closing" or "expired".
+    /// "open", "half-closed" (one side sent FIN), "closing" or "expired".
     pub state: &'static str,
     /// Seconds since the first packet.
     pub age_s: u64,
@@ -62,7 +62,7 @@ pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow)>> {
 
 /// Whether an entry is past its timeout (as the datapath judges it).
 pub fn expired(f: &Flow, proto: u8, s: &Settings, now: u32) -> bool {
-    let t = if f.state == maps::CT_CLOSING {
+    let t = if f.state & maps::CT_CLOSING != 0 {
         s.fin_timeout
     } else if proto == 6 {
         s.tcp_timeout
@@ -88,8 +88,10 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
             nat: sa(f.saddr, f.sport),
             state: if expired(&f, k.proto, &s, now) {
                 "expired"
-            } else if f.state == maps::CT_CLOSING {
+            } else if f.state & maps::CT_CLOSING != 0 {
                 "closing"
+            } else if f.state & maps::CT_FIN != 0 || peer_fin(m, &f, k.proto) {
+                "half-closed"
             } else {
                 "open"
             },
@@ -101,6 +103,23 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
         .collect();
     out.sort_by_key(|c| std::cmp::Reverse(c.age_s));
     Ok(out)
+}
+
+/// Whether the other direction of `f`'s connection sent FIN.
+fn peer_fin(m: &Maps, f: &Flow, proto: u8) -> bool {
+    let peer = FlowKey {
+        saddr: f.daddr,
+        daddr: f.saddr,
+        sport: f.dport,
+        dport: f.sport,
+        proto,
+        ..Default::default()
+    };
+    m.conntrack
+        .lookup(maps::bytes(&peer), MapFlags::ANY)
+        .ok()
+        .flatten()
+        .is_some_and(|v| from_bytes::<Flow>(&v).state & maps::CT_FIN != 0)
 }
 
 /// Deletes both entries of every flow `which` selects; returns how many

@@ -32,8 +32,10 @@ pub const BACKEND_USED: u16 = 1;
 pub const DIR_TO_BACKEND: u8 = 0;
 /// See [`DIR_TO_BACKEND`].
 pub const DIR_TO_CLIENT: u8 = 1;
-/// `LB_CT_CLOSING`.
+/// `LB_CT_CLOSING` bit of a flow's state: RST, or FIN both ways.
 pub const CT_CLOSING: u8 = 1;
+/// `LB_CT_FIN` bit: this direction sent FIN.
+pub const CT_FIN: u8 = 2;
 
 /// Names of the maps an instance pins, as in the C program.
 pub const PINNED: &[&str] = &[

@@ -9,7 +9,7 @@ mod util;
 
 use std::process::Command;
 
-use common::{lb_bin, root_or_skip, PinDir, A_IP, B_IP, CLIENT_IP, LB_IP};
+use common::{lb_bin, root_or_skip, PinDir, A_IP, B_IP, LB_IP};
 use util::*;
 
 #[test]

@@ -168,6 +168,7 @@ fn duration_ns(d: Duration) -> f64 {
 }
 
 fn flow(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, dir: u8, ifindex: u32) -> Flow {
+    let now = lb::clock::now().expect("reading the clock");
     Flow {
         saddr: maps::ip_to_be(saddr),
         daddr: maps::ip_to_be(daddr),
@@ -180,8 +181,8 @@ fn flow(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, dir: u8, ifind
         svc: 0,
         dir,
         nh_ok: 1,
-        created: maps::now_ticks(),
-        seen: maps::now_ticks(),
+        created: now,
+        seen: now,
         ..Default::default()
     }
 }

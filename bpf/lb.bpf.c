@@ -19,11 +19,12 @@
 const volatile __u8 skb_mode = 0; /* skb mode: partial checksums exist */
 const volatile __u16 nat_port_lo =
     61000; /* NAT source ports towards backends */
-const volatile __u16 nat_port_hi = 65535; /* (host order, inclusive) */
-const volatile __u32 maglev_size = 65537; /* entries of every Maglev table */
-const volatile __u32 tcp_timeout = 600;	  /* idle TCP flow, seconds */
-const volatile __u32 udp_timeout = 60;	  /* idle UDP flow, seconds */
-const volatile __u32 fin_timeout = 10;	  /* after FIN or RST, seconds */
+const volatile __u16 nat_port_hi = 65535;  /* (host order, inclusive) */
+const volatile __u32 maglev_size = 65537;  /* entries of every Maglev table */
+const volatile __u32 hz = 250;		   /* clock ticks (jiffies) a second */
+const volatile __u32 tcp_timeout = 150000; /* idle TCP flow, ticks */
+const volatile __u32 udp_timeout = 15000;  /* idle UDP flow, ticks */
+const volatile __u32 fin_timeout = 2500; /* after RST or FIN both ways, ticks */
 
 #include "parse.h"
 #include "maps.h"

@@ -108,7 +108,7 @@ struct flow {
 	__u8 state;    /* enum flow_state bits */
 	__u8 nh_ok;    /* smac/dmac/ifindex resolved */
 	__u8 pad;
-	__u32 created; /* clock ticks (2^30 ns, see lb_now) */
+	__u32 created; /* clock ticks (jiffies, see lb_now) */
 	__u32 seen;    /* clock ticks of the last packet */
 };
 

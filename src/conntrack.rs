@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags};
 
 use crate::maps::{self, from_bytes, Flow, FlowKey, Maps};
-use crate::settings::{Settings, TICK_NS};
+use crate::maps::Timeouts;
 
 /// One tracked connection (its client->VIP entry).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -41,8 +41,8 @@ fn proto_name(p: u8) -> &'static str {
     }
 }
 
-fn secs(ticks: u32) -> u64 {
-    u64::from(ticks) * TICK_NS / 1_000_000_000
+fn secs(ticks: u32, t: &Timeouts) -> u64 {
+    u64::from(ticks) / u64::from(t.hz.max(1))
 }
 
 /// Every entry of the table, raw.
@@ -61,21 +61,21 @@ pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow)>> {
 }
 
 /// Whether an entry is past its timeout (as the datapath judges it).
-pub fn expired(f: &Flow, proto: u8, s: &Settings, now: u32) -> bool {
-    let t = if f.state & maps::CT_CLOSING != 0 {
-        s.fin_timeout
+pub fn expired(f: &Flow, proto: u8, t: &Timeouts, now: u32) -> bool {
+    let timeout = if f.state & maps::CT_CLOSING != 0 {
+        t.fin
     } else if proto == 6 {
-        s.tcp_timeout
+        t.tcp
     } else {
-        s.udp_timeout
+        t.udp
     };
-    u64::from(now.wrapping_sub(f.seen)) > (u64::from(t) * 1_000_000_000) / TICK_NS
+    now.wrapping_sub(f.seen) > timeout
 }
 
 /// The connections (client->VIP entries), oldest first.
 pub fn list(m: &Maps) -> Result<Vec<Conn>> {
-    let s = m.settings()?;
-    let now = maps::now_ticks();
+    let s = m.timeouts()?;
+    let now = crate::clock::now()?;
     let sa = |ip: u32, port: u16| SocketAddrV4::new(maps::ip_from_be(ip), u16::from_be(port));
     let mut out: Vec<Conn> = entries(m)?
         .into_iter()
@@ -95,8 +95,8 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
             } else {
                 "open"
             },
-            age_s: secs(now.wrapping_sub(f.created)),
-            idle_s: secs(now.wrapping_sub(f.seen)),
+            age_s: secs(now.wrapping_sub(f.created), &s),
+            idle_s: secs(now.wrapping_sub(f.seen), &s),
             backend_id: f.backend,
             svc_id: f.svc,
         })
@@ -136,8 +136,8 @@ pub fn end_flows(m: &Maps, which: impl Fn(&Flow) -> bool) -> Result<usize> {
 
 /// Active (not expired, not closing) connections per backend id.
 pub fn active_per_backend(m: &Maps) -> Result<std::collections::HashMap<u32, u64>> {
-    let s = m.settings()?;
-    let now = maps::now_ticks();
+    let s = m.timeouts()?;
+    let now = crate::clock::now()?;
     let mut out = std::collections::HashMap::new();
     for (k, f) in entries(m)? {
         if f.dir == maps::DIR_TO_BACKEND

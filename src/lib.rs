@@ -3,6 +3,7 @@
 
 pub mod bpffs;
 pub mod cli;
+pub mod clock;
 pub mod conntrack;
 pub mod loader;
 pub mod maglev;

@@ -41,9 +41,11 @@ pub fn load<'obj>(
     ro.nat_port_lo = settings.nat_port_lo;
     ro.nat_port_hi = settings.nat_port_hi;
     ro.maglev_size = settings.maglev_size;
-    ro.tcp_timeout = settings.tcp_timeout;
-    ro.udp_timeout = settings.udp_timeout;
-    ro.fin_timeout = settings.fin_timeout;
+    let hz = crate::clock::hz()?;
+    ro.hz = hz;
+    ro.tcp_timeout = settings.tcp_timeout * hz;
+    ro.udp_timeout = settings.udp_timeout * hz;
+    ro.fin_timeout = settings.fin_timeout * hz;
     open.maps
         .conntrack
         .set_max_entries(settings.max_flows * 2)

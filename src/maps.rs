@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use crate::bpffs::PinDir;
-use crate::settings::{Settings, TICK_NS};
+use crate::settings::Settings;
 use crate::skel::lb::types;
 
 pub use types::{backend as BackendEntry, flow as Flow, flow_key as FlowKey};
@@ -71,15 +71,6 @@ pub fn ip_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
-/// The datapath's clock now, in ticks (CLOCK_MONOTONIC_COARSE >> 30, as
-/// `bpf_ktime_get_coarse_ns`).
-pub fn now_ticks() -> u32 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .expect("CLOCK_MONOTONIC_COARSE");
-    let ns = ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64;
-    (ns / TICK_NS) as u32
-}
-
 /// An instance's maps, opened from their pins.
 pub struct Maps {
     /// Verdict counters.
@@ -129,11 +120,28 @@ impl Maps {
     pub fn settings(&self) -> Result<Settings> {
         settings_of(&self.config, self.conntrack.max_entries())
     }
+
+    /// The program's timeouts in clock ticks, as the datapath compares them.
+    pub fn timeouts(&self) -> Result<Timeouts> {
+        let ro = rodata_of(&self.config)?;
+        Ok(Timeouts { hz: ro.hz, tcp: ro.tcp_timeout, udp: ro.udp_timeout, fin: ro.fin_timeout })
+    }
 }
 
-/// Reads settings back from a program's .rodata map and the size of its
-/// connection table.
-pub fn settings_of(rodata: &dyn MapCore, conntrack_entries: u32) -> Result<Settings> {
+/// Timeouts in clock ticks (jiffies).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Ticks a second.
+    pub hz: u32,
+    /// Idle TCP.
+    pub tcp: u32,
+    /// Idle UDP.
+    pub udp: u32,
+    /// After RST or FIN both ways.
+    pub fin: u32,
+}
+
+fn rodata_of(rodata: &dyn MapCore) -> Result<types::rodata> {
     let b = rodata
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
         .context("reading the program's settings")?
@@ -141,13 +149,21 @@ pub fn settings_of(rodata: &dyn MapCore, conntrack_entries: u32) -> Result<Setti
     let mut ro: types::rodata = unsafe { std::mem::zeroed() };
     plain::copy_from_bytes(&mut ro, &b)
         .map_err(|e| anyhow!("settings map has an unexpected layout: {e:?}"))?;
+    Ok(ro)
+}
+
+/// Reads settings back from a program's .rodata map and the size of its
+/// connection table.
+pub fn settings_of(rodata: &dyn MapCore, conntrack_entries: u32) -> Result<Settings> {
+    let ro = rodata_of(rodata)?;
+    let secs = |t: u32| t / ro.hz.max(1);
     Ok(Settings {
         nat_port_lo: ro.nat_port_lo,
         nat_port_hi: ro.nat_port_hi,
         maglev_size: ro.maglev_size,
         max_flows: conntrack_entries / 2,
-        tcp_timeout: ro.tcp_timeout,
-        udp_timeout: ro.udp_timeout,
-        fin_timeout: ro.fin_timeout,
+        tcp_timeout: secs(ro.tcp_timeout),
+        udp_timeout: secs(ro.udp_timeout),
+        fin_timeout: secs(ro.fin_timeout),
     })
 }

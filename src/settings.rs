@@ -8,9 +8,6 @@ use anyhow::{bail, Context, Result};
 
 use crate::maglev;
 
-/// Ticks of the datapath clock: 2^30 ns (`lb_now` in bpf/conntrack.h).
-pub const TICK_NS: u64 = 1 << 30;
-
 /// How the datapath is set up.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

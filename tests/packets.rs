@@ -26,7 +26,7 @@ use lb::conntrack;
 use lb::maps::{self, bytes, Flow, FlowKey, Maps};
 use lb::netns::NetnsGuard;
 use lb::service::{self, Proto, Service};
-use lb::settings::{Settings, TICK_NS};
+use lb::settings::Settings;
 use lb::skel::lb::LbSkel;
 use lb::stats;
 
@@ -915,15 +915,15 @@ impl<'obj> Lb<'obj> {
     /// direction had been silent that long.
     fn age_out(&self, key: &FlowKey) {
         let mut f = self.entry(key).expect("the entry to age");
-        let timeout = if f.state == maps::CT_CLOSING {
+        let timeout = if f.state & maps::CT_CLOSING != 0 {
             self.settings.fin_timeout
         } else if key.proto == TCP {
             self.settings.tcp_timeout
         } else {
             self.settings.udp_timeout
         };
-        let ticks = (u64::from(timeout) * 1_000_000_000 / TICK_NS) as u32;
-        f.seen = maps::now_ticks().wrapping_sub(ticks + 1);
+        let ticks = timeout * lb::clock::hz().expect("HZ");
+        f.seen = lb::clock::now().expect("clock").wrapping_sub(ticks + 1);
         f.created = f.seen;
         self.m
             .conntrack
@@ -935,7 +935,7 @@ impl<'obj> Lb<'obj> {
     /// timestamps move that far into the past (the datapath only compares
     /// them with its clock).
     fn time_passes(&self, secs: u32) {
-        let ticks = (u64::from(secs) * 1_000_000_000 / TICK_NS) as u32;
+        let ticks = secs * lb::clock::hz().expect("HZ");
         for (k, mut f) in self.entries() {
             f.seen = f.seen.wrapping_sub(ticks);
             f.created = f.created.wrapping_sub(ticks);

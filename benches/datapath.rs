@@ -113,10 +113,15 @@ fn namespace() -> Result<Ns> {
 }
 
 fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    tcp_frame_flags(src, sport, dst, dport, false)
+}
+
+/// A TCP segment with 64 bytes of payload: an ACK, or a SYN.
+fn tcp_frame_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, syn: bool) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(PEER, MAC)
         .ipv4(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, 1, 65535)
-        .ack(1);
+        .tcp(sport, dport, 1, 65535);
+    let b = if syn { b.syn() } else { b.ack(1) };
     let payload = [0u8; 64];
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, &payload).expect("building a frame");
@@ -385,7 +390,7 @@ fn main() -> Result<()> {
             let new = time_frames(
                 prog,
                 ifindex,
-                |i| tcp_frame(CLIENT, 41000, VIP, 81 + i),
+                |i| tcp_frame_flags(CLIENT, 41000, VIP, 81 + i, true),
                 new_repeat,
             )?;
             let made = counter(&m, "new_flow")? - before;

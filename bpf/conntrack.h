@@ -131,15 +131,52 @@ static __always_inline int flow_route(struct xdp_md *ctx, struct flow *f,
 }
 
 /*
+ * The next hop towards a backend, from the per-backend cache while it is
+ * fresh (nh_ttl), else from the FIB (which also gives the LB's source
+ * address on the egress interface) and then cached. 0, or the counter that
+ * says why not.
+ */
+static __always_inline int backend_route(struct xdp_md *ctx, struct flow *f,
+					 __u32 now)
+{
+	struct lb_nexthop *nh = bpf_map_lookup_elem(&nexthops, &f->backend);
+	int rc;
+
+	if (nh && nh->ok && nh->daddr == f->daddr &&
+	    now - nh->checked < nh_ttl) {
+		f->saddr = nh->saddr;
+		f->ifindex = nh->ifindex;
+		__builtin_memcpy(f->smac, nh->smac, ETH_ALEN);
+		__builtin_memcpy(f->dmac, nh->dmac, ETH_ALEN);
+		f->nh_ok = 1;
+		return 0;
+	}
+	rc = flow_route(ctx, f, BPF_FIB_LOOKUP_SRC);
+	if (rc == LB_PASS_NO_ROUTE || !f->saddr)
+		return LB_PASS_NO_ROUTE;
+	if (nh && rc == 0) {
+		nh->daddr = f->daddr;
+		nh->saddr = f->saddr;
+		nh->ifindex = f->ifindex;
+		__builtin_memcpy(nh->smac, f->smac, ETH_ALEN);
+		__builtin_memcpy(nh->dmac, f->dmac, ETH_ALEN);
+		nh->checked = now;
+		nh->ok = 1;
+	}
+	return rc;
+}
+
+/*
  * First packet of a flow to a service: pick a backend (Maglev), route to it,
  * allocate a NAT source port that no live flow to that backend uses, and
- * record both directions. Returns the new client->backend entry's verdict
- * reason in *why when it fails.
+ * record both directions. Fills *fwd with the client->backend entry and
+ * returns 0 (or LB_PASS_NO_NEIGH: recorded, next hop not resolved yet), or
+ * the counter that says why the flow could not be made.
  */
-static __always_inline struct flow *flow_new(struct xdp_md *ctx, struct pkt *p,
-					     __u32 svc_id, __u32 now, int *why)
+static __always_inline int flow_new(struct xdp_md *ctx, struct pkt *p,
+				    __u32 svc_id, __u32 now, struct flow *fwd)
 {
-	struct flow fwd = {}, rev = {};
+	struct flow rev = {};
 	struct flow_key rk = {};
 	struct backend *be;
 	void *table;
@@ -149,27 +186,25 @@ static __always_inline struct flow *flow_new(struct xdp_md *ctx, struct pkt *p,
 	h = flow_hash(&p->key);
 	table = bpf_map_lookup_elem(&maglev, &svc_id);
 	if (!table)
-		goto no_backend;
+		return LB_DROP_NO_BACKEND;
 	slot = h % maglev_size;
 	bid = bpf_map_lookup_elem(table, &slot);
 	if (!bid || *bid == LB_NO_BACKEND)
-		goto no_backend;
-	fwd.backend = *bid;
-	be = bpf_map_lookup_elem(&backends, &fwd.backend);
+		return LB_DROP_NO_BACKEND;
+	fwd->backend = *bid;
+	be = bpf_map_lookup_elem(&backends, &fwd->backend);
 	if (!be || !(be->flags & LB_BACKEND_USED))
-		goto no_backend;
+		return LB_DROP_NO_BACKEND;
 
-	fwd.daddr = be->ip;
-	fwd.dport = be->port ? be->port : p->key.dport;
-	fwd.svc = svc_id;
-	fwd.dir = LB_DIR_TO_BACKEND;
-	fwd.created = now;
-	fwd.seen = now;
-	rc = flow_route(ctx, &fwd, BPF_FIB_LOOKUP_SRC);
-	if (rc == LB_PASS_NO_ROUTE || !fwd.saddr) {
-		*why = LB_PASS_NO_ROUTE;
-		return NULL;
-	}
+	fwd->daddr = be->ip;
+	fwd->dport = be->port ? be->port : p->key.dport;
+	fwd->svc = svc_id;
+	fwd->dir = LB_DIR_TO_BACKEND;
+	fwd->created = now;
+	fwd->seen = now;
+	rc = backend_route(ctx, fwd, now);
+	if (rc == LB_PASS_NO_ROUTE)
+		return rc;
 
 	/* The way back to the client: where this packet came from. */
 	rev.saddr = p->key.daddr;
@@ -180,44 +215,40 @@ static __always_inline struct flow *flow_new(struct xdp_md *ctx, struct pkt *p,
 	__builtin_memcpy(rev.smac, p->eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(rev.dmac, p->eth->h_source, ETH_ALEN);
 	rev.nh_ok = 1;
-	rev.backend = fwd.backend;
+	rev.backend = fwd->backend;
 	rev.svc = svc_id;
 	rev.dir = LB_DIR_TO_CLIENT;
 	rev.created = now;
 	rev.seen = now;
 
-	rk.saddr = fwd.daddr;
-	rk.daddr = fwd.saddr;
-	rk.sport = fwd.dport;
+	/* A NAT port whose way back is free (or dead): try to claim it
+	 * outright, and look only when that fails. */
+	rk.saddr = fwd->daddr;
+	rk.daddr = fwd->saddr;
+	rk.sport = fwd->dport;
 	rk.proto = p->key.proto;
 	range = nat_port_hi - nat_port_lo + 1;
 	base = mix32(h ^ 0x9e3779b9);
 	for (int i = 0; i < NAT_TRIES; i++) {
 		__u16 port = nat_port_lo + (base + i * 7919) % range;
-		struct flow *old;
 
 		rk.dport = bpf_htons(port);
-		old = bpf_map_lookup_elem(&conntrack, &rk);
-		if (old && !flow_expired(old, rk.proto, now))
-			continue;
-		if (bpf_map_update_elem(&conntrack, &rk, &rev,
-					old ? BPF_ANY : BPF_NOEXIST))
-			continue;
-		fwd.sport = rk.dport;
-		if (bpf_map_update_elem(&conntrack, &p->key, &fwd, BPF_ANY)) {
-			bpf_map_delete_elem(&conntrack, &rk);
-			*why = LB_DROP_CT_FULL;
-			return NULL;
-		}
-		*why = rc; /* 0, or LB_PASS_NO_NEIGH */
-		return bpf_map_lookup_elem(&conntrack, &p->key);
-	}
-	*why = LB_DROP_NAT_FULL;
-	return NULL;
+		if (bpf_map_update_elem(&conntrack, &rk, &rev, BPF_NOEXIST)) {
+			struct flow *old = bpf_map_lookup_elem(&conntrack, &rk);
 
-no_backend:
-	*why = LB_DROP_NO_BACKEND;
-	return NULL;
+			if (old && !flow_expired(old, rk.proto, now))
+				continue;
+			if (bpf_map_update_elem(&conntrack, &rk, &rev, BPF_ANY))
+				continue;
+		}
+		fwd->sport = rk.dport;
+		if (bpf_map_update_elem(&conntrack, &p->key, fwd, BPF_ANY)) {
+			bpf_map_delete_elem(&conntrack, &rk);
+			return LB_DROP_CT_FULL;
+		}
+		return rc; /* 0, or LB_PASS_NO_NEIGH */
+	}
+	return LB_DROP_NAT_FULL;
 }
 
 #endif /* LB_CONNTRACK_H */

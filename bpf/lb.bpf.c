@@ -25,6 +25,7 @@ const volatile __u32 hz = 250;		   /* clock ticks (jiffies) a second */
 const volatile __u32 tcp_timeout = 150000; /* idle TCP flow, ticks */
 const volatile __u32 udp_timeout = 15000;  /* idle UDP flow, ticks */
 const volatile __u32 fin_timeout = 2500; /* after RST or FIN both ways, ticks */
+const volatile __u32 nh_ttl = 250;	 /* a cached next hop is fresh, ticks */
 
 #include "parse.h"
 #include "maps.h"
@@ -92,7 +93,7 @@ static __always_inline struct svc_value *service_of(const struct flow_key *k)
 static __always_inline int process(struct xdp_md *ctx)
 {
 	struct pkt p = {};
-	struct flow *f;
+	struct flow *f, nf = {};
 	__u32 now;
 	int why, new_flow = 0;
 
@@ -112,22 +113,29 @@ static __always_inline int process(struct xdp_md *ctx)
 		f = NULL;
 	}
 	if (!f) {
-		struct svc_value *svc = service_of(&p.key);
+		struct svc_value *svc;
 
+		/* Only a SYN opens a TCP connection: a stray segment (of a
+		 * flow that ended, or a flood of ACKs) goes to the kernel,
+		 * which answers with a RST, and costs no table entries. */
+		if (p.key.proto == IPPROTO_TCP &&
+		    (p.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
+			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
+		svc = service_of(&p.key);
 		if (!svc)
 			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
-		f = flow_new(ctx, &p, svc->id, now, &why);
-		if (!f)
+		why = flow_new(ctx, &p, svc->id, now, &nf);
+		if (why && why != LB_PASS_NO_NEIGH)
 			return count(ctx, why,
 				     why == LB_PASS_NO_ROUTE ? XDP_PASS
 							     : XDP_DROP);
+		f = &nf; /* the entry as written: no need to look it up */
 		new_flow = 1;
 	} else {
 		flow_touch(f, p.key.proto, now);
+		if (p.tcp_flags & (TCP_FIN | TCP_RST))
+			flow_tcp_end(f, p.tcp_flags);
 	}
-
-	if (p.tcp_flags & (TCP_FIN | TCP_RST))
-		flow_tcp_end(f, p.tcp_flags);
 	if (!f->nh_ok && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
 		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
 

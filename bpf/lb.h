@@ -68,6 +68,17 @@ struct backend {
 
 #define LB_BACKEND_USED 1
 
+/* Cached next hop towards a backend. */
+struct lb_nexthop {
+	__be32 daddr; /* the backend it was resolved for */
+	__be32 saddr; /* the LB's address on the egress interface */
+	__u32 ifindex;
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u32 checked; /* clock ticks of the FIB lookup */
+	__u32 ok;
+};
+
 /* Connection table key: a packet's addresses, ports and protocol. */
 struct flow_key {
 	__be32 saddr;

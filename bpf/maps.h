@@ -64,14 +64,26 @@ struct {
 /*
  * The connection table: two entries per connection (client->VIP and
  * backend->LB NAT port), each saying how to rewrite and where to send.
- * LRU, sized by the CLI: a flood of new flows evicts the oldest.
+ * LRU, sized by the CLI: a flood of new flows evicts the oldest. Per-CPU
+ * LRU lists (BPF_F_NO_COMMON_LRU) make inserts cheaper; lookups still see
+ * every entry.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 2 * 1024 * 1024);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct flow_key);
 	__type(value, struct flow);
 } conntrack SEC(".maps");
+
+/* Backend id -> next hop towards it, cached for nh_ttl so new flows skip
+ * the FIB lookup. Written by the datapath, cleared by `backend add`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_nexthop);
+} nexthops SEC(".maps");
 
 /* Interfaces lb is attached to, for XDP_REDIRECT between them. */
 struct {

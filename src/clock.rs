@@ -30,8 +30,15 @@ pub fn now() -> Result<u32> {
 
 fn read(prog: &libbpf_rs::ProgramMut<'_>) -> Result<u32> {
     let frame = [0u8; 64];
-    let input = ProgramInput { data_in: Some(&frame), repeat: 1, ..Default::default() };
-    Ok(prog.test_run(input).context("reading the clock")?.return_value)
+    let input = ProgramInput {
+        data_in: Some(&frame),
+        repeat: 1,
+        ..Default::default()
+    };
+    Ok(prog
+        .test_run(input)
+        .context("reading the clock")?
+        .return_value)
 }
 
 /// The clock's ticks a second (the kernel's HZ), measured once a process.
@@ -78,7 +85,9 @@ fn measure_hz() -> Result<u32> {
         .iter()
         .copied()
         .min_by(|a, b| {
-            (f64::from(*a) - measured).abs().total_cmp(&(f64::from(*b) - measured).abs())
+            (f64::from(*a) - measured)
+                .abs()
+                .total_cmp(&(f64::from(*b) - measured).abs())
         })
         .filter(|h| (f64::from(*h) - measured).abs() < f64::from(*h) * 0.2)
         .ok_or_else(|| anyhow!("cannot tell the kernel's HZ (measured {measured:.0} ticks/s)"))

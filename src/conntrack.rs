@@ -5,8 +5,8 @@ use std::net::SocketAddrV4;
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags};
 
-use crate::maps::{self, from_bytes, Flow, FlowKey, Maps};
 use crate::maps::Timeouts;
+use crate::maps::{self, from_bytes, Flow, FlowKey, Maps};
 
 /// One tracked connection (its client->VIP entry).
 #[derive(Debug, Clone, serde::Serialize)]

@@ -46,6 +46,7 @@ pub fn load<'obj>(
     ro.tcp_timeout = settings.tcp_timeout * hz;
     ro.udp_timeout = settings.udp_timeout * hz;
     ro.fin_timeout = settings.fin_timeout * hz;
+    ro.nh_ttl = hz; // a cached next hop lives a second
     open.maps
         .conntrack
         .set_max_entries(settings.max_flows * 2)

@@ -11,7 +11,9 @@ use crate::bpffs::PinDir;
 use crate::settings::Settings;
 use crate::skel::lb::types;
 
-pub use types::{backend as BackendEntry, flow as Flow, flow_key as FlowKey};
+pub use types::{
+    backend as BackendEntry, flow as Flow, flow_key as FlowKey, lb_nexthop as NextHop,
+};
 pub use types::{svc_key as SvcKey, svc_value as SvcValue};
 
 // SAFETY: plain old data generated from the program's BTF.
@@ -46,6 +48,7 @@ pub const PINNED: &[&str] = &[
     "maglev",
     "conntrack",
     "tx_ports",
+    "nexthops",
 ];
 
 /// The bytes of a plain struct.
@@ -87,6 +90,8 @@ pub struct Maps {
     pub conntrack: MapHandle,
     /// Interfaces for XDP_REDIRECT.
     pub tx_ports: MapHandle,
+    /// Next hops cached per backend id.
+    pub nexthops: MapHandle,
     /// The program's settings (its .rodata).
     pub config: MapHandle,
 }
@@ -112,6 +117,7 @@ impl Maps {
             maglev: open(&pins.map("maglev"))?,
             conntrack: open(&pins.map("conntrack"))?,
             tx_ports: open(&pins.map("tx_ports"))?,
+            nexthops: open(&pins.map("nexthops"))?,
             config: open(&pins.config())?,
         })
     }
@@ -124,7 +130,12 @@ impl Maps {
     /// The program's timeouts in clock ticks, as the datapath compares them.
     pub fn timeouts(&self) -> Result<Timeouts> {
         let ro = rodata_of(&self.config)?;
-        Ok(Timeouts { hz: ro.hz, tcp: ro.tcp_timeout, udp: ro.udp_timeout, fin: ro.fin_timeout })
+        Ok(Timeouts {
+            hz: ro.hz,
+            tcp: ro.tcp_timeout,
+            udp: ro.udp_timeout,
+            fin: ro.fin_timeout,
+        })
     }
 }
 

@@ -251,6 +251,14 @@ pub fn backend_add(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> 
         weight,
     };
     stats::reset_backend(m, id)?;
+    // The id may have served another backend: forget its next hop.
+    m.nexthops
+        .update(
+            &id.to_ne_bytes(),
+            &[0u8; std::mem::size_of::<maps::NextHop>()],
+            MapFlags::ANY,
+        )
+        .with_context(|| format!("clearing the next hop of backend id {id}"))?;
     m.backends
         .update(&id.to_ne_bytes(), bytes(&entry), MapFlags::ANY)
         .with_context(|| format!("adding backend {addr}"))?;

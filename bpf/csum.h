@@ -10,6 +10,7 @@
 
 static __always_inline __u16 csum_fold(__u64 sum)
 {
+	sum = (sum & 0xffffffff) + (sum >> 32);
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
@@ -50,29 +51,65 @@ static __always_inline __u16 pseudo_sum(__be32 saddr, __be32 daddr, __u8 proto,
 	return csum_fold(sum);
 }
 
+/* Bytes summed per helper call, and the most chunks: a 64 KiB segment (an
+ * skb in generic mode may be a GRO super-packet). */
+#define CSUM_CHUNK 64
+#define CSUM_MAX_CHUNKS 1024
+
+/*
+ * Whether the L4 segment at `off` (`len` bytes) carries a complete, valid
+ * checksum: the one's-complement sum of pseudo-header and segment is all
+ * ones. Costs a pass over the payload; asked only when the field is
+ * ambiguous (see l4_csum_rewrite).
+ */
+static __always_inline int l4_csum_valid(struct xdp_md *ctx, __u32 off,
+					 __u32 len, __u16 pseudo)
+{
+	__u32 buf[CSUM_CHUNK / 4];
+	__u32 full = len / CSUM_CHUNK, tail = len & (CSUM_CHUNK - 1);
+	__u64 sum = pseudo;
+
+	for (__u32 i = 0; i < CSUM_MAX_CHUNKS; i++) {
+		if (i >= full)
+			break;
+		if (bpf_xdp_load_bytes(ctx, off + i * CSUM_CHUNK, buf,
+				       CSUM_CHUNK))
+			return 0;
+		for (int j = 0; j < CSUM_CHUNK / 4; j++)
+			sum += buf[j];
+	}
+	if (tail) {
+		/* zeros after an odd last byte pad it to a 16-bit word */
+		__builtin_memset(buf, 0, sizeof(buf));
+		if (bpf_xdp_load_bytes(ctx, off + full * CSUM_CHUNK, buf, tail))
+			return 0;
+		for (int j = 0; j < CSUM_CHUNK / 4; j++)
+			sum += buf[j];
+	}
+	return csum_fold(sum) == 0xffff;
+}
+
 /*
  * Update an L4 checksum field for new addresses (`pseudo_delta`, the
  * pseudo-header part) and new ports (`ports_delta`).
  *
- * A partial checksum (skb mode, `maybe_partial`) holds only the pseudo-header
- * sum: it takes the address delta, as a plain sum, and not the ports, which
- * the device adds later. XDP cannot see the skb's checksum state, so a
- * partial field is recognised by value: the pseudo-header sum of the packet
- * as received (`pseudo_old`). A complete checksum equals it 1 time in 65536;
- * that is why the guess is made only in skb mode, where partial packets
- * exist. UDP: 0 means "no checksum" and stays 0; a computed 0 is sent as
- * 0xffff (RFC 768).
+ * A partial checksum (CHECKSUM_PARTIAL: skb mode, from a local or virtual
+ * sender with TX offload) holds only the folded pseudo-header sum: it takes
+ * the address delta, as a plain sum, and not the ports, which the device
+ * adds later. XDP cannot see the skb's checksum state, so `partial` is
+ * decided by the caller (skb mode, field equal to the pseudo-header sum, and
+ * not a valid complete checksum). UDP: 0 means "no checksum" and stays 0; a
+ * computed 0 is sent as 0xffff (RFC 768).
  */
 static __always_inline void l4_csum_rewrite(__sum16 *field, __u64 pseudo_delta,
-					    __u64 ports_delta,
-					    int maybe_partial, __u16 pseudo_old,
+					    __u64 ports_delta, int partial,
 					    int udp)
 {
 	__sum16 sum;
 
 	if (udp && *field == 0)
 		return;
-	if (maybe_partial && *field == pseudo_old) {
+	if (partial) {
 		*field = csum_fold(*field + pseudo_delta);
 		return;
 	}

@@ -139,7 +139,7 @@ static __always_inline int process(struct xdp_md *ctx)
 	if (!f->nh_ok && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
 		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
 
-	nat_rewrite(&p, f);
+	nat_rewrite(ctx, &p, f);
 	count_backend(ctx, f->backend, new_flow);
 	if (new_flow)
 		count(ctx, LB_NEW_FLOW, 0);

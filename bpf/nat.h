@@ -23,20 +23,41 @@ struct pkt {
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 
+/*
+ * Whether the packet's L4 checksum is partial (see l4_csum_rewrite). Only in
+ * skb mode, where partial packets exist; there a field equal to the
+ * pseudo-header sum is partial unless the whole segment checks out as a
+ * complete checksum (which it does once in 65536 packets by chance).
+ */
+static __always_inline int l4_csum_partial(struct xdp_md *ctx, struct pkt *p)
+{
+	struct iphdr *ip = p->ip;
+	__u16 ps;
+
+	if (!skb_mode)
+		return 0;
+	ps = pseudo_sum(ip->saddr, ip->daddr, p->key.proto, p->l4_len);
+	if (*p->l4_check != ps)
+		return 0;
+	return !l4_csum_valid(ctx, (void *)p->ports - (void *)(long)ctx->data,
+			      p->l4_len, ps);
+}
+
 /* Rewrite addresses, ports and checksums as the flow says. */
-static __always_inline void nat_rewrite(struct pkt *p, const struct flow *f)
+static __always_inline void nat_rewrite(struct xdp_md *ctx, struct pkt *p,
+					const struct flow *f)
 {
 	struct iphdr *ip = p->ip;
 	__u64 addr_delta =
 	    csum_delta4(ip->saddr, f->saddr) + csum_delta4(ip->daddr, f->daddr);
 	__u64 ports_delta = csum_delta2(p->ports[0], f->sport) +
 			    csum_delta2(p->ports[1], f->dport);
+	int partial = l4_csum_partial(ctx, p);
 
+	ip = p->ip; /* the verifier forgets packet pointers over helper calls */
 	ip->check = csum_update(ip->check, addr_delta);
-	l4_csum_rewrite(
-	    p->l4_check, addr_delta, ports_delta, skb_mode,
-	    pseudo_sum(ip->saddr, ip->daddr, p->key.proto, p->l4_len),
-	    p->key.proto == IPPROTO_UDP);
+	l4_csum_rewrite(p->l4_check, addr_delta, ports_delta, partial,
+			p->key.proto == IPPROTO_UDP);
 	ip->saddr = f->saddr;
 	ip->daddr = f->daddr;
 	p->ports[0] = f->sport;

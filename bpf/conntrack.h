@@ -183,6 +183,7 @@ static __always_inline int flow_new(struct xdp_md *ctx, struct pkt *p,
 	__u32 h, slot, *bid, range, base;
 	int rc;
 
+	__builtin_memset(fwd, 0, sizeof(*fwd));
 	h = flow_hash(&p->key);
 	table = bpf_map_lookup_elem(&maglev, &svc_id);
 	if (!table)

@@ -93,7 +93,7 @@ static __always_inline struct svc_value *service_of(const struct flow_key *k)
 static __always_inline int process(struct xdp_md *ctx)
 {
 	struct pkt p = {};
-	struct flow *f, nf = {};
+	struct flow *f, nf; /* nf: a new flow's entry, set by flow_new */
 	__u32 now;
 	int why, new_flow = 0;
 
@@ -136,7 +136,9 @@ static __always_inline int process(struct xdp_md *ctx)
 		if (p.tcp_flags & (TCP_FIN | TCP_RST))
 			flow_tcp_end(f, p.tcp_flags);
 	}
-	if (!f->nh_ok && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
+	/* A flow whose next hop was unresolved: try again (a new flow has
+	 * just tried). */
+	if (!f->nh_ok && !new_flow && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
 		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
 
 	nat_rewrite(ctx, &p, f);

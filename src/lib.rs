@@ -4,10 +4,14 @@
 pub mod bpffs;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod conntrack;
+pub mod daemon;
+pub mod health;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod net;
 pub mod netns;
 pub mod service;

@@ -147,7 +147,12 @@ pub fn render(m: &Maps, health: &HealthView) -> Result<String> {
         }
     }
     for (name, c) in &r.counters {
-        let verdict = name.split('_').next().unwrap_or("").to_string();
+        let verdict = match name.split('_').next().unwrap_or("") {
+            "to" => "forward",
+            "new" => "flow",
+            v => v,
+        }
+        .to_string();
         let l = vec![
             ("verdict".to_string(), verdict),
             ("reason".to_string(), name.clone()),

@@ -100,3 +100,40 @@ impl Health {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(rise: u32, fall: u32) -> Check {
+        Check {
+            kind: CheckKind::Tcp,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(50),
+            rise,
+            fall,
+        }
+    }
+
+    #[test]
+    fn rise_and_fall() {
+        let c = check(2, 3);
+        let ok: Result<Duration, String> = Ok(Duration::from_millis(1));
+        let bad: Result<Duration, String> = Err("refused".into());
+        let mut h = Health::default();
+        assert_eq!(h.record(&bad, &c), None);
+        assert_eq!(h.record(&bad, &c), None);
+        assert_eq!(h.record(&ok, &c), None, "a success resets the failures");
+        assert_eq!(h.record(&bad, &c), None);
+        assert_eq!(h.record(&bad, &c), None);
+        assert_eq!(h.record(&bad, &c), Some(false));
+        assert!(h.down);
+        assert_eq!(h.record(&bad, &c), None);
+        assert_eq!(h.record(&ok, &c), None);
+        assert_eq!(h.record(&bad, &c), None, "a failure resets the successes");
+        assert_eq!(h.record(&ok, &c), None);
+        assert_eq!(h.record(&ok, &c), Some(true));
+        assert!(!h.down);
+        assert_eq!(h.last_latency, Some(Duration::from_millis(1)));
+    }
+}

@@ -239,7 +239,7 @@ fn health_failover_and_rejoin() {
     let (c, lbns) = (topo.ns("c"), topo.ns("lb"));
     let port = 8080;
     let a = http_server(&topo.ns("a"), "a", common::A_IP, port);
-    let _b = http_server(&topo.ns("b"), "b", common::B_IP, port);
+    let b = http_server(&topo.ns("b"), "b", common::B_IP, port);
     let check = format!(
         "{{ kind = \"http\", path = \"/\", expect = 200, interval_ms = {INTERVAL_MS}, timeout_ms = 150, rise = 2, fall = {FALL} }}"
     );
@@ -281,7 +281,7 @@ fn health_failover_and_rejoin() {
     );
 
     // Restart it: back after rise successes, with its weight.
-    let _a = http_server(&topo.ns("a"), "a", common::A_IP, port);
+    let a = http_server(&topo.ns("a"), "a", common::A_IP, port);
     d.wait_log("backend up", 1, Duration::from_secs(5));
     d.wait_log("weight 0 -> 1", 1, Duration::from_secs(2));
     assert_eq!(
@@ -297,11 +297,37 @@ fn health_failover_and_rejoin() {
         "a did not rejoin: {seen:?}"
     );
 
+    // Every backend down: never blackhole, they all stay in.
+    drop((a, b));
+    d.wait_log(
+        "every backend of the service is down",
+        1,
+        Duration::from_secs(5),
+    );
+    let t0 = Instant::now();
+    let want = [
+        ("10.200.0.11:8080".to_string(), 1),
+        ("10.200.0.12:8080".to_string(), 1),
+    ];
+    while list(&lbns, &pins) != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            list(&lbns, &pins)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // SIGTERM: the daemon stops, the datapath stays.
     d.stop();
     d.wait_log("stopping", 1, Duration::from_secs(2));
     assert!(pins.path.join("eth0/link").exists());
-    assert!(get(&c, &url, "2").starts_with("backend "));
+    let out = common::lb(&["status", "--netns", &lbns, "--pin-dir", pins.arg()]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("eth0: ifindex"),
+        "{out:?}"
+    );
+    assert_eq!(list(&lbns, &pins), want);
 }
 
 /// Parses OpenMetrics text: "name{labels}" -> value.
@@ -385,6 +411,29 @@ fn reload_and_metrics() {
         0.0
     );
 
+    // `lb backend drain` is `backend set --weight 0`.
+    let out = common::lb(&[
+        "backend",
+        "drain",
+        "10.200.0.2:80",
+        "10.200.0.12:80",
+        "--netns",
+        &lbns,
+        "--pin-dir",
+        pins.arg(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        list(&lbns, &pins),
+        [
+            ("10.200.0.11:80".to_string(), 1),
+            ("10.200.0.12:80".to_string(), 0)
+        ]
+    );
+    for _ in 0..5 {
+        assert_eq!(get(&c, &url, "2"), "backend a");
+    }
+
     // SIGHUP with a broken file: the running config stays.
     std::fs::write(&file, good.replace("weight = 1", "weight = 99999")).unwrap();
     d.signal(Signal::SIGHUP);
@@ -399,7 +448,7 @@ fn reload_and_metrics() {
         list(&lbns, &pins),
         [
             ("10.200.0.11:80".to_string(), 1),
-            ("10.200.0.12:80".to_string(), 1)
+            ("10.200.0.12:80".to_string(), 0)
         ]
     );
     assert!(get(&c, &url, "2").starts_with("backend "));

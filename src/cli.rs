@@ -177,6 +177,15 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Print rates every --interval seconds.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between --watch reports.
+        #[arg(long, default_value_t = 1.0, requires = "watch")]
+        interval: f64,
+        /// Stop --watch after N reports.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u32>,
         #[command(flatten)]
         place: Place,
     },
@@ -501,8 +510,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Stats { json, place } => {
+        Command::Stats {
+            json,
+            watch,
+            interval,
+            count,
+            place,
+        } => {
             let (_ns, pins) = prepare(&place)?;
+            if watch {
+                if !(0.05..=3600.0).contains(&interval) {
+                    bail!("--interval {interval} out of range 0.05..=3600");
+                }
+                let m = Maps::open(&pins)?;
+                let d = std::time::Duration::from_secs_f64(interval);
+                return crate::watch::watch(&m, d, count, &mut std::io::stdout());
+            }
             let r = stats::report(&Maps::open(&pins)?)?;
             if json {
                 print_json(&r)?;

@@ -18,4 +18,5 @@ pub mod service;
 pub mod settings;
 pub mod skel;
 pub mod stats;
+pub mod watch;
 pub mod xdp;

@@ -406,6 +406,20 @@ fn apply_end_to_end() {
     assert!(se.contains("rolled back"), "{se}");
     assert_eq!(inst.summary(), s2, "rollback left changes");
 
+    // lb stats --watch: bounded by --count, a table per interval.
+    let out = inst.lb(
+        &["stats", "--watch", "--interval", "0.2", "--count", "2"],
+        &[],
+    );
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(so.matches("10.200.0.2:80/tcp").count(), 2, "{so}");
+    assert_eq!(so.matches("to_backend").count(), 2, "{so}");
+
     // And the same file without the failure applies.
     let (ok, so, se) = inst.apply("3.toml", &f1, &[]);
     assert!(ok, "{so}{se}");

@@ -95,6 +95,8 @@ pub struct Iface {
     pub name: String,
     /// XDP mode.
     pub mode: Mode,
+    /// Where it is in the file (`file:line:column`), for errors.
+    pub at: String,
 }
 
 /// What a health check does.
@@ -154,6 +156,8 @@ pub struct Config {
     /// Datapath settings, if the file has a `[settings]` table (fields not
     /// given take the defaults).
     pub settings: Option<Settings>,
+    /// Where `[settings]` is (`file:line:column`), for errors.
+    pub settings_at: Option<String>,
     /// Interfaces to attach to.
     pub interfaces: Vec<Iface>,
     /// Services.
@@ -181,6 +185,11 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    fn at(&self, span: Range<usize>) -> String {
+        let (l, c) = line_col(self.src, span.start);
+        format!("{}:{l}:{c}", self.file)
+    }
+
     fn err(&self, span: Range<usize>, field: &str, msg: impl fmt::Display) -> anyhow::Error {
         let (l, c) = line_col(self.src, span.start);
         anyhow!("{}:{l}:{c}: {field}: {msg}", self.file)
@@ -244,7 +253,11 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 }
             },
         };
-        interfaces.push(Iface { name, mode });
+        interfaces.push(Iface {
+            name,
+            mode,
+            at: cx.at(i.get_ref().name.span()),
+        });
     }
 
     let mut services: Vec<ServiceCfg> = Vec::new();
@@ -354,6 +367,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
     Ok(Config {
         path: path.to_path_buf(),
         settings,
+        settings_at: raw.settings.as_ref().map(|s| cx.at(s.span())),
         interfaces,
         services,
     })
@@ -721,8 +735,8 @@ pub fn plan(
     if let (Some(want), Some(have)) = (&cfg.settings, &existing) {
         if want != have {
             bail!(
-                "{}: [settings] differ from those of the running instance at {} ({have:?}); detach all its interfaces to change them",
-                cfg.path.display(),
+                "{}: settings: [settings] differ from those of the running instance at {} ({have:?}); detach all its interfaces to change them",
+                cfg.settings_at.as_deref().unwrap_or(&cfg.path.display().to_string()),
                 pins.root.display()
             );
         }
@@ -730,7 +744,7 @@ pub fn plan(
     let mut changes = Vec::new();
     for i in &cfg.interfaces {
         crate::net::ifindex(&i.name)
-            .with_context(|| format!("{}: interface {}", cfg.path.display(), i.name))?;
+            .with_context(|| format!("{}: interfaces.name: interface {}", i.at, i.name))?;
         if !pins.link(&i.name).exists() {
             changes.push(Change::Attach(i.clone()));
         }

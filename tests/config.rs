@@ -382,11 +382,11 @@ fn apply_end_to_end() {
         ),
         (
             file(&[(a, 1)], "").replace("max_flows = 65536", "max_flows = 131072"),
-            "[settings] differ",
+            "bad5.toml:1:1: settings: [settings] differ",
         ),
         (
             file(&[(a, 1)], "").replace("\"eth0\"", "\"nosuch0\""),
-            "interface nosuch0",
+            "bad6.toml:5:8: interfaces.name: interface nosuch0",
         ),
     ];
     for (i, (src, want)) in bad.iter().enumerate() {

@@ -289,6 +289,15 @@ fn apply_end_to_end() {
         "dry run created an instance"
     );
 
+    // A fresh instance failing midway (after the attach and the service):
+    // detached again, nothing left.
+    let (ok, so, se) = inst.apply("0.toml", &f1, &[("LB_TEST_FAIL_AFTER", "2")]);
+    assert!(!ok && se.contains("rolled back"), "{so}{se}");
+    assert!(!pins.path.join("conntrack").exists(), "maps left behind");
+    assert!(!pins.path.join("eth0/link").exists(), "link left behind");
+    let link = topo_ip(&topo.ns("lb"), &["link", "show", "eth0"]);
+    assert!(!link.contains("xdp"), "{link}");
+
     // First apply: attaches and creates everything.
     let (ok, so, se) = inst.apply("1.toml", &f1, &[]);
     assert!(ok, "{so}{se}");
@@ -424,4 +433,10 @@ fn apply_end_to_end() {
     let (ok, so, se) = inst.apply("3.toml", &f1, &[]);
     assert!(ok, "{so}{se}");
     assert_eq!(inst.summary(), s1);
+}
+
+fn topo_ip(ns: &str, args: &[&str]) -> String {
+    let mut a = vec!["-n", ns];
+    a.extend_from_slice(args);
+    String::from_utf8_lossy(&common::run("ip", &a).stdout).into_owned()
 }

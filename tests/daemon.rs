@@ -466,5 +466,30 @@ fn reload_and_metrics() {
     );
     let m = parse_metrics(&get(&lbns, &murl, "5"));
     assert_eq!(m[&key("lb_backend_weight", "10.200.0.12:80")], 3.0);
+
+    // An HTTP check expecting another status takes a out (reload re-keys
+    // the checks).
+    let http404 =
+        "{ kind = \"http\", path = \"/\", expect = 404, interval_ms = 200, timeout_ms = 100 }";
+    std::fs::write(&file, config(80, (1, 3), check).replacen(check, http404, 1)).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("config applied", 3, Duration::from_secs(5));
+    d.wait_log("weight 1 -> 0", 1, Duration::from_secs(5));
+    assert!(d
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("backend down") && l.contains("status 200, expected 404")));
+    assert_eq!(
+        list(&lbns, &pins),
+        [
+            ("10.200.0.11:80".to_string(), 0),
+            ("10.200.0.12:80".to_string(), 3)
+        ]
+    );
+    let m = parse_metrics(&get(&lbns, &murl, "5"));
+    assert_eq!(m[&key("lb_backend_up", "10.200.0.11:80")], 0.0);
+    assert_eq!(m[&key("lb_backend_up", "10.200.0.12:80")], 1.0);
     d.stop();
 }

@@ -12,7 +12,7 @@ use crate::maps::Maps;
 use crate::service::{self, Proto, Service};
 use crate::settings::Settings;
 use crate::xdp::Mode;
-use crate::{conntrack, loader, net, netns, stats};
+use crate::{config, conntrack, daemon, loader, net, netns, stats};
 
 /// An XDP layer-4 load balancer.
 #[derive(Debug, Parser)]
@@ -177,6 +177,39 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Print rates every --interval seconds.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between --watch reports.
+        #[arg(long, default_value_t = 1.0, requires = "watch")]
+        interval: f64,
+        /// Stop --watch after N reports.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u32>,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Apply a configuration file (see README, "Configuration file"): print
+    /// the changes, then make them all or none.
+    Apply {
+        /// The TOML file.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Print the changes only.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Run in the foreground: apply FILE, health-check backends, reload on
+    /// SIGHUP, stop on SIGTERM (the datapath stays attached).
+    Run {
+        /// The TOML file.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Serve Prometheus metrics on ADDR (IP:PORT, in the LB's namespace).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         place: Place,
     },
@@ -252,6 +285,16 @@ pub enum BackendCmd {
         /// Weight, 0..=10000.
         #[arg(long)]
         weight: u32,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Drain a backend: `backend set --weight 0`.
+    Drain {
+        #[command(flatten)]
+        svc: SvcArg,
+        /// The backend, IP:PORT.
+        #[arg(value_name = "IP:PORT")]
+        addr: SocketAddrV4,
         #[command(flatten)]
         place: Place,
     },
@@ -384,15 +427,45 @@ pub fn run(cli: Cli) -> Result<()> {
                 weight,
                 place,
             } => {
-                let (_ns, pins) = prepare(&place)?;
-                let m = Maps::open(&pins)?;
-                service::backend_set(&m, &svc.service(), addr, weight)?;
-                println!(
-                    "backend {addr} of {} now has weight {weight}",
-                    svc.service()
-                );
+                backend_set(&svc, addr, weight, &place)?;
+            }
+            BackendCmd::Drain { svc, addr, place } => {
+                backend_set(&svc, addr, 0, &place)?;
             }
         },
+        Command::Apply {
+            file,
+            dry_run,
+            place,
+        } => {
+            let (_ns, pins) = prepare(&place)?;
+            let cfg = config::load(&file)?;
+            let changes = config::plan(&cfg, &pins, &Default::default())?;
+            if changes.is_empty() {
+                println!("no changes");
+            }
+            for c in &changes {
+                println!("{c}");
+            }
+            if !dry_run && !changes.is_empty() {
+                config::apply(&changes, cfg.settings.as_ref(), &pins)?;
+                println!("applied {} changes", changes.len());
+            }
+        }
+        Command::Run {
+            file,
+            metrics,
+            place,
+        } => {
+            net::require_root()?;
+            bpffs::ensure_mounted(&place.pin_dir)?;
+            daemon::run(&daemon::Options {
+                file,
+                netns: place.netns.clone(),
+                pin_dir: place.pin_dir.clone(),
+                metrics,
+            })?;
+        }
         Command::List { json, place } => {
             let (_ns, pins) = prepare(&place)?;
             let list = service::list(&Maps::open(&pins)?)?;
@@ -437,8 +510,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Stats { json, place } => {
+        Command::Stats {
+            json,
+            watch,
+            interval,
+            count,
+            place,
+        } => {
             let (_ns, pins) = prepare(&place)?;
+            if watch {
+                if !(0.05..=3600.0).contains(&interval) {
+                    bail!("--interval {interval} out of range 0.05..=3600");
+                }
+                let m = Maps::open(&pins)?;
+                let d = std::time::Duration::from_secs_f64(interval);
+                return crate::watch::watch(&m, d, count, &mut std::io::stdout());
+            }
             let r = stats::report(&Maps::open(&pins)?)?;
             if json {
                 print_json(&r)?;
@@ -560,4 +647,15 @@ fn print_report(r: &stats::Report) {
         }
     }
     print_counters(&r.counters);
+}
+
+fn backend_set(svc: &SvcArg, addr: SocketAddrV4, weight: u32, place: &Place) -> Result<()> {
+    let (_ns, pins) = prepare(place)?;
+    let m = Maps::open(&pins)?;
+    service::backend_set(&m, &svc.service(), addr, weight)?;
+    println!(
+        "backend {addr} of {} now has weight {weight}",
+        svc.service()
+    );
+    Ok(())
 }

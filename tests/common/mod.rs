@@ -170,3 +170,20 @@ impl Drop for Topo {
         let _ = Command::new(script).args(["down", &self.prefix]).status();
     }
 }
+
+/// `GET http://10.200.0.2/` from namespace `ns` (curl, 2 s): the body,
+/// trimmed, or "" on failure.
+pub fn http_get(ns: &str) -> String {
+    let out = Command::new("nsenter")
+        .args([
+            &format!("--net=/run/netns/{ns}"),
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://{LB_IP}/"),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -1,0 +1,808 @@
+//! The declarative configuration: a TOML file describing interfaces,
+//! services, backends (with optional health checks) and datapath settings.
+//! Parsing and validation (errors name `file:line:column` and the field),
+//! the difference to what is loaded, and applying it all or nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::bpffs::PinDir;
+use crate::maps::Maps;
+use crate::service::{self, Proto, Service, MAX_WEIGHT};
+use crate::settings::{self, Settings};
+use crate::xdp::Mode;
+use crate::{loader, maglev};
+
+// ---------------------------------------------------------------- raw file
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    settings: Option<Spanned<RawSettings>>,
+    #[serde(default)]
+    interfaces: Vec<Spanned<RawIface>>,
+    #[serde(default)]
+    services: Vec<Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    max_flows: Option<Spanned<u32>>,
+    nat_ports: Option<Spanned<String>>,
+    maglev_size: Option<Spanned<u32>>,
+    tcp_timeout: Option<Spanned<u32>>,
+    udp_timeout: Option<Spanned<u32>>,
+    fin_timeout: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIface {
+    name: Spanned<String>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    vip: Spanned<String>,
+    port: Spanned<u16>,
+    #[serde(default)]
+    proto: Option<Spanned<String>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    addr: Spanned<String>,
+    #[serde(default)]
+    weight: Option<Spanned<i64>>,
+    #[serde(default)]
+    check: Option<Spanned<RawCheck>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    kind: Spanned<String>,
+    path: Option<Spanned<String>>,
+    expect: Option<Spanned<u16>>,
+    interval_ms: Option<Spanned<u64>>,
+    timeout_ms: Option<Spanned<u64>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+}
+
+// ---------------------------------------------------------- validated config
+
+/// An interface to attach to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iface {
+    /// Its name (in the LB's network namespace).
+    pub name: String,
+    /// XDP mode.
+    pub mode: Mode,
+    /// Where it is in the file (`file:line:column`), for errors.
+    pub at: String,
+}
+
+/// What a health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connection opens.
+    Tcp,
+    /// `GET path` answers with status `expect`.
+    Http {
+        /// Request path.
+        path: String,
+        /// Expected status code.
+        expect: u16,
+    },
+}
+
+/// A backend's health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// TCP or HTTP.
+    pub kind: CheckKind,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Time a check may take.
+    pub timeout: Duration,
+    /// Successes in a row that bring a down backend back.
+    pub rise: u32,
+    /// Failures in a row that take an up backend out.
+    pub fall: u32,
+}
+
+/// A backend as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendCfg {
+    /// IP:PORT (port 0: the client's port).
+    pub addr: SocketAddrV4,
+    /// Configured weight.
+    pub weight: u32,
+    /// Optional health check.
+    pub check: Option<Check>,
+}
+
+/// A service as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCfg {
+    /// VIP:PORT/PROTO.
+    pub service: Service,
+    /// Its backends, in file order.
+    pub backends: Vec<BackendCfg>,
+}
+
+/// A whole validated configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Datapath settings, if the file has a `[settings]` table (fields not
+    /// given take the defaults).
+    pub settings: Option<Settings>,
+    /// Where `[settings]` is (`file:line:column`), for errors.
+    pub settings_at: Option<String>,
+    /// Interfaces to attach to.
+    pub interfaces: Vec<Iface>,
+    /// Services.
+    pub services: Vec<ServiceCfg>,
+}
+
+/// Defaults of a health check.
+pub const CHECK_INTERVAL_MS: u64 = 1000;
+/// Default check timeout.
+pub const CHECK_TIMEOUT_MS: u64 = 500;
+/// Default rise and fall.
+pub const CHECK_RISE_FALL: u32 = 2;
+
+/// Where in a file: line and column (1-based) of a byte offset.
+fn line_col(src: &str, pos: usize) -> (usize, usize) {
+    let before = &src[..pos.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn at(&self, span: Range<usize>) -> String {
+        let (l, c) = line_col(self.src, span.start);
+        format!("{}:{l}:{c}", self.file)
+    }
+
+    fn err(&self, span: Range<usize>, field: &str, msg: impl fmt::Display) -> anyhow::Error {
+        let (l, c) = line_col(self.src, span.start);
+        anyhow!("{}:{l}:{c}: {field}: {msg}", self.file)
+    }
+}
+
+/// Reads and validates `path`. Checks that depend on the host (the NAT port
+/// range against the ephemeral ports) use the current network namespace.
+pub fn load(path: &Path) -> Result<Config> {
+    let src =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&src, path)
+}
+
+/// Parses and validates `src`, read from `path` (named in errors).
+pub fn parse(src: &str, path: &Path) -> Result<Config> {
+    let file = path.display().to_string();
+    let cx = Ctx { file: &file, src };
+    let raw: RawFile = toml::from_str(src).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let msg = e.message().trim().to_string();
+        let (l, c) = line_col(src, span.start);
+        anyhow!("{file}:{l}:{c}: {msg}")
+    })?;
+
+    let settings = raw
+        .settings
+        .as_ref()
+        .map(|s| settings_of(&cx, s))
+        .transpose()?;
+
+    let mut interfaces = Vec::new();
+    for i in &raw.interfaces {
+        let name = i.get_ref().name.get_ref().clone();
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            return Err(cx.err(
+                i.get_ref().name.span(),
+                "interfaces.name",
+                format!("'{name}' is not an interface name"),
+            ));
+        }
+        if interfaces.iter().any(|x: &Iface| x.name == name) {
+            return Err(cx.err(
+                i.get_ref().name.span(),
+                "interfaces.name",
+                format!("interface {name} is listed twice"),
+            ));
+        }
+        let mode = match i.get_ref().mode.as_ref() {
+            None => Mode::Auto,
+            Some(m) => match m.get_ref().as_str() {
+                "auto" => Mode::Auto,
+                "native" => Mode::Native,
+                "skb" => Mode::Skb,
+                other => {
+                    return Err(cx.err(
+                        m.span(),
+                        "interfaces.mode",
+                        format!("'{other}' is not one of auto, native, skb"),
+                    ))
+                }
+            },
+        };
+        interfaces.push(Iface {
+            name,
+            mode,
+            at: cx.at(i.get_ref().name.span()),
+        });
+    }
+
+    let mut services: Vec<ServiceCfg> = Vec::new();
+    for s in &raw.services {
+        let rs = s.get_ref();
+        let vip: Ipv4Addr = rs.vip.get_ref().parse().map_err(|_| {
+            cx.err(
+                rs.vip.span(),
+                "services.vip",
+                format!("'{}' is not an IPv4 address", rs.vip.get_ref()),
+            )
+        })?;
+        if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
+            return Err(cx.err(
+                rs.vip.span(),
+                "services.vip",
+                format!("{vip} is not a unicast address"),
+            ));
+        }
+        let proto = match rs.proto.as_ref() {
+            None => Proto::Tcp,
+            Some(p) => match p.get_ref().as_str() {
+                "tcp" => Proto::Tcp,
+                "udp" => Proto::Udp,
+                other => {
+                    return Err(cx.err(
+                        p.span(),
+                        "services.proto",
+                        format!("'{other}' is not tcp or udp"),
+                    ))
+                }
+            },
+        };
+        let service = Service::new(SocketAddrV4::new(vip, *rs.port.get_ref()), proto);
+        if services.iter().any(|x| x.service == service) {
+            return Err(cx.err(s.span(), "services", format!("duplicate service {service}")));
+        }
+        if services.len() >= crate::maps::MAX_SERVICES as usize {
+            return Err(cx.err(
+                s.span(),
+                "services",
+                format!("more than {} services", crate::maps::MAX_SERVICES),
+            ));
+        }
+        let mut backends: Vec<BackendCfg> = Vec::new();
+        for b in &rs.backends {
+            let rb = b.get_ref();
+            let addr: SocketAddrV4 = rb.addr.get_ref().parse().map_err(|_| {
+                cx.err(
+                    rb.addr.span(),
+                    "services.backends.addr",
+                    format!("'{}' is not IPv4:PORT", rb.addr.get_ref()),
+                )
+            })?;
+            let ip = addr.ip();
+            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+                return Err(cx.err(
+                    rb.addr.span(),
+                    "services.backends.addr",
+                    format!("{ip} is not a unicast address"),
+                ));
+            }
+            if backends.iter().any(|x| x.addr == addr) {
+                return Err(cx.err(
+                    rb.addr.span(),
+                    "services.backends.addr",
+                    format!("duplicate backend {addr} in service {service}"),
+                ));
+            }
+            let weight = match rb.weight.as_ref() {
+                None => 1,
+                Some(w) => {
+                    let v = *w.get_ref();
+                    if !(0..=i64::from(MAX_WEIGHT)).contains(&v) {
+                        return Err(cx.err(
+                            w.span(),
+                            "services.backends.weight",
+                            format!("weight {v} out of range 0..={MAX_WEIGHT}"),
+                        ));
+                    }
+                    v as u32
+                }
+            };
+            let check = rb.check.as_ref().map(|c| check_of(&cx, c)).transpose()?;
+            if let (Some(c), 0) = (&rb.check, addr.port()) {
+                return Err(cx.err(
+                    c.span(),
+                    "services.backends.check",
+                    format!("backend {addr} has port 0 (the client's port): a health check needs a port"),
+                ));
+            }
+            backends.push(BackendCfg {
+                addr,
+                weight,
+                check,
+            });
+        }
+        services.push(ServiceCfg { service, backends });
+    }
+    let total: usize = services.iter().map(|s| s.backends.len()).sum();
+    if total > crate::maps::MAX_BACKENDS as usize {
+        bail!(
+            "{file}: {total} backends, more than {}",
+            crate::maps::MAX_BACKENDS
+        );
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        settings,
+        settings_at: raw.settings.as_ref().map(|s| cx.at(s.span())),
+        interfaces,
+        services,
+    })
+}
+
+fn settings_of(cx: &Ctx, s: &Spanned<RawSettings>) -> Result<Settings> {
+    let r = s.get_ref();
+    let mut out = Settings::default();
+    if let Some(p) = &r.nat_ports {
+        let bad = || {
+            cx.err(
+                p.span(),
+                "settings.nat_ports",
+                format!("'{}' is not LO-HI (e.g. \"61000-65535\")", p.get_ref()),
+            )
+        };
+        let (lo, hi) = p.get_ref().split_once('-').ok_or_else(bad)?;
+        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+        if lo == 0 || lo > hi {
+            return Err(cx.err(
+                p.span(),
+                "settings.nat_ports",
+                format!("range {lo}-{hi} is empty or starts at 0"),
+            ));
+        }
+        let eph = settings::ephemeral_ports()?;
+        if lo <= *eph.end() && *eph.start() <= hi {
+            return Err(cx.err(
+                p.span(),
+                "settings.nat_ports",
+                format!(
+                    "range {lo}-{hi} overlaps the host's ephemeral ports {}-{} (net.ipv4.ip_local_port_range)",
+                    eph.start(),
+                    eph.end()
+                ),
+            ));
+        }
+        out.nat_port_lo = lo;
+        out.nat_port_hi = hi;
+    }
+    if let Some(m) = &r.maglev_size {
+        let v = *m.get_ref();
+        if !maglev::is_prime(v) || v > 1_000_003 {
+            return Err(cx.err(
+                m.span(),
+                "settings.maglev_size",
+                format!("{v} is not a prime up to 1000003"),
+            ));
+        }
+        out.maglev_size = v;
+    }
+    if let Some(m) = &r.max_flows {
+        let v = *m.get_ref();
+        if !(1024..=64 << 20).contains(&v) {
+            return Err(cx.err(
+                m.span(),
+                "settings.max_flows",
+                format!("{v} out of range 1024..=67108864"),
+            ));
+        }
+        out.max_flows = v;
+    }
+    for (name, f, dst) in [
+        ("settings.tcp_timeout", &r.tcp_timeout, &mut out.tcp_timeout),
+        ("settings.udp_timeout", &r.udp_timeout, &mut out.udp_timeout),
+        ("settings.fin_timeout", &r.fin_timeout, &mut out.fin_timeout),
+    ] {
+        if let Some(t) = f {
+            let v = *t.get_ref();
+            if v == 0 || v > 86400 {
+                return Err(cx.err(t.span(), name, format!("{v}s out of range 1..=86400")));
+            }
+            *dst = v;
+        }
+    }
+    out.validate()
+        .map_err(|e| cx.err(s.span(), "settings", e))?;
+    Ok(out)
+}
+
+fn check_of(cx: &Ctx, c: &Spanned<RawCheck>) -> Result<Check> {
+    let r = c.get_ref();
+    let kind = match r.kind.get_ref().as_str() {
+        "tcp" => {
+            for (f, name) in [
+                (r.path.as_ref().map(|p| p.span()), "path"),
+                (r.expect.as_ref().map(|e| e.span()), "expect"),
+            ] {
+                if let Some(span) = f {
+                    return Err(cx.err(
+                        span,
+                        &format!("services.backends.check.{name}"),
+                        "only for kind = \"http\"",
+                    ));
+                }
+            }
+            CheckKind::Tcp
+        }
+        "http" => {
+            let path = r
+                .path
+                .as_ref()
+                .map_or("/".to_string(), |p| p.get_ref().clone());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                let span = r.path.as_ref().map_or(c.span(), |p| p.span());
+                return Err(cx.err(
+                    span,
+                    "services.backends.check.path",
+                    format!("'{path}' is not an absolute path"),
+                ));
+            }
+            let expect = match &r.expect {
+                None => 200,
+                Some(e) => {
+                    let v = *e.get_ref();
+                    if !(100..=599).contains(&v) {
+                        return Err(cx.err(
+                            e.span(),
+                            "services.backends.check.expect",
+                            format!("{v} is not an HTTP status"),
+                        ));
+                    }
+                    v
+                }
+            };
+            CheckKind::Http { path, expect }
+        }
+        other => {
+            return Err(cx.err(
+                r.kind.span(),
+                "services.backends.check.kind",
+                format!("'{other}' is not tcp or http"),
+            ))
+        }
+    };
+    let ms = |f: &Option<Spanned<u64>>, name: &str, default: u64| -> Result<Duration> {
+        match f {
+            None => Ok(Duration::from_millis(default)),
+            Some(v) => {
+                let x = *v.get_ref();
+                if !(10..=3_600_000).contains(&x) {
+                    return Err(cx.err(
+                        v.span(),
+                        &format!("services.backends.check.{name}"),
+                        format!("{x} ms out of range 10..=3600000"),
+                    ));
+                }
+                Ok(Duration::from_millis(x))
+            }
+        }
+    };
+    let interval = ms(&r.interval_ms, "interval_ms", CHECK_INTERVAL_MS)?;
+    let timeout = ms(
+        &r.timeout_ms,
+        "timeout_ms",
+        CHECK_TIMEOUT_MS.min(interval.as_millis() as u64),
+    )?;
+    if timeout > interval {
+        let span = r.timeout_ms.as_ref().map_or(c.span(), |t| t.span());
+        return Err(cx.err(
+            span,
+            "services.backends.check.timeout_ms",
+            "longer than interval_ms",
+        ));
+    }
+    let count = |f: &Option<Spanned<u32>>, name: &str| -> Result<u32> {
+        match f {
+            None => Ok(CHECK_RISE_FALL),
+            Some(v) => {
+                let x = *v.get_ref();
+                if !(1..=100).contains(&x) {
+                    return Err(cx.err(
+                        v.span(),
+                        &format!("services.backends.check.{name}"),
+                        format!("{x} out of range 1..=100"),
+                    ));
+                }
+                Ok(x)
+            }
+        }
+    };
+    Ok(Check {
+        kind,
+        interval,
+        timeout,
+        rise: count(&r.rise, "rise")?,
+        fall: count(&r.fall, "fall")?,
+    })
+}
+
+// ------------------------------------------------------------------- diff
+
+/// The state wanted (or loaded): service -> backend -> weight.
+pub type State = BTreeMap<Service, BTreeMap<SocketAddrV4, u32>>;
+
+/// One change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Attach to an interface.
+    Attach(Iface),
+    /// A new service.
+    AddService(Service),
+    /// A new backend.
+    AddBackend(Service, SocketAddrV4, u32),
+    /// A weight changes (old, new).
+    SetWeight(Service, SocketAddrV4, u32, u32),
+    /// A backend goes (with its weight, for rollback).
+    DelBackend(Service, SocketAddrV4, u32),
+    /// A service goes (with its backends, for rollback).
+    DelService(Service, BTreeMap<SocketAddrV4, u32>),
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Attach(i) => write!(f, "+ interface {} ({} mode)", i.name, i.mode),
+            Change::AddService(s) => write!(f, "+ service {s}"),
+            Change::AddBackend(s, a, w) => write!(f, "+ backend {a} weight {w} (service {s})"),
+            Change::SetWeight(s, a, o, n) => {
+                write!(f, "~ backend {a} weight {o} -> {n} (service {s})")
+            }
+            Change::DelBackend(s, a, _) => write!(f, "- backend {a} (service {s})"),
+            Change::DelService(s, _) => write!(f, "- service {s}"),
+        }
+    }
+}
+
+impl Config {
+    /// The services and weights the file asks for; backends in `out` get
+    /// weight 0.
+    pub fn state(&self, out: &HashSet<(Service, SocketAddrV4)>) -> State {
+        self.services
+            .iter()
+            .map(|s| {
+                let b = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let w = if out.contains(&(s.service, b.addr)) {
+                            0
+                        } else {
+                            b.weight
+                        };
+                        (b.addr, w)
+                    })
+                    .collect();
+                (s.service, b)
+            })
+            .collect()
+    }
+}
+
+/// What is loaded in the maps.
+pub fn loaded(m: &Maps) -> Result<State> {
+    Ok(service::list(m)?
+        .into_iter()
+        .map(|s| {
+            (
+                s.service,
+                s.backends.into_iter().map(|b| (b.addr, b.weight)).collect(),
+            )
+        })
+        .collect())
+}
+
+/// The changes that take `have` to `want`, in the order they are applied:
+/// additions first, then weights, then removals.
+pub fn diff(have: &State, want: &State) -> Vec<Change> {
+    let mut adds = Vec::new();
+    let mut sets = Vec::new();
+    let mut dels = Vec::new();
+    for (svc, wb) in want {
+        let hb = have.get(svc);
+        if hb.is_none() {
+            adds.push(Change::AddService(*svc));
+        }
+        for (a, w) in wb {
+            match hb.and_then(|h| h.get(a)) {
+                None => adds.push(Change::AddBackend(*svc, *a, *w)),
+                Some(o) if o != w => sets.push(Change::SetWeight(*svc, *a, *o, *w)),
+                Some(_) => {}
+            }
+        }
+        if let Some(hb) = hb {
+            for (a, w) in hb {
+                if !wb.contains_key(a) {
+                    dels.push(Change::DelBackend(*svc, *a, *w));
+                }
+            }
+        }
+    }
+    for (svc, hb) in have {
+        if !want.contains_key(svc) {
+            dels.push(Change::DelService(*svc, hb.clone()));
+        }
+    }
+    adds.extend(sets);
+    adds.extend(dels);
+    adds
+}
+
+// ------------------------------------------------------------------ apply
+
+/// Test hook: with `LB_TEST_FAIL_AFTER=N` set, applying fails after N
+/// changes, so that tests can watch the rollback.
+const FAIL_AFTER_ENV: &str = "LB_TEST_FAIL_AFTER";
+
+fn do_change(
+    m: Option<&Maps>,
+    c: &Change,
+    settings: Option<&Settings>,
+    pins: &PinDir,
+) -> Result<()> {
+    let maps = || m.ok_or_else(|| anyhow!("no lb instance at {}", pins.root.display()));
+    match c {
+        Change::Attach(i) => {
+            loader::attach(&i.name, i.mode, settings, pins)
+                .with_context(|| format!("attaching to {}", i.name))?;
+        }
+        Change::AddService(s) => {
+            service::service_add(maps()?, s)?;
+        }
+        Change::AddBackend(s, a, w) => {
+            service::backend_add(maps()?, s, *a, *w)?;
+        }
+        Change::SetWeight(s, a, _, n) => service::backend_set(maps()?, s, *a, *n)?,
+        Change::DelBackend(s, a, _) => service::backend_del(maps()?, s, *a)?,
+        Change::DelService(s, _) => service::service_del(maps()?, s)?,
+    }
+    Ok(())
+}
+
+fn undo_change(m: Option<&Maps>, c: &Change, pins: &PinDir) -> Result<()> {
+    let maps = || m.ok_or_else(|| anyhow!("no lb instance at {}", pins.root.display()));
+    match c {
+        Change::Attach(i) => {
+            loader::detach(&i.name, pins)?;
+        }
+        Change::AddService(s) => service::service_del(maps()?, s)?,
+        Change::AddBackend(s, a, _) => service::backend_del(maps()?, s, *a)?,
+        Change::SetWeight(s, a, o, _) => service::backend_set(maps()?, s, *a, *o)?,
+        Change::DelBackend(s, a, w) => {
+            service::backend_add(maps()?, s, *a, *w)?;
+        }
+        Change::DelService(s, b) => {
+            service::service_add(maps()?, s)?;
+            for (a, w) in b {
+                service::backend_add(maps()?, s, *a, *w)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The plan for `cfg` against the instance at `pins` (current network
+/// namespace): interfaces to attach, then service and backend changes.
+/// Backends in `out` (health-checked down) are wanted with weight 0.
+pub fn plan(
+    cfg: &Config,
+    pins: &PinDir,
+    out: &HashSet<(Service, SocketAddrV4)>,
+) -> Result<Vec<Change>> {
+    let existing = loader::instance_settings(pins)?;
+    if let (Some(want), Some(have)) = (&cfg.settings, &existing) {
+        if want != have {
+            bail!(
+                "{}: settings: [settings] differ from those of the running instance at {} ({have:?}); detach all its interfaces to change them",
+                cfg.settings_at.as_deref().unwrap_or(&cfg.path.display().to_string()),
+                pins.root.display()
+            );
+        }
+    }
+    let mut changes = Vec::new();
+    for i in &cfg.interfaces {
+        crate::net::ifindex(&i.name)
+            .with_context(|| format!("{}: interfaces.name: interface {}", i.at, i.name))?;
+        if !pins.link(&i.name).exists() {
+            changes.push(Change::Attach(i.clone()));
+        }
+    }
+    let have = if existing.is_some() {
+        loaded(&Maps::open(pins)?)?
+    } else {
+        if changes.is_empty() {
+            bail!(
+                "no lb instance at {} and no interface to attach in {}",
+                pins.root.display(),
+                cfg.path.display()
+            );
+        }
+        State::new()
+    };
+    changes.extend(diff(&have, &cfg.state(out)));
+    Ok(changes)
+}
+
+/// Applies `changes` (from [`plan`]) all or nothing: on a failure, what was
+/// applied is undone in reverse order and the error returned. (A backend
+/// removed and put back by a rollback has lost its flows.)
+pub fn apply(changes: &[Change], settings: Option<&Settings>, pins: &PinDir) -> Result<()> {
+    let fail_after: Option<usize> = std::env::var(FAIL_AFTER_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut maps: Option<Maps> = Maps::open(pins).ok();
+    let mut done: Vec<&Change> = Vec::new();
+    let mut result = Ok(());
+    for c in changes {
+        if fail_after == Some(done.len()) {
+            result = Err(anyhow!(
+                "{FAIL_AFTER_ENV}: failing after {} changes",
+                done.len()
+            ));
+            break;
+        }
+        if let Err(e) = do_change(maps.as_ref(), c, settings, pins) {
+            result = Err(e.context(format!("applying '{c}'")));
+            break;
+        }
+        done.push(c);
+        if maps.is_none() {
+            maps = Maps::open(pins).ok();
+        }
+    }
+    if let Err(e) = result {
+        let mut failed = Vec::new();
+        for c in done.iter().rev() {
+            if let Err(u) = undo_change(maps.as_ref(), c, pins) {
+                failed.push(format!("undoing '{c}': {u:#}"));
+            }
+        }
+        if failed.is_empty() {
+            return Err(e.context("nothing changed (rolled back)"));
+        }
+        return Err(e.context(format!("rollback incomplete: {}", failed.join("; "))));
+    }
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! `lb run`: the foreground daemon. Applies the configuration file,
+//! health-checks backends (taking a failed one out of new-flow selection and
+//! ending its flows, putting it back after it recovers), reloads on SIGHUP,
+//! stops on SIGTERM/SIGINT leaving the datapath attached, and optionally
+//! serves Prometheus metrics.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{error, info, warn};
+
+use crate::bpffs::PinDir;
+use crate::config::{self, Check, Config};
+use crate::health::{self, Health};
+use crate::maps::Maps;
+use crate::metrics::{self, HealthInfo, HealthView};
+use crate::service::{self, Service};
+use crate::{conntrack, netns};
+
+/// How `lb run` was started.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The LB's network namespace.
+    pub netns: Option<String>,
+    /// The instance's pins.
+    pub pin_dir: PathBuf,
+    /// Where to serve metrics.
+    pub metrics: Option<SocketAddr>,
+}
+
+type Key = (Service, SocketAddrV4);
+
+enum Event {
+    Probe {
+        generation: u64,
+        key: Key,
+        result: Result<Duration, String>,
+    },
+    Signal(Signal),
+}
+
+/// Health checkers of one configuration; stopped on drop.
+struct Checkers {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Checkers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn start_checkers(cfg: &Config, generation: u64, tx: &Sender<Event>) -> Result<Checkers> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for s in &cfg.services {
+        for b in &s.backends {
+            let Some(check) = b.check.clone() else {
+                continue;
+            };
+            let key = (s.service, b.addr);
+            let (tx, stop) = (tx.clone(), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name(format!("check {}", b.addr))
+                .spawn(move || loop {
+                    let t0 = Instant::now();
+                    let result = health::probe(key.1, &check);
+                    if stop.load(Ordering::Relaxed)
+                        || tx
+                            .send(Event::Probe {
+                                generation,
+                                key,
+                                result,
+                            })
+                            .is_err()
+                    {
+                        return;
+                    }
+                    while t0.elapsed() < check.interval {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(
+                            (check.interval - t0.elapsed()).min(Duration::from_millis(20)),
+                        );
+                    }
+                })
+                .context("starting a health checker")?;
+        }
+    }
+    Ok(Checkers { stop })
+}
+
+struct State {
+    cfg: Config,
+    pins: PinDir,
+    health: BTreeMap<Key, Health>,
+    checks: BTreeMap<Key, Check>,
+    /// Backends out of new-flow selection now.
+    out: HashSet<Key>,
+    view: HealthView,
+}
+
+impl State {
+    /// The backends to take out: the down ones, except when that would
+    /// leave a service without any backend taking flows.
+    fn wanted_out(&self) -> HashSet<Key> {
+        let mut out = HashSet::new();
+        for s in &self.cfg.services {
+            let down: Vec<Key> = s
+                .backends
+                .iter()
+                .map(|b| (s.service, b.addr))
+                .filter(|k| self.health.get(k).is_some_and(|h| h.down))
+                .collect();
+            if down.is_empty() {
+                continue;
+            }
+            let serving = s
+                .backends
+                .iter()
+                .any(|b| b.weight > 0 && !down.contains(&(s.service, b.addr)));
+            if serving {
+                out.extend(down);
+            } else {
+                error!(
+                    service = %s.service,
+                    "every backend of the service is down: keeping them all in (never blackhole)"
+                );
+            }
+        }
+        out
+    }
+
+    /// Makes the maps match the file and the health state; ends the flows
+    /// of backends newly taken out.
+    fn sync(&mut self, why: &str) -> Result<()> {
+        let out = self.wanted_out();
+        let changes = config::plan(&self.cfg, &self.pins, &out)?;
+        if !changes.is_empty() {
+            config::apply(&changes, self.cfg.settings.as_ref(), &self.pins)?;
+            for c in &changes {
+                info!(change = %c, reason = why, "applied");
+            }
+        }
+        let newly: Vec<Key> = out.difference(&self.out).copied().collect();
+        if !newly.is_empty() {
+            let m = Maps::open(&self.pins)?;
+            let list = service::list(&m)?;
+            for (svc, addr) in newly {
+                let id = list
+                    .iter()
+                    .find(|s| s.service == svc)
+                    .and_then(|s| s.backends.iter().find(|b| b.addr == addr))
+                    .map(|b| b.id);
+                if let Some(id) = id {
+                    let n = conntrack::end_flows(&m, |f| f.backend == id)?;
+                    info!(service = %svc, backend = %addr, entries = n, "ended the flows of a backend taken out");
+                }
+            }
+        }
+        self.out = out;
+        self.publish();
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let mut v = self.view.lock().expect("health lock");
+        v.clear();
+        for k in self.checks.keys() {
+            let h = self.health.get(k).cloned().unwrap_or_default();
+            v.insert(
+                *k,
+                HealthInfo {
+                    up: !h.down,
+                    latency: h.last_latency,
+                },
+            );
+        }
+    }
+
+    fn set_config(&mut self, cfg: Config) {
+        let mut checks = BTreeMap::new();
+        for s in &cfg.services {
+            for b in &s.backends {
+                if let Some(c) = &b.check {
+                    checks.insert((s.service, b.addr), c.clone());
+                }
+            }
+        }
+        // Backends still checked the same way keep their state.
+        self.health
+            .retain(|k, _| checks.contains_key(k) && self.checks.get(k) == checks.get(k));
+        self.checks = checks;
+        self.cfg = cfg;
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(o: &Options) -> Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    // Signals go to the signal thread only: block them here, before any
+    // thread exists (threads inherit the mask).
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        sigs.add(s);
+    }
+    sigs.thread_block().context("blocking signals")?;
+    // Every thread started from here on lives in the LB's namespace: its
+    // health checks and metrics sockets too.
+    let _ns = netns::enter_opt(o.netns.as_deref())?;
+    let pins = PinDir::new(&o.pin_dir);
+    let cfg = config::load(&o.file)?;
+    let view: HealthView = Arc::default();
+    let mut st = State {
+        cfg: cfg.clone(),
+        pins,
+        health: BTreeMap::new(),
+        checks: BTreeMap::new(),
+        out: HashSet::new(),
+        view: Arc::clone(&view),
+    };
+    st.set_config(cfg);
+    st.sync("start")?;
+    info!(file = %o.file.display(), services = st.cfg.services.len(), "config applied");
+
+    let (tx, rx) = channel();
+    let mut generation = 1;
+    let mut checkers = start_checkers(&st.cfg, generation, &tx)?;
+    if let Some(addr) = o.metrics {
+        metrics::serve(addr, o.pin_dir.clone(), Arc::clone(&view))?;
+        info!(%addr, "serving metrics at /metrics");
+    }
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                match sigs.wait() {
+                    Ok(s) => {
+                        if tx.send(Event::Signal(s)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, "waiting for signals");
+                        return;
+                    }
+                }
+            })
+            .context("starting the signal thread")?;
+    }
+    info!(pid = std::process::id(), "running");
+
+    loop {
+        let Ok(ev) = rx.recv() else {
+            return Ok(());
+        };
+        match ev {
+            Event::Signal(Signal::SIGHUP) => {
+                info!(file = %o.file.display(), "SIGHUP: reloading");
+                match config::load(&o.file) {
+                    Err(e) => {
+                        error!(error = %format!("{e:#}"), "reload failed: keeping the running config")
+                    }
+                    Ok(new) => {
+                        let old = st.cfg.clone();
+                        let old_health = st.health.clone();
+                        let old_checks = st.checks.clone();
+                        st.set_config(new);
+                        match st.sync("reload") {
+                            Ok(()) => {
+                                generation += 1;
+                                drop(checkers);
+                                checkers = start_checkers(&st.cfg, generation, &tx)?;
+                                info!(file = %o.file.display(), services = st.cfg.services.len(), "config applied");
+                            }
+                            Err(e) => {
+                                error!(error = %format!("{e:#}"), "reload failed: keeping the running config");
+                                st.cfg = old;
+                                st.health = old_health;
+                                st.checks = old_checks;
+                            }
+                        }
+                    }
+                }
+            }
+            Event::Signal(s) => {
+                info!(signal = %s, "stopping; the datapath stays attached");
+                drop(checkers);
+                return Ok(());
+            }
+            Event::Probe {
+                generation: g,
+                key,
+                result,
+            } => {
+                if g != generation {
+                    continue;
+                }
+                let Some(check) = st.checks.get(&key).cloned() else {
+                    continue;
+                };
+                let h = st.health.entry(key).or_default();
+                let change = h.record(&result, &check);
+                let err = h.last_error.clone();
+                match change {
+                    Some(false) => {
+                        warn!(service = %key.0, backend = %key.1, error = err.as_deref().unwrap_or(""), fall = check.fall, "backend down");
+                    }
+                    Some(true) => {
+                        info!(service = %key.0, backend = %key.1, rise = check.rise, "backend up");
+                    }
+                    None => {
+                        st.publish();
+                        continue;
+                    }
+                }
+                if let Err(e) = st.sync("health") {
+                    error!(error = %format!("{e:#}"), "applying a health change failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Prometheus metrics, read from the maps at scrape time, served over a
+//! minimal HTTP server (`GET /metrics`).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::bpffs::PinDir;
+use crate::maps::Maps;
+use crate::service::Service;
+use crate::stats;
+
+/// Health of a checked backend as the metrics show it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HealthInfo {
+    /// 1: up.
+    pub up: bool,
+    /// Latency of the last successful check.
+    pub latency: Option<Duration>,
+}
+
+/// Health of every checked backend, shared with the daemon.
+pub type HealthView = Arc<Mutex<BTreeMap<(Service, SocketAddrV4), HealthInfo>>>;
+
+type Labels = Vec<(String, String)>;
+
+fn counter_family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let f = Family::<Labels, Counter>::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+fn gauge_family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let f = Family::<Labels, Gauge>::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
+/// The metrics of the instance in `m` in the OpenMetrics text format.
+pub fn render(m: &Maps, health: &HealthView) -> Result<String> {
+    let r = stats::report(m)?;
+    let mut reg = Registry::with_prefix("lb");
+    let sp = counter_family(
+        &mut reg,
+        "service_packets",
+        "Packets of a service, both directions",
+    );
+    let sb = counter_family(
+        &mut reg,
+        "service_bytes",
+        "Bytes of a service, both directions",
+    );
+    let sn = counter_family(
+        &mut reg,
+        "service_new_flows",
+        "Connections started to a service",
+    );
+    let sa = gauge_family(
+        &mut reg,
+        "service_active_flows",
+        "Connections open to a service",
+    );
+    let bp = counter_family(
+        &mut reg,
+        "backend_packets",
+        "Packets of a backend, both directions",
+    );
+    let bb = counter_family(
+        &mut reg,
+        "backend_bytes",
+        "Bytes of a backend, both directions",
+    );
+    let bn = counter_family(
+        &mut reg,
+        "backend_new_flows",
+        "Connections started to a backend",
+    );
+    let ba = gauge_family(
+        &mut reg,
+        "backend_active_flows",
+        "Connections open to a backend",
+    );
+    let bw = gauge_family(
+        &mut reg,
+        "backend_weight",
+        "Weight of a backend in the maps (0: out)",
+    );
+    let up = gauge_family(
+        &mut reg,
+        "backend_up",
+        "Health of a checked backend (1 up, 0 down)",
+    );
+    let lat = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    reg.register(
+        "backend_check_latency_seconds",
+        "Latency of the last successful health check",
+        lat.clone(),
+    );
+    let vp = counter_family(
+        &mut reg,
+        "verdict_packets",
+        "Packets by datapath verdict and reason",
+    );
+    let vb = counter_family(
+        &mut reg,
+        "verdict_bytes",
+        "Bytes by datapath verdict and reason",
+    );
+
+    for s in &r.services {
+        let l = vec![("service".to_string(), s.service.clone())];
+        sp.get_or_create(&l).inc_by(s.traffic.packets);
+        sb.get_or_create(&l).inc_by(s.traffic.bytes);
+        sn.get_or_create(&l).inc_by(s.traffic.new_flows);
+        sa.get_or_create(&l).set(s.traffic.active_flows as i64);
+        for b in &s.backends {
+            let l = vec![
+                ("service".to_string(), s.service.clone()),
+                ("backend".to_string(), b.backend.addr.to_string()),
+            ];
+            bp.get_or_create(&l).inc_by(b.traffic.packets);
+            bb.get_or_create(&l).inc_by(b.traffic.bytes);
+            bn.get_or_create(&l).inc_by(b.traffic.new_flows);
+            ba.get_or_create(&l).set(b.traffic.active_flows as i64);
+            bw.get_or_create(&l).set(i64::from(b.backend.weight));
+        }
+    }
+    for ((svc, addr), h) in health.lock().expect("health lock").iter() {
+        let l = vec![
+            ("service".to_string(), svc.to_string()),
+            ("backend".to_string(), addr.to_string()),
+        ];
+        up.get_or_create(&l).set(i64::from(h.up));
+        if let Some(d) = h.latency {
+            lat.get_or_create(&l).set(d.as_secs_f64());
+        }
+    }
+    for (name, c) in &r.counters {
+        let verdict = match name.split('_').next().unwrap_or("") {
+            "to" => "forward",
+            "new" => "flow",
+            v => v,
+        }
+        .to_string();
+        let l = vec![
+            ("verdict".to_string(), verdict),
+            ("reason".to_string(), name.clone()),
+        ];
+        vp.get_or_create(&l).inc_by(c.packets);
+        vb.get_or_create(&l).inc_by(c.bytes);
+    }
+    let mut out = String::new();
+    encode(&mut out, &reg).context("encoding metrics")?;
+    Ok(out)
+}
+
+fn answer(mut s: TcpStream, pins: &PinDir, health: &HealthView) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&req);
+    let line = line.lines().next().unwrap_or("");
+    let mut parts = line.split_whitespace();
+    let (status, ctype, body) = match (parts.next(), parts.next()) {
+        (Some("GET"), Some("/metrics")) => {
+            match Maps::open(pins).and_then(|m| render(&m, health)) {
+                Ok(b) => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    b,
+                ),
+                Err(e) => (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    format!("{e:#}\n"),
+                ),
+            }
+        }
+        _ => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
+    };
+    write!(
+        s,
+        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.flush()
+}
+
+/// Binds `addr` (in the calling thread's network namespace) and serves
+/// `/metrics` for the instance at `pin_dir` from a thread, one request at
+/// a time.
+pub fn serve(addr: SocketAddr, pin_dir: PathBuf, health: HealthView) -> Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr} for metrics"))?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let pins = PinDir::new(pin_dir);
+            for s in l.incoming() {
+                match s {
+                    Ok(s) => {
+                        if let Err(e) = answer(s, &pins, &health) {
+                            tracing::warn!(error = %e, "metrics request failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accepting a metrics connection"),
+                }
+            }
+        })
+        .context("starting the metrics thread")?;
+    Ok(())
+}

@@ -1,0 +1,495 @@
+//! `lb run` end to end in scripts/topo topologies: health checks take a
+//! stopped backend out under load and bring it back, SIGHUP reloads (a broken
+//! file keeps the running config), SIGTERM leaves the datapath attached, and
+//! /metrics, scraped over HTTP in the LB's namespace, matches the traffic
+//! sent. Every wait is bounded; every process is killed by its own PID.
+
+mod common;
+#[path = "common/services.rs"]
+mod svc;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use svc::Proc;
+
+/// A tiny HTTP server answering `backend NAME` on ADDR:PORT. Args: NAME ADDR
+/// PORT LIFETIME_S. Prints "ready" once listening.
+const HTTP: &str = r#"
+import http.server, socketserver, sys, threading
+name, addr, port, life = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("backend " + name + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+srv = S((addr, port), H)
+threading.Timer(life, srv.shutdown).start()
+print("ready", flush=True)
+srv.serve_forever(0.1)
+"#;
+
+fn http_server(ns: &str, name: &str, ip: &str, port: u16) -> Proc {
+    let mut p = Proc::spawn(
+        &format!("http server {name}:{port}"),
+        ns,
+        HTTP,
+        &[name, ip, &port.to_string(), "120"],
+    );
+    assert_eq!(p.line(Duration::from_secs(20)), "ready", "{}", p.name);
+    p
+}
+
+/// `lb run` as a child; its stderr (the logs) collected; killed on drop.
+struct Daemon {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(
+        file: &std::path::Path,
+        ns: &str,
+        pins: &common::PinDir,
+        metrics: Option<&str>,
+    ) -> Self {
+        let mut args = vec![
+            "run".to_string(),
+            "-f".into(),
+            file.to_str().unwrap().into(),
+            "--netns".into(),
+            ns.into(),
+            "--pin-dir".into(),
+            pins.arg().into(),
+        ];
+        if let Some(m) = metrics {
+            args.extend(["--metrics".to_string(), m.to_string()]);
+        }
+        let mut child = Command::new(common::lb_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("lb run");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let keep = Arc::clone(&logs);
+        let err = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for l in err.lines() {
+                let Ok(l) = l else { break };
+                keep.lock().unwrap().push(l);
+            }
+        });
+        let d = Self { child, logs };
+        d.wait_log("running", 1, Duration::from_secs(20));
+        d
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
+    }
+
+    /// Waits until `n` log lines contain `what`.
+    fn wait_log(&self, what: &str, n: usize, wait: Duration) {
+        let t0 = Instant::now();
+        while self.count(what) < n {
+            assert!(
+                t0.elapsed() < wait,
+                "no {n}x {what:?} in the daemon's log after {wait:?}:\n{}",
+                self.logs.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, s: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), s).expect("signal");
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    fn stop(&mut self) {
+        self.signal(Signal::SIGTERM);
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "lb run exited with {st}");
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "lb run did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Detaches the instance on drop (before the topology goes).
+struct Detach<'a>(String, &'a common::PinDir);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        let _ = common::lb(&[
+            "detach",
+            "eth0",
+            "--netns",
+            &self.0,
+            "--pin-dir",
+            self.1.arg(),
+        ]);
+    }
+}
+
+/// GET http://VIP:PORT/ from namespace `ns`: the body, "" on failure.
+fn get(ns: &str, url: &str, max_time: &str) -> String {
+    let out = Command::new("nsenter")
+        .args([
+            &format!("--net=/run/netns/{ns}"),
+            "curl",
+            "-s",
+            "--max-time",
+            max_time,
+            url,
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn list(ns: &str, pins: &common::PinDir) -> Vec<(String, u64)> {
+    let out = common::lb(&["list", "--json", "--netns", ns, "--pin-dir", pins.arg()]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["backends"].as_array().unwrap().clone())
+        .map(|b| {
+            (
+                b["addr"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn temp_file(name: &str, src: &str) -> (PathBuf, TempGuard) {
+    let dir = std::env::temp_dir().join(common::unique("lbd"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join(name);
+    std::fs::write(&f, src).unwrap();
+    (f, TempGuard(dir))
+}
+
+struct TempGuard(PathBuf);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const INTERVAL_MS: u64 = 200;
+const FALL: u64 = 2;
+
+fn config(port: u16, weights: (u32, u32), check: &str) -> String {
+    format!(
+        "[settings]\nmax_flows = 65536\n\n[[interfaces]]\nname = \"eth0\"\nmode = \"native\"\n\n\
+         [[services]]\nvip = \"10.200.0.2\"\nport = {port}\n\n\
+         [[services.backends]]\naddr = \"10.200.0.11:{port}\"\nweight = {}\ncheck = {check}\n\n\
+         [[services.backends]]\naddr = \"10.200.0.12:{port}\"\nweight = {}\ncheck = {check}\n",
+        weights.0, weights.1
+    )
+}
+
+#[test]
+fn health_failover_and_rejoin() {
+    if !common::root_or_skip("health_failover_and_rejoin") {
+        return;
+    }
+    let topo = common::Topo::up("native");
+    let pins = common::PinDir::new("lbd");
+    let (c, lbns) = (topo.ns("c"), topo.ns("lb"));
+    let port = 8080;
+    let a = http_server(&topo.ns("a"), "a", common::A_IP, port);
+    let b = http_server(&topo.ns("b"), "b", common::B_IP, port);
+    let check = format!(
+        "{{ kind = \"http\", path = \"/\", expect = 200, interval_ms = {INTERVAL_MS}, timeout_ms = 150, rise = 2, fall = {FALL} }}"
+    );
+    let (file, _tmp) = temp_file("lb.toml", &config(port, (1, 1), &check));
+    let mut d = Daemon::start(&file, &lbns, &pins, None);
+    let _detach = Detach(lbns.clone(), &pins);
+    let url = format!("http://{}:{port}/", common::LB_IP);
+
+    let seen: Vec<String> = (0..30).map(|_| get(&c, &url, "2")).collect();
+    assert!(seen.iter().any(|s| s == "backend a"), "{seen:?}");
+    assert!(seen.iter().any(|s| s == "backend b"), "{seen:?}");
+
+    // Stop a under continuous load: after interval x fall (+ margin), every
+    // new request goes to b.
+    drop(a);
+    let killed = Instant::now();
+    let deadline = Duration::from_millis(INTERVAL_MS * FALL + 1200);
+    let mut late = Vec::new();
+    while killed.elapsed() < deadline + Duration::from_secs(2) {
+        let t = killed.elapsed();
+        let r = get(&c, &url, "1");
+        if t > deadline {
+            late.push(r);
+        }
+    }
+    assert!(late.len() >= 10, "too few requests: {late:?}");
+    assert!(
+        late.iter().all(|r| r == "backend b"),
+        "requests after {deadline:?} not all on b: {late:?}"
+    );
+    d.wait_log("backend down", 1, Duration::from_secs(1));
+    d.wait_log("ended the flows", 1, Duration::from_secs(1));
+    assert_eq!(
+        list(&lbns, &pins),
+        [
+            ("10.200.0.11:8080".to_string(), 0),
+            ("10.200.0.12:8080".to_string(), 1)
+        ]
+    );
+
+    // Restart it: back after rise successes, with its weight.
+    let a = http_server(&topo.ns("a"), "a", common::A_IP, port);
+    d.wait_log("backend up", 1, Duration::from_secs(5));
+    d.wait_log("weight 0 -> 1", 1, Duration::from_secs(2));
+    assert_eq!(
+        list(&lbns, &pins),
+        [
+            ("10.200.0.11:8080".to_string(), 1),
+            ("10.200.0.12:8080".to_string(), 1)
+        ]
+    );
+    let seen: Vec<String> = (0..30).map(|_| get(&c, &url, "2")).collect();
+    assert!(
+        seen.iter().any(|s| s == "backend a"),
+        "a did not rejoin: {seen:?}"
+    );
+
+    // Every backend down: never blackhole, they all stay in.
+    drop((a, b));
+    d.wait_log(
+        "every backend of the service is down",
+        1,
+        Duration::from_secs(5),
+    );
+    let t0 = Instant::now();
+    let want = [
+        ("10.200.0.11:8080".to_string(), 1),
+        ("10.200.0.12:8080".to_string(), 1),
+    ];
+    while list(&lbns, &pins) != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            list(&lbns, &pins)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // SIGTERM: the daemon stops, the datapath stays.
+    d.stop();
+    d.wait_log("stopping", 1, Duration::from_secs(2));
+    assert!(pins.path.join("eth0/link").exists());
+    let out = common::lb(&["status", "--netns", &lbns, "--pin-dir", pins.arg()]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("eth0: ifindex"),
+        "{out:?}"
+    );
+    assert_eq!(list(&lbns, &pins), want);
+}
+
+/// Parses OpenMetrics text: "name{labels}" -> value.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn reload_and_metrics() {
+    if !common::root_or_skip("reload_and_metrics") {
+        return;
+    }
+    let topo = common::Topo::up("native");
+    let pins = common::PinDir::new("lbd");
+    let (c, lbns) = (topo.ns("c"), topo.ns("lb"));
+    let check = "{ kind = \"tcp\", interval_ms = 200, timeout_ms = 100 }";
+    let good = config(80, (1, 1), check);
+    let (file, _tmp) = temp_file("lb.toml", &good);
+    let metrics_addr = format!("{}:9100", common::LB_IP);
+    let mut d = Daemon::start(&file, &lbns, &pins, Some(&metrics_addr));
+    let _detach = Detach(lbns.clone(), &pins);
+    let url = format!("http://{}/", common::LB_IP);
+    let murl = format!("http://{metrics_addr}/metrics");
+
+    // Traffic, then a scrape from the LB's namespace.
+    let n = 20;
+    let mut per: HashMap<String, u64> = HashMap::new();
+    for _ in 0..n {
+        let r = get(&c, &url, "2");
+        assert!(r.starts_with("backend "), "{r:?}");
+        *per.entry(r).or_default() += 1;
+    }
+    let text = get(&lbns, &murl, "5");
+    assert!(text.ends_with("# EOF"), "{text}");
+    let m = parse_metrics(&text);
+    let svc = "service=\"10.200.0.2:80/tcp\"";
+    let key = |name: &str, be: &str| format!("{name}{{{svc},backend=\"{be}\"}}");
+    assert_eq!(
+        m[&format!("lb_service_new_flows_total{{{svc}}}")],
+        n as f64,
+        "{text}"
+    );
+    for (h, ip) in [("a", common::A_IP), ("b", common::B_IP)] {
+        let be = format!("{ip}:80");
+        let want = per.get(&format!("backend {h}")).copied().unwrap_or(0) as f64;
+        assert_eq!(
+            m[&key("lb_backend_new_flows_total", &be)],
+            want,
+            "{h}: {text}"
+        );
+        assert_eq!(m[&key("lb_backend_up", &be)], 1.0, "{text}");
+        assert_eq!(m[&key("lb_backend_weight", &be)], 1.0, "{text}");
+        assert!(
+            m.contains_key(&key("lb_backend_check_latency_seconds", &be)),
+            "{text}"
+        );
+        // A request and its answer: at least SYN, request, FIN, ACKs each way.
+        assert!(
+            m[&key("lb_backend_packets_total", &be)] >= want * 6.0,
+            "{text}"
+        );
+    }
+    let stats: Value = {
+        let out = common::lb(&["stats", "--json", "--netns", &lbns, "--pin-dir", pins.arg()]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let to_backend = svc::counter(&stats, "to_backend") as f64;
+    let scraped = m["lb_verdict_packets_total{verdict=\"forward\",reason=\"to_backend\"}"];
+    assert!(
+        scraped > 0.0 && scraped <= to_backend,
+        "{scraped} vs {to_backend}"
+    );
+    assert_eq!(
+        m["lb_verdict_packets_total{verdict=\"drop\",reason=\"drop_no_backend\"}"],
+        0.0
+    );
+
+    // `lb backend drain` is `backend set --weight 0`.
+    let out = common::lb(&[
+        "backend",
+        "drain",
+        "10.200.0.2:80",
+        "10.200.0.12:80",
+        "--netns",
+        &lbns,
+        "--pin-dir",
+        pins.arg(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        list(&lbns, &pins),
+        [
+            ("10.200.0.11:80".to_string(), 1),
+            ("10.200.0.12:80".to_string(), 0)
+        ]
+    );
+    for _ in 0..5 {
+        assert_eq!(get(&c, &url, "2"), "backend a");
+    }
+
+    // SIGHUP with a broken file: the running config stays.
+    std::fs::write(&file, good.replace("weight = 1", "weight = 99999")).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("reload failed", 1, Duration::from_secs(5));
+    assert!(d
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("weight 99999 out of range")));
+    assert_eq!(
+        list(&lbns, &pins),
+        [
+            ("10.200.0.11:80".to_string(), 1),
+            ("10.200.0.12:80".to_string(), 0)
+        ]
+    );
+    assert!(get(&c, &url, "2").starts_with("backend "));
+
+    // SIGHUP with a good file: applied.
+    std::fs::write(&file, config(80, (1, 3), check)).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("config applied", 2, Duration::from_secs(5));
+    assert_eq!(
+        list(&lbns, &pins),
+        [
+            ("10.200.0.11:80".to_string(), 1),
+            ("10.200.0.12:80".to_string(), 3)
+        ]
+    );
+    let m = parse_metrics(&get(&lbns, &murl, "5"));
+    assert_eq!(m[&key("lb_backend_weight", "10.200.0.12:80")], 3.0);
+
+    // An HTTP check expecting another status takes a out (reload re-keys
+    // the checks).
+    let http404 =
+        "{ kind = \"http\", path = \"/\", expect = 404, interval_ms = 200, timeout_ms = 100 }";
+    std::fs::write(&file, config(80, (1, 3), check).replacen(check, http404, 1)).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("config applied", 3, Duration::from_secs(5));
+    d.wait_log("weight 1 -> 0", 1, Duration::from_secs(5));
+    assert!(d
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("backend down") && l.contains("status 200, expected 404")));
+    assert_eq!(
+        list(&lbns, &pins),
+        [
+            ("10.200.0.11:80".to_string(), 0),
+            ("10.200.0.12:80".to_string(), 3)
+        ]
+    );
+    let m = parse_metrics(&get(&lbns, &murl, "5"));
+    assert_eq!(m[&key("lb_backend_up", "10.200.0.11:80")], 0.0);
+    assert_eq!(m[&key("lb_backend_up", "10.200.0.12:80")], 1.0);
+    d.stop();
+}

@@ -141,7 +141,7 @@ pub fn active_per_backend(m: &Maps) -> Result<std::collections::HashMap<u32, u64
     let mut out = std::collections::HashMap::new();
     for (k, f) in entries(m)? {
         if f.dir == maps::DIR_TO_BACKEND
-            && f.state != maps::CT_CLOSING
+            && f.state & maps::CT_CLOSING == 0
             && !expired(&f, k.proto, &s, now)
         {
             *out.entry(f.backend).or_insert(0) += 1;

@@ -165,7 +165,11 @@ pub fn attach(
         (None, Some(c)) => c.clone(),
         (None, None) => Settings::default(),
     };
-    settings.validate()?;
+    // Checked when the instance is made (the host's ephemeral ports may
+    // have moved since; the instance's flows already use its range).
+    if current.is_none() {
+        settings.validate()?;
+    }
 
     let link_pin = pins.link(iface);
     let mut effective = mode.effective(ifindex)?;

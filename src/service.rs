@@ -313,16 +313,19 @@ pub fn backend_set(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> 
             }
         })
         .collect();
-    install_table(m, info.id, &all, m.settings()?.maglev_size)?;
-    let mut entry: BackendEntry = from_bytes(
-        &m.backends
-            .lookup(&b.id.to_ne_bytes(), MapFlags::ANY)?
-            .unwrap_or_default(),
-    );
-    entry.weight = weight;
+    let key = b.id.to_ne_bytes();
+    let old: BackendEntry =
+        from_bytes(&m.backends.lookup(&key, MapFlags::ANY)?.unwrap_or_default());
+    let entry = BackendEntry { weight, ..old };
     m.backends
-        .update(&b.id.to_ne_bytes(), bytes(&entry), MapFlags::ANY)
-        .with_context(|| format!("setting the weight of {addr}"))
+        .update(&key, bytes(&entry), MapFlags::ANY)
+        .with_context(|| format!("setting the weight of {addr}"))?;
+    // The table last: on failure the entry goes back, and both agree.
+    if let Err(e) = install_table(m, info.id, &all, m.settings()?.maglev_size) {
+        let _ = m.backends.update(&key, bytes(&old), MapFlags::ANY);
+        return Err(e);
+    }
+    Ok(())
 }
 
 fn clear_backend(m: &Maps, id: u32) -> Result<()> {

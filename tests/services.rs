@@ -481,3 +481,69 @@ fn two_arm_topology() {
     }
     check_checksums(&net);
 }
+
+/// Hitless re-attach: connections held open through the LB keep working
+/// while `lb attach` loads a new program and swaps it in on the same maps
+/// (twice), and the connection table keeps their flows.
+#[test]
+fn connections_survive_reattach() {
+    if !common::root_or_skip("connections_survive_reattach") {
+        return;
+    }
+    let net = Net::up("native", 1, false);
+    let _echo = servers(&net, TCP_ECHO, 9000);
+    let lb = Lb::attach(&net);
+    let (a, b) = (net.backend_ip("a"), net.backend_ip("b"));
+    let svc = format!("{VIP}:9000");
+    lb.service(
+        &svc,
+        "tcp",
+        &[(&format!("{a}:9000"), 1), (&format!("{b}:9000"), 1)],
+    );
+
+    let conns = 8;
+    let arg = serde_json::json!({
+        "host": VIP, "port": 9000, "n": conns, "interval": 0.1, "after": 1.5,
+        "new": 10, "budget": BUDGET_S,
+    })
+    .to_string();
+    let mut c = Proc::spawn("echo client", &net.ns("c"), ECHO_CLIENT, &[&arg]);
+    let ready = c.event("ready", CLIENT_WAIT);
+    assert_eq!(ready["errors"], serde_json::json!([]), "{ready:#}");
+    let before: Vec<Value> = flows(&lb.conntrack(), "tcp", &svc)
+        .into_iter()
+        .cloned()
+        .collect();
+    assert_eq!(before.len(), conns, "{before:#?}");
+
+    c.send("deleting");
+    let prog = |lb: &Lb| lb.json(&["status"])["interfaces"][0]["prog_id"].clone();
+    let first = prog(&lb);
+    for _ in 0..2 {
+        let out = lb.run(&["attach", "eth0"]);
+        let s = text(&out.stdout);
+        assert!(s.contains("replaced") && s.contains("flows kept"), "{s}");
+    }
+    assert_ne!(prog(&lb), first, "the program was not replaced");
+    c.send("deleted");
+    let done = c.event("done", CLIENT_WAIT);
+
+    for (i, conn) in done["conns"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(conn["error"], Value::Null, "connection {i} broke: {conn}");
+        assert!(
+            conn["ok_after"].as_u64().unwrap() >= 3,
+            "connection {i} stalled after the re-attach: {conn}"
+        );
+    }
+    // The same flows, on the same NAT ports, are still in the table.
+    let after = lb.conntrack();
+    for f in &before {
+        assert!(
+            after
+                .iter()
+                .any(|g| g["client"] == f["client"] && g["nat"] == f["nat"]),
+            "flow {f} lost across the re-attach"
+        );
+    }
+    check_checksums(&net);
+}

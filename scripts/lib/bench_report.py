@@ -164,7 +164,9 @@ def main():
              "every number below comes from that run (the tests never assert numbers).\n")
     L.append(f"Machine: {mc['cpus']} CPUs, `{mc['model']}` (lscpu model name), Linux {mc['kernel']}. "
              "Client, load balancer, backends and traffic tools all share these CPUs, "
-             "so the end-to-end figures compare load balancers on one box; they are not line-rate figures.\n")
+             "so the end-to-end figures compare load balancers on one box; they are not line-rate figures. "
+             "The machine is not isolated (other jobs may run at the same time): read the [min, max] spreads "
+             "before the medians.\n")
     L.append("## 1. Datapath: ns per packet (BPF_PROG_TEST_RUN)\n")
     L.append("`cargo bench --bench datapath` runs the XDP program on one frame with `repeat` "
              "(best of 3 runs), proving from the counters that every repetition took the path measured. "
@@ -220,12 +222,22 @@ def main():
             cells.append(f"{r}; {fmt(med)}" + (f" ({e} errors)" if e else ""))
         L.append(f"| {name} | " + " | ".join(cells) + " |")
     L.append("\nErrors are wrk socket errors and non-2xx answers summed over rounds.")
+    NOTE = ("\nReading it: with keep-alive and with iperf3 a packet through lb costs one XDP program run and "
+            "XDP_TX, no socket and no kernel conntrack, so lb should stay closest to direct (the table says whether it did in this run). With a new "
+            "connection per request, lb's defaults run out of NAT source ports: each closed connection holds "
+            "its port for the FIN linger (10 s), the 4,536 ports per backend are spoken for after a few "
+            "seconds, further SYNs are dropped (`drop_nat_full`) and clients retransmit them a second later. "
+            "A wider range and a shorter linger remove the drops; what is left of the gap to nftables in that "
+            "test has not been investigated (nftables' masquerade keeps the client's source port, while lb "
+            "picks NAT ports at random, reusing ports whose connection may still be in TIME_WAIT on the "
+            "backend).")
     for sc, name in SCENARIOS:
         if sc in lbstats:
             L.append(f" {name}: drop counters summed over rounds: "
                      + ", ".join(f"`{k}` {v}" for k, v in sorted(lbstats[sc].items())) + ".")
         elif sc.startswith("lb"):
             L.append(f" {name}: no drops.")
+    L.append(NOTE)
     L.append("")
 
     L.append("## 3. Memory of a default instance\n")

@@ -235,7 +235,7 @@ fn main() -> Result<()> {
     if fwd != u64::from(repeat) {
         bail!("established: {fwd} of {repeat} frames were forwarded");
     }
-    rows.push(("lb established, XDP_TX", ns_lb, fwd, rx));
+    rows.push(("lb established (XDP_TX)", ns_lb, fwd, rx));
 
     // For scale: the pass-everything program, every frame XDP_PASS into
     // eth0's stack (an skb built, IP receive, forwarding towards the VIP,
@@ -245,7 +245,7 @@ fn main() -> Result<()> {
     let rx0 = rx_packets("eth1")?;
     let ns_pass = live(&pass.progs.lb_pass, ifindex, &pkt, repeat)?;
     rows.push((
-        "empty program, XDP_PASS to the stack",
+        "empty program (XDP_PASS to the stack)",
         ns_pass,
         0,
         rx_packets("eth1")? - rx0,

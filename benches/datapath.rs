@@ -25,7 +25,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 
 use lb::bpffs::PinDir;
-use lb::maps::{self, Flow, FlowKey, Maps};
+use lb::maps::{self, BackendEntry, Flow, FlowKey, Maps};
 use lb::service::{self, Proto, Service};
 use lb::settings::Settings;
 use lb::skel::pass::PassSkelBuilder;
@@ -240,6 +240,34 @@ fn prefill(m: &Maps, n: u32, ifindex: u32) -> Result<()> {
     Ok(())
 }
 
+/// Backends 1..nb of service `svc`, with weight 0 (drained: in the backend
+/// table, not in the Maglev table), written in one batch. Equivalent to
+/// `service::backend_add(.., 0)` for each, which rebuilds and reinstalls the
+/// service's Maglev table every time (minutes for thousands of backends);
+/// with weight 0 every one of those tables is the first backend's.
+fn add_drained_backends(m: &Maps, svc: u32, nb: u32) -> Result<()> {
+    if nb < 2 {
+        return Ok(());
+    }
+    let mut keys = Vec::new();
+    let mut vals = Vec::new();
+    for i in 1..nb {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 201, 0, 0)) + i);
+        let entry = BackendEntry {
+            ip: maps::ip_to_be(ip),
+            port: 80u16.to_be(),
+            flags: maps::BACKEND_USED,
+            svc,
+            weight: 0,
+        };
+        keys.extend_from_slice(&i.to_ne_bytes());
+        vals.extend_from_slice(maps::bytes(&entry));
+    }
+    m.backends
+        .update_batch(&keys, &vals, nb - 1, MapFlags::ANY, MapFlags::ANY)
+        .context("adding drained backends")
+}
+
 struct Row {
     path: String,
     backends: u32,
@@ -324,12 +352,9 @@ fn main() -> Result<()> {
             lb::loader::pin_maps(&mut skel, &pins)?;
             let m = Maps::open(&pins)?;
             let vip = Service::new(SocketAddrV4::new(VIP, 80), Proto::Tcp);
-            service::service_add(&m, &vip)?;
+            let svc_id = service::service_add(&m, &vip)?;
             service::backend_add(&m, &vip, SocketAddrV4::new(BACKEND, 80), 1)?;
-            for i in 1..nb {
-                let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 201, 0, 0)) + i);
-                service::backend_add(&m, &vip, SocketAddrV4::new(ip, 80), 0)?;
-            }
+            add_drained_backends(&m, svc_id, nb)?;
             prefill(&m, nf.saturating_sub(1), ifindex)?;
             let prog = &skel.progs.lb_xdp;
 

@@ -1,0 +1,270 @@
+//! Live per-packet cost on one core: a traffic generator built on
+//! BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES). The
+//! kernel runs lb's XDP program on `repeat` frames injected on eth0 of a
+//! namespace it creates, and really transmits what the program returns
+//! XDP_TX for (out of eth0, to its veth peer eth1, which runs a
+//! pass-everything program so that the frames are delivered and then dropped
+//! by eth1's stack: they are addressed to another MAC).
+//!
+//! `cargo bench --bench trafgen [-- --quick] [-- --csv FILE]`, as root.
+//!
+//! The frame is an established client->VIP packet; as in the datapath
+//! benchmark, an extra connection entry keyed by the rewritten packet makes
+//! a recycled (already rewritten) frame take the established path too. The
+//! `to_backend` counter proves every frame was forwarded; eth1's received
+//! packets say how many the veth delivered.
+
+use std::mem::MaybeUninit;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use etherparse::PacketBuilder;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, ProgramInput};
+
+use lb::bpffs::PinDir;
+use lb::maps::{self, Flow, FlowKey, Maps};
+use lb::service::{self, Proto, Service};
+use lb::settings::Settings;
+use lb::skel::pass::PassSkelBuilder;
+use lb::stats;
+use lb::xdp::Mode;
+
+const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
+const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 2;
+
+struct Ns(String);
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct PinRoot(std::path::PathBuf);
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| args[0].to_string())?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// lbtrafgen<pid>: eth0 (10.200.0.2/24, forwarding) and its veth peer eth1,
+/// permanent neighbours for the client and the backend.
+fn namespace() -> Result<Ns> {
+    let ns = Ns(format!("lbtrafgen{}", std::process::id()));
+    sh(&["ip", "netns", "add", &ns.0])?;
+    let n = ns.0.as_str();
+    for cmd in [
+        "link add name eth0 type veth peer name eth1",
+        "link set dev eth0 address 02:00:00:00:00:01 up",
+        "link set dev eth1 address 02:00:00:00:00:0e up",
+        "addr add 10.200.0.2/24 dev eth0",
+        "neigh add 10.200.0.10 lladdr 02:00:00:00:00:0a dev eth0 nud permanent",
+        "neigh add 10.200.0.11 lladdr 02:00:00:00:00:0b dev eth0 nud permanent",
+    ] {
+        let mut args = vec!["ip", "-n", n];
+        args.extend(cmd.split(' '));
+        sh(&args)?;
+    }
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        n,
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.eth0.forwarding=1",
+    ])?;
+    Ok(ns)
+}
+
+fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(PEER, MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 65535)
+        .ack(1);
+    let payload = [0u8; 64];
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, &payload).expect("building a frame");
+    out
+}
+
+fn key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        saddr: maps::ip_to_be(saddr),
+        daddr: maps::ip_to_be(daddr),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: 6,
+        ..Default::default()
+    }
+}
+
+fn flow(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, ifindex: u32) -> Flow {
+    let now = lb::clock::now().expect("reading the clock");
+    Flow {
+        saddr: maps::ip_to_be(saddr),
+        daddr: maps::ip_to_be(daddr),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        ifindex,
+        smac: MAC,
+        dmac: [0x02, 0, 0, 0, 0, 0x0b],
+        backend: 0,
+        svc: 0,
+        dir: maps::DIR_TO_BACKEND,
+        nh_ok: 1,
+        created: now,
+        seen: now,
+        ..Default::default()
+    }
+}
+
+/// Packets `iface` (current network namespace) received, from `ip -s -j`
+/// (sysfs shows the host's interfaces, not this namespace's).
+fn rx_packets(iface: &str) -> Result<u64> {
+    let out = Command::new("ip")
+        .args(["-s", "-j", "link", "show", "dev", iface])
+        .output()
+        .context("ip -s link")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j output")?;
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("no rx packets in ip -j output")
+}
+
+/// Runs `prog` in live-frames mode on `frame`, `repeat` times; wall-clock
+/// ns per packet (the kernel's duration covers the program runs only).
+fn live(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, frame: &[u8], repeat: u32) -> Result<f64> {
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let input = ProgramInput {
+        context_in: Some(&mut ctx),
+        data_in: Some(frame),
+        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        repeat,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    prog.test_run(input).context("live-frames test_run")?;
+    Ok(t.elapsed().as_nanos() as f64 / f64::from(repeat))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let csv = args
+        .iter()
+        .position(|a| a == "--csv")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the live-frames generator needs root (it runs XDP in a namespace it creates)");
+    }
+    let repeat: u32 = if quick { 1_000_000 } else { 10_000_000 };
+    // One core: the generator's thread, and with it the softirq work of
+    // transmitting and receiving on the veth pair.
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+
+    lb::bpffs::ensure_mounted(std::path::Path::new(lb::bpffs::DEFAULT_PIN_DIR))?;
+    let ns = namespace()?;
+    let _guard = lb::netns::NetnsGuard::enter(&ns.0)?;
+    let pin_root = PinRoot(format!("/sys/fs/bpf/lbtrafgen{}", std::process::id()).into());
+    std::fs::create_dir(&pin_root.0).context("creating the generator's pin directory")?;
+    let ifindex = lb::net::ifindex("eth0")?;
+    lb::loader::pass_attach("eth1", Mode::Native)?;
+
+    let pins = PinDir::new(&pin_root.0);
+    let settings = Settings {
+        max_flows: 1024,
+        ..Default::default()
+    };
+    let mut st = MaybeUninit::uninit();
+    let mut skel = lb::loader::load(&settings, false, None, &mut st)?;
+    lb::loader::pin_maps(&mut skel, &pins)?;
+    let m = Maps::open(&pins)?;
+    let vip = Service::new(SocketAddrV4::new(VIP, 80), Proto::Tcp);
+    service::service_add(&m, &vip)?;
+    service::backend_add(&m, &vip, SocketAddrV4::new(BACKEND, 80), 1)?;
+    for (k, f) in [
+        (
+            key(CLIENT, 40000, VIP, 80),
+            flow(LB_IP, 62000, BACKEND, 80, ifindex),
+        ),
+        (
+            key(LB_IP, 62000, BACKEND, 80),
+            flow(CLIENT, 40000, VIP, 80, ifindex),
+        ),
+    ] {
+        m.conntrack
+            .update(maps::bytes(&k), maps::bytes(&f), MapFlags::ANY)
+            .context("conntrack update")?;
+    }
+    let to_backend = || -> Result<u64> {
+        Ok(stats::read(&m.stats)?[stats::index("to_backend").unwrap()].packets)
+    };
+
+    let pkt = frame(CLIENT, 40000, VIP, 80);
+    let mut rows = Vec::new();
+
+    // lb: established packets, XDP_TX.
+    let (before, rx0) = (to_backend()?, rx_packets("eth1")?);
+    let ns_lb = live(&skel.progs.lb_xdp, ifindex, &pkt, repeat)?;
+    let (fwd, rx) = (to_backend()? - before, rx_packets("eth1")? - rx0);
+    if fwd != u64::from(repeat) {
+        bail!("established: {fwd} of {repeat} frames were forwarded");
+    }
+    rows.push(("lb established (XDP_TX)", ns_lb, fwd, rx));
+
+    // For scale: the pass-everything program, every frame XDP_PASS into
+    // eth0's stack (an skb built, IP receive, forwarding towards the VIP,
+    // whose neighbour is unresolved: queued for ARP and dropped).
+    let mut st = MaybeUninit::uninit();
+    let pass = PassSkelBuilder::default().open(&mut st)?.load()?;
+    let rx0 = rx_packets("eth1")?;
+    let ns_pass = live(&pass.progs.lb_pass, ifindex, &pkt, repeat)?;
+    rows.push((
+        "empty program (XDP_PASS to the stack)",
+        ns_pass,
+        0,
+        rx_packets("eth1")? - rx0,
+    ));
+
+    println!(
+        "{:<38} {:>10} {:>8} {:>12} {:>12}",
+        "live frames (one core)", "ns/packet", "Mpps", "forwarded", "eth1 rx"
+    );
+    for (name, ns, fwd, rx) in &rows {
+        println!("{name:<38} {ns:>10.1} {:>8.2} {fwd:>12} {rx:>12}", 1e3 / ns);
+    }
+    if let Some(path) = csv {
+        let mut s = String::from("case,ns,mpps,forwarded,delivered,repeat\n");
+        for (name, ns, fwd, rx) in &rows {
+            s += &format!("{name},{ns:.1},{:.3},{fwd},{rx},{repeat}\n", 1e3 / ns);
+        }
+        std::fs::write(&path, s).with_context(|| format!("writing {path}"))?;
+    }
+    drop(m);
+    Ok(())
+}

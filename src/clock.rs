@@ -17,15 +17,20 @@ use crate::skel::pass::PassSkelBuilder;
 /// Rates the kernel can be built with (CONFIG_HZ).
 const KNOWN_HZ: &[u32] = &[100, 250, 300, 1000];
 
-/// Reads the datapath clock now (low 32 bits of jiffies).
-pub fn now() -> Result<u32> {
+/// Loads the clock program and hands it to `f`.
+fn with_clock<T>(f: impl FnOnce(&libbpf_rs::ProgramMut<'_>) -> Result<T>) -> Result<T> {
     let mut storage = MaybeUninit::uninit();
     let skel = PassSkelBuilder::default()
         .open(&mut storage)
         .context("opening the clock program")?
         .load()
         .context("loading the clock program")?;
-    read(&skel.progs.lb_clock)
+    f(&skel.progs.lb_clock)
+}
+
+/// Reads the datapath clock now (low 32 bits of jiffies).
+pub fn now() -> Result<u32> {
+    with_clock(read)
 }
 
 fn read(prog: &libbpf_rs::ProgramMut<'_>) -> Result<u32> {
@@ -52,13 +57,10 @@ pub fn hz() -> Result<u32> {
 }
 
 fn measure_hz() -> Result<u32> {
-    let mut storage = MaybeUninit::uninit();
-    let skel = PassSkelBuilder::default()
-        .open(&mut storage)
-        .context("opening the clock program")?
-        .load()
-        .context("loading the clock program")?;
-    let prog = &skel.progs.lb_clock;
+    with_clock(measure_hz_with)
+}
+
+fn measure_hz_with(prog: &libbpf_rs::ProgramMut<'_>) -> Result<u32> {
     // From one tick edge to the tenth after it: 10 ms at HZ=1000, 100 ms
     // at HZ=100.
     let edge = |from: u32| -> Result<(u32, Instant)> {

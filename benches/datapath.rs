@@ -16,46 +16,21 @@
 
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use etherparse::PacketBuilder;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 
+mod common;
+
+use common::*;
 use lb::bpffs::PinDir;
 use lb::maps::{self, BackendEntry, Flow, FlowKey, Maps};
 use lb::service::{self, Proto, Service};
 use lb::settings::Settings;
 use lb::skel::pass::PassSkelBuilder;
 use lb::stats;
-
-const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
-const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
-const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
-const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
-
-struct Ns(String);
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| args[0].to_string())?;
-    if !out.status.success() {
-        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
 
 /// A namespace with eth0 (10.200.0.2/24) and permanent neighbours for the
 /// VIP, the client and the backend, so bpf_fib_lookup resolves them.
@@ -112,22 +87,6 @@ fn namespace() -> Result<Ns> {
     Ok(ns)
 }
 
-fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    tcp_frame_flags(src, sport, dst, dport, false)
-}
-
-/// A TCP segment with 64 bytes of payload: an ACK, or a SYN.
-fn tcp_frame_flags(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(PEER, MAC)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, 1, 65535);
-    let b = if syn { b.syn() } else { b.ack(1) };
-    let payload = [0u8; 64];
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, &payload).expect("building a frame");
-    out
-}
-
 /// Runs `prog` `repeat` times on `frame`, three times over; the lowest
 /// average ns per run (the least disturbed by the rest of the machine).
 fn time(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, frame: &[u8], repeat: u32) -> Result<f64> {
@@ -172,37 +131,6 @@ fn duration_ns(d: Duration) -> f64 {
     d.as_nanos() as f64
 }
 
-fn flow(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, dir: u8, ifindex: u32) -> Flow {
-    let now = lb::clock::now().expect("reading the clock");
-    Flow {
-        saddr: maps::ip_to_be(saddr),
-        daddr: maps::ip_to_be(daddr),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        ifindex,
-        smac: MAC,
-        dmac: PEER,
-        backend: 0,
-        svc: 0,
-        dir,
-        nh_ok: 1,
-        created: now,
-        seen: now,
-        ..Default::default()
-    }
-}
-
-fn key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> FlowKey {
-    FlowKey {
-        saddr: maps::ip_to_be(saddr),
-        daddr: maps::ip_to_be(daddr),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: 6,
-        ..Default::default()
-    }
-}
-
 fn put(m: &Maps, k: FlowKey, f: Flow) -> Result<()> {
     m.conntrack
         .update(maps::bytes(&k), maps::bytes(&f), MapFlags::ANY)
@@ -215,7 +143,7 @@ fn counter(m: &Maps, name: &str) -> Result<u64> {
 
 /// Fills the connection table with `n` unrelated flows.
 fn prefill(m: &Maps, n: u32, ifindex: u32) -> Result<()> {
-    let f = flow(LB_IP, 1, BACKEND, 80, maps::DIR_TO_BACKEND, ifindex);
+    let f = flow(LB_IP, 1, BACKEND, 80, maps::DIR_TO_BACKEND, ifindex, PEER);
     let mut keys = Vec::with_capacity(n as usize * 16);
     let mut vals = Vec::with_capacity(n as usize * std::mem::size_of::<Flow>());
     for i in 0..n {
@@ -362,12 +290,20 @@ fn main() -> Result<()> {
             put(
                 &m,
                 key(CLIENT, 40000, VIP, 80),
-                flow(LB_IP, 5000, BACKEND, 80, maps::DIR_TO_BACKEND, ifindex),
+                flow(
+                    LB_IP,
+                    5000,
+                    BACKEND,
+                    80,
+                    maps::DIR_TO_BACKEND,
+                    ifindex,
+                    PEER,
+                ),
             )?;
             put(
                 &m,
                 key(LB_IP, 5000, BACKEND, 80),
-                flow(CLIENT, 40000, VIP, 80, maps::DIR_TO_BACKEND, ifindex),
+                flow(CLIENT, 40000, VIP, 80, maps::DIR_TO_BACKEND, ifindex, PEER),
             )?;
             let before = counter(&m, "to_backend")?;
             let est = time(prog, ifindex, &tcp_frame(CLIENT, 40000, VIP, 80), repeat)?;
@@ -378,12 +314,12 @@ fn main() -> Result<()> {
             put(
                 &m,
                 key(BACKEND, 80, LB_IP, 5001),
-                flow(VIP, 80, CLIENT, 40001, maps::DIR_TO_CLIENT, ifindex),
+                flow(VIP, 80, CLIENT, 40001, maps::DIR_TO_CLIENT, ifindex, PEER),
             )?;
             put(
                 &m,
                 key(VIP, 80, CLIENT, 40001),
-                flow(BACKEND, 80, LB_IP, 5001, maps::DIR_TO_CLIENT, ifindex),
+                flow(BACKEND, 80, LB_IP, 5001, maps::DIR_TO_CLIENT, ifindex, PEER),
             )?;
             let before = counter(&m, "to_client")?;
             let ret = time(prog, ifindex, &tcp_frame(BACKEND, 80, LB_IP, 5001), repeat)?;
@@ -471,13 +407,4 @@ fn main() -> Result<()> {
         std::fs::write(&path, s).with_context(|| format!("writing {path}"))?;
     }
     Ok(())
-}
-
-/// The benchmark's pin directory, removed even when it fails.
-struct PinRoot(std::path::PathBuf);
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

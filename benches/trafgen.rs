@@ -15,57 +15,28 @@
 //! packets say how many the veth delivered.
 
 use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use etherparse::PacketBuilder;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 
+mod common;
+
+use common::*;
 use lb::bpffs::PinDir;
-use lb::maps::{self, Flow, FlowKey, Maps};
+use lb::maps::{self, Maps};
 use lb::service::{self, Proto, Service};
 use lb::settings::Settings;
 use lb::skel::pass::PassSkelBuilder;
 use lb::stats;
 use lb::xdp::Mode;
 
-const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
-const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
-const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
-const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+/// Where the frames go: the backend's MAC (the veth peer takes them all).
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 2;
-
-struct Ns(String);
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct PinRoot(std::path::PathBuf);
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| args[0].to_string())?;
-    if !out.status.success() {
-        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
 
 /// lbtrafgen<pid>: eth0 (10.200.0.2/24, forwarding) and its veth peer eth1,
 /// permanent neighbours for the client and the backend.
@@ -95,48 +66,6 @@ fn namespace() -> Result<Ns> {
         "net.ipv4.conf.eth0.forwarding=1",
     ])?;
     Ok(ns)
-}
-
-fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(PEER, MAC)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, 1, 65535)
-        .ack(1);
-    let payload = [0u8; 64];
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, &payload).expect("building a frame");
-    out
-}
-
-fn key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> FlowKey {
-    FlowKey {
-        saddr: maps::ip_to_be(saddr),
-        daddr: maps::ip_to_be(daddr),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: 6,
-        ..Default::default()
-    }
-}
-
-fn flow(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, ifindex: u32) -> Flow {
-    let now = lb::clock::now().expect("reading the clock");
-    Flow {
-        saddr: maps::ip_to_be(saddr),
-        daddr: maps::ip_to_be(daddr),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        ifindex,
-        smac: MAC,
-        dmac: [0x02, 0, 0, 0, 0, 0x0b],
-        backend: 0,
-        svc: 0,
-        dir: maps::DIR_TO_BACKEND,
-        nh_ok: 1,
-        created: now,
-        seen: now,
-        ..Default::default()
-    }
 }
 
 /// Packets `iface` (current network namespace) received, from `ip -s -j`
@@ -210,11 +139,27 @@ fn main() -> Result<()> {
     for (k, f) in [
         (
             key(CLIENT, 40000, VIP, 80),
-            flow(LB_IP, 62000, BACKEND, 80, ifindex),
+            flow(
+                LB_IP,
+                62000,
+                BACKEND,
+                80,
+                maps::DIR_TO_BACKEND,
+                ifindex,
+                BACKEND_MAC,
+            ),
         ),
         (
             key(LB_IP, 62000, BACKEND, 80),
-            flow(CLIENT, 40000, VIP, 80, ifindex),
+            flow(
+                CLIENT,
+                40000,
+                VIP,
+                80,
+                maps::DIR_TO_BACKEND,
+                ifindex,
+                BACKEND_MAC,
+            ),
         ),
     ] {
         m.conntrack
@@ -225,7 +170,7 @@ fn main() -> Result<()> {
         Ok(stats::read(&m.stats)?[stats::index("to_backend").unwrap()].packets)
     };
 
-    let pkt = frame(CLIENT, 40000, VIP, 80);
+    let pkt = tcp_frame(CLIENT, 40000, VIP, 80);
     let mut rows = Vec::new();
 
     // lb: established packets, XDP_TX.

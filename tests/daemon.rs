@@ -167,22 +167,6 @@ impl Drop for Detach<'_> {
     }
 }
 
-/// GET http://VIP:PORT/ from namespace `ns`: the body, "" on failure.
-fn get(ns: &str, url: &str, max_time: &str) -> String {
-    let out = Command::new("nsenter")
-        .args([
-            &format!("--net=/run/netns/{ns}"),
-            "curl",
-            "-s",
-            "--max-time",
-            max_time,
-            url,
-        ])
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn list(ns: &str, pins: &common::PinDir) -> Vec<(String, u64)> {
     let out = common::lb(&["list", "--json", "--netns", ns, "--pin-dir", pins.arg()]);
     assert!(out.status.success());
@@ -248,7 +232,7 @@ fn health_failover_and_rejoin() {
     let _detach = Detach(lbns.clone(), &pins);
     let url = format!("http://{}:{port}/", common::LB_IP);
 
-    let seen: Vec<String> = (0..30).map(|_| get(&c, &url, "2")).collect();
+    let seen: Vec<String> = (0..30).map(|_| common::curl(&c, &url, "2")).collect();
     assert!(seen.iter().any(|s| s == "backend a"), "{seen:?}");
     assert!(seen.iter().any(|s| s == "backend b"), "{seen:?}");
 
@@ -260,7 +244,7 @@ fn health_failover_and_rejoin() {
     let mut late = Vec::new();
     while killed.elapsed() < deadline + Duration::from_secs(2) {
         let t = killed.elapsed();
-        let r = get(&c, &url, "1");
+        let r = common::curl(&c, &url, "1");
         if t > deadline {
             late.push(r);
         }
@@ -291,7 +275,7 @@ fn health_failover_and_rejoin() {
             ("10.200.0.12:8080".to_string(), 1)
         ]
     );
-    let seen: Vec<String> = (0..30).map(|_| get(&c, &url, "2")).collect();
+    let seen: Vec<String> = (0..30).map(|_| common::curl(&c, &url, "2")).collect();
     assert!(
         seen.iter().any(|s| s == "backend a"),
         "a did not rejoin: {seen:?}"
@@ -362,11 +346,11 @@ fn reload_and_metrics() {
     let n = 20;
     let mut per: HashMap<String, u64> = HashMap::new();
     for _ in 0..n {
-        let r = get(&c, &url, "2");
+        let r = common::curl(&c, &url, "2");
         assert!(r.starts_with("backend "), "{r:?}");
         *per.entry(r).or_default() += 1;
     }
-    let text = get(&lbns, &murl, "5");
+    let text = common::curl(&lbns, &murl, "5");
     assert!(text.ends_with("# EOF"), "{text}");
     let m = parse_metrics(&text);
     let svc = "service=\"10.200.0.2:80/tcp\"";
@@ -431,7 +415,7 @@ fn reload_and_metrics() {
         ]
     );
     for _ in 0..5 {
-        assert_eq!(get(&c, &url, "2"), "backend a");
+        assert_eq!(common::curl(&c, &url, "2"), "backend a");
     }
 
     // SIGHUP with a broken file: the running config stays.
@@ -451,7 +435,7 @@ fn reload_and_metrics() {
             ("10.200.0.12:80".to_string(), 0)
         ]
     );
-    assert!(get(&c, &url, "2").starts_with("backend "));
+    assert!(common::curl(&c, &url, "2").starts_with("backend "));
 
     // SIGHUP with a good file: applied.
     std::fs::write(&file, config(80, (1, 3), check)).unwrap();
@@ -464,7 +448,7 @@ fn reload_and_metrics() {
             ("10.200.0.12:80".to_string(), 3)
         ]
     );
-    let m = parse_metrics(&get(&lbns, &murl, "5"));
+    let m = parse_metrics(&common::curl(&lbns, &murl, "5"));
     assert_eq!(m[&key("lb_backend_weight", "10.200.0.12:80")], 3.0);
 
     // An HTTP check expecting another status takes a out (reload re-keys
@@ -488,7 +472,7 @@ fn reload_and_metrics() {
             ("10.200.0.12:80".to_string(), 3)
         ]
     );
-    let m = parse_metrics(&get(&lbns, &murl, "5"));
+    let m = parse_metrics(&common::curl(&lbns, &murl, "5"));
     assert_eq!(m[&key("lb_backend_up", "10.200.0.11:80")], 0.0);
     assert_eq!(m[&key("lb_backend_up", "10.200.0.12:80")], 1.0);
     d.stop();

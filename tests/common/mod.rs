@@ -174,14 +174,20 @@ impl Drop for Topo {
 /// `GET http://10.200.0.2/` from namespace `ns` (curl, 2 s): the body,
 /// trimmed, or "" on failure.
 pub fn http_get(ns: &str) -> String {
+    curl(ns, &format!("http://{LB_IP}/"), "2")
+}
+
+/// GET `url` from namespace `ns` with curl, at most `max_time` seconds: the
+/// body, trimmed, or "" on failure.
+pub fn curl(ns: &str, url: &str, max_time: &str) -> String {
     let out = Command::new("nsenter")
         .args([
             &format!("--net=/run/netns/{ns}"),
             "curl",
             "-s",
             "--max-time",
-            "2",
-            &format!("http://{LB_IP}/"),
+            max_time,
+            url,
         ])
         .output()
         .expect("curl");

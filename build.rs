@@ -16,7 +16,14 @@ fn main() {
         let src = format!("bpf/{name}.bpf.c");
         SkeletonBuilder::new()
             .source(&src)
-            .clang_args([vmlinux.as_str(), "-Ibpf", "-Wall", "-Werror", "-O2"])
+            .clang_args([
+                vmlinux.as_str(),
+                "-Ibpf",
+                "-Wall",
+                "-Werror",
+                "-O2",
+                "-mcpu=v3",
+            ])
             .build_and_generate(out.join(format!("{name}.skel.rs")))
             .unwrap_or_else(|e| panic!("building {src}: {e:#}"));
     }

@@ -270,8 +270,10 @@ fn main() -> Result<()> {
             std::fs::create_dir(&dir)?;
             let pins = PinDir::new(&dir);
             let settings = Settings {
-                nat_port_lo: 1024,
-                nat_port_hi: 65535,
+                nat_ports: vec![lb::settings::PortRange {
+                    lo: 1024,
+                    hi: 65535,
+                }],
                 max_flows: (nf + 4 * new_repeat + 1024).next_power_of_two(),
                 ..Default::default()
             };
@@ -304,6 +306,18 @@ fn main() -> Result<()> {
                 &m,
                 key(LB_IP, 5000, BACKEND, 80),
                 flow(CLIENT, 40000, VIP, 80, maps::DIR_TO_BACKEND, ifindex, PEER),
+            )?;
+            // Their owners (keyed by the NAT tuples), which the client
+            // entries must point back at.
+            put(
+                &m,
+                key(BACKEND, 80, LB_IP, 5000),
+                flow(VIP, 80, CLIENT, 40000, maps::DIR_TO_CLIENT, ifindex, PEER),
+            )?;
+            put(
+                &m,
+                key(VIP, 80, CLIENT, 40000),
+                flow(BACKEND, 80, LB_IP, 5000, maps::DIR_TO_CLIENT, ifindex, PEER),
             )?;
             let before = counter(&m, "to_backend")?;
             let est = time(prog, ifindex, &tcp_frame(CLIENT, 40000, VIP, 80), repeat)?;

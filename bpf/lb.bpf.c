@@ -17,14 +17,23 @@
 
 /* Load-time settings, set by the CLI between open and load. */
 const volatile __u8 skb_mode = 0; /* skb mode: partial checksums exist */
-const volatile __u16 nat_port_lo =
-    61000; /* NAT source ports towards backends */
-const volatile __u16 nat_port_hi = 65535;  /* (host order, inclusive) */
+/* NAT source ports towards backends: up to two ranges (host order,
+ * inclusive; an unused range is empty, lo > hi) and how many ports in all. */
+const volatile __u16 nat_lo[LB_MAX_PORT_RANGES] = {1024, 61000};
+const volatile __u16 nat_hi[LB_MAX_PORT_RANGES] = {32767, 65535};
+const volatile __u32 nat_size = 36279;
+/* SNAT pool: source addresses towards backends (none: the FIB's source);
+ * bit i of snat_full: snat_addr[i] is lb's alone, every port from 1024. */
+const volatile __be32 snat_addr[LB_MAX_SNAT] = {};
+const volatile __u32 snat_count = 0;
+const volatile __u32 snat_full = 0;
 const volatile __u32 maglev_size = 65537;  /* entries of every Maglev table */
 const volatile __u32 hz = 250;		   /* clock ticks (jiffies) a second */
 const volatile __u32 tcp_timeout = 150000; /* idle TCP flow, ticks */
 const volatile __u32 udp_timeout = 15000;  /* idle UDP flow, ticks */
+const volatile __u32 syn_timeout = 2500;   /* idle half-open TCP flow, ticks */
 const volatile __u32 fin_timeout = 2500; /* after RST or FIN both ways, ticks */
+const volatile __u32 tw_timeout = 15250; /* a backend's TIME_WAIT, ticks */
 const volatile __u32 nh_ttl = 250;	 /* a cached next hop is fresh, ticks */
 
 #include "parse.h"
@@ -90,12 +99,21 @@ static __always_inline struct svc_value *service_of(const struct flow_key *k)
 	return bpf_map_lookup_elem(&services, &sk);
 }
 
+/* A TCP segment with SYN and without ACK: only it opens a connection. */
+static __always_inline int is_syn(const struct pkt *p)
+{
+	return p->key.proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
+
 static __always_inline int process(struct xdp_md *ctx)
 {
 	struct pkt p = {};
-	struct flow *f, nf; /* nf: a new flow's entry, set by flow_new */
-	__u32 now;
-	int why, new_flow = 0;
+	struct flow *f, *o, nf; /* nf: a new flow's entry, set by flow_new */
+	struct flow_key ok = {};
+	__u32 state;
+	__u64 now;
+	int why, est = 1, new_flow = 0, routed = 0;
 
 	why = parse(ctx, &p);
 	if (why)
@@ -103,14 +121,71 @@ static __always_inline int process(struct xdp_md *ctx)
 
 	now = lb_now();
 	f = bpf_map_lookup_elem(&conntrack, &p.key);
-	if (f && (flow_expired(f, p.key.proto, now) ||
-		  ((f->state & LB_CT_CLOSING) &&
-		   (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN))) {
-		/* A dead flow's return path is nobody's; a client's new
-		 * flow (or reused port) starts over. */
-		if (f->dir == LB_DIR_TO_CLIENT)
+	if (!f) {
+		est = 0;
+		f = bpf_map_lookup_elem(&ct_new, &p.key);
+	}
+	if (f && f->dir == LB_DIR_TO_CLIENT) {
+		/* From a backend to a NAT tuple: the owner itself. */
+		o = f;
+		state = o->state;
+		if ((state & LB_CT_RECLAIMED) ||
+		    ct_expired(o, state, p.key.proto, est, now) ||
+		    ((state & LB_CT_CLOSING) && is_syn(&p)))
 			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
-		f = NULL;
+		ct_seen(o, now);
+		if (!est && !(state & LB_CT_REPLIED))
+			__sync_fetch_and_or(&o->state, LB_CT_REPLIED);
+		if (p.tcp_flags & (TCP_FIN | TCP_RST))
+			ct_tcp_end(o, LB_DIR_TO_CLIENT, p.tcp_flags);
+		goto xmit;
+	}
+	if (f) {
+		/* A client entry is valid while its owner points back. */
+		ct_owner_key(f, p.key.proto, &ok);
+		o = est ? bpf_map_lookup_elem(&conntrack, &ok)
+			: bpf_map_lookup_elem(&ct_new, &ok);
+		state = o ? o->state : 0;
+		if (!o || !ct_owner_of(o, &p.key) ||
+		    (state & LB_CT_RECLAIMED)) {
+			count(ctx, LB_STALE, 0);
+			if (est)
+				bpf_map_delete_elem(&conntrack, &p.key);
+			else
+				bpf_map_delete_elem(&ct_new, &p.key);
+			f = NULL;
+		} else if ((is_syn(&p) || p.key.proto == IPPROTO_UDP) &&
+			   ((state & LB_CT_CLOSING) ||
+			    ct_expired(o, state, p.key.proto, est, now))) {
+			/* The client reuses a finished flow's ports: the
+			 * backend still knows the tuple (TIME_WAIT), so the
+			 * new connection takes the same one, if its backend
+			 * still takes flows. (UDP: any packet after
+			 * expiry.) */
+			if (backend_takes(f, &p.key)) {
+				o->state = 0;
+				o->seen = now;
+				o->created = now;
+				count(ctx, LB_REOPEN, 0);
+				new_flow = 1;
+			} else {
+				if (est)
+					bpf_map_delete_elem(&conntrack, &p.key);
+				else
+					bpf_map_delete_elem(&ct_new, &p.key);
+				f = NULL;
+			}
+		} else if (ct_expired(o, state, p.key.proto, est, now)) {
+			/* Dead: the kernel answers (RST) and no state is
+			 * made. */
+			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
+		} else {
+			ct_seen(o, now);
+			if (p.tcp_flags & (TCP_FIN | TCP_RST))
+				ct_tcp_end(o, LB_DIR_TO_BACKEND, p.tcp_flags);
+			if (!est && (state & LB_CT_REPLIED) && ct_confirms(&p))
+				count(ctx, ct_promote(&p.key, f, &ok, o), 0);
+		}
 	}
 	if (!f) {
 		struct svc_value *svc;
@@ -118,8 +193,7 @@ static __always_inline int process(struct xdp_md *ctx)
 		/* Only a SYN opens a TCP connection: a stray segment (of a
 		 * flow that ended, or a flood of ACKs) goes to the kernel,
 		 * which answers with a RST, and costs no table entries. */
-		if (p.key.proto == IPPROTO_TCP &&
-		    (p.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
+		if (p.key.proto == IPPROTO_TCP && !is_syn(&p))
 			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
 		svc = service_of(&p.key);
 		if (!svc)
@@ -131,16 +205,14 @@ static __always_inline int process(struct xdp_md *ctx)
 							     : XDP_DROP);
 		f = &nf; /* the entry as written: no need to look it up */
 		new_flow = 1;
-	} else {
-		flow_touch(f, p.key.proto, now);
-		if (p.tcp_flags & (TCP_FIN | TCP_RST))
-			flow_tcp_end(f, p.tcp_flags);
+		routed = 1;
 	}
 	/* A flow whose next hop was unresolved: try again (a new flow has
 	 * just tried). */
-	if (!f->nh_ok && !new_flow && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
+	if (!f->nh_ok && !routed && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
 		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
 
+xmit:
 	nat_rewrite(ctx, &p, f);
 	count_backend(ctx, f->backend, new_flow);
 	if (new_flow)

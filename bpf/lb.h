@@ -11,6 +11,10 @@
 /* Entry of a Maglev table meaning: no backend takes new flows. */
 #define LB_NO_BACKEND 0xffffffff
 
+/* Most SNAT source addresses and NAT port ranges an instance has. */
+#define LB_MAX_SNAT 16
+#define LB_MAX_PORT_RANGES 2
+
 /*
  * Why a packet got its verdict. Index of the per-CPU `stats` map; the Rust
  * side prints these names (keep src/stats.rs in the same order).
@@ -28,7 +32,12 @@ enum lb_stat {
 	LB_PASS_NO_NEIGH,  /* next hop unresolved: rewritten, kernel forwards */
 	LB_DROP_NO_BACKEND, /* service without a backend taking new flows */
 	LB_DROP_NAT_FULL,   /* no free NAT port towards the backend */
-	LB_DROP_CT_FULL,    /* connection table refused the flow */
+	LB_REOPEN,	    /* of LB_TO_BACKEND: a SYN reopened a closed flow */
+	LB_ESTABLISHED,	    /* of LB_TO_BACKEND: answered, moved to conntrack */
+	LB_EST_FULL, /* conntrack refused an answered flow: kept half-open */
+	LB_STALE,    /* client entry whose owner is gone (evicted, reused) */
+	LB_DROP_CT_RACE, /* a SYN lost a race with its own copy on another CPU
+			  */
 	LB_STAT_MAX,
 };
 
@@ -94,16 +103,26 @@ enum flow_dir {
 	LB_DIR_TO_CLIENT = 1,
 };
 
-/* Bits of flow.state. */
+/* Bits of flow.state, kept in the connection's owner entry only. */
 enum flow_state {
 	LB_CT_OPEN = 0,
 	LB_CT_CLOSING = 1, /* RST, or FIN both ways: lingers for fin_timeout */
-	LB_CT_FIN = 2,	   /* this direction sent FIN (half-closed) */
+	LB_CT_FIN_FWD = 2, /* the client sent FIN */
+	LB_CT_FIN_REV = 4, /* the backend sent FIN */
+	LB_CT_REPLIED = 8, /* the backend answered */
+	LB_CT_RECLAIMED = 16, /* its NAT tuple is being given to a new flow */
 };
 
 /*
  * Connection table value: how to rewrite a packet of this flow and where to
- * send it. Two entries per connection: client->VIP and backend->LB(NAT port).
+ * send it. Two entries per connection, in the same table:
+ *   - the client's, keyed client -> VIP (dir LB_DIR_TO_BACKEND);
+ *   - the owner, keyed by the NAT tuple backend -> SNAT:port
+ *     (dir LB_DIR_TO_CLIENT). The owner alone holds the connection's state
+ *     and clock, and owns its NAT tuple: the client's entry is valid only
+ *     while its owner exists and points back at it, so a connection lives
+ *     or dies as a whole and a NAT tuple is never shared.
+ * Half-open connections live in ct_new; answered ones in conntrack.
  */
 struct flow {
 	__be32 saddr;  /* new source address */
@@ -115,12 +134,12 @@ struct flow {
 	__u8 dmac[6];
 	__u32 backend; /* backend id */
 	__u32 svc;     /* service id */
+	__u32 state;   /* owner: enum flow_state bits, changed atomically */
 	__u8 dir;      /* enum flow_dir */
-	__u8 state;    /* enum flow_state bits */
 	__u8 nh_ok;    /* smac/dmac/ifindex resolved */
-	__u8 pad;
-	__u32 created; /* clock ticks (jiffies, see lb_now) */
-	__u32 seen;    /* clock ticks of the last packet */
+	__u16 pad;
+	__u64 created; /* clock ticks (jiffies, see lb_now) */
+	__u64 seen;    /* owner: clock ticks of the last packet either way */
 };
 
 #endif /* LB_H */

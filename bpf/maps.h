@@ -62,19 +62,43 @@ struct {
 } maglev SEC(".maps");
 
 /*
- * The connection table: two entries per connection (client->VIP and
- * backend->LB NAT port), each saying how to rewrite and where to send.
- * LRU, sized by the CLI: a flood of new flows evicts the oldest. Per-CPU
- * LRU lists (BPF_F_NO_COMMON_LRU) make inserts cheaper; lookups still see
- * every entry.
+ * The connection table: connections a backend answered and the client
+ * confirmed (TCP: the handshake's ACK; UDP: a client packet after a reply),
+ * two entries each (see struct flow). LRU, sized by the CLI; only answered
+ * connections compete for it, so a flood of new flows cannot evict them.
+ * One LRU list shared by all CPUs: with per-CPU lists each CPU could hold
+ * only max/ncpus connections, and promotion puts them all on the CPU that
+ * receives the client.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 2 * 1024 * 1024);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct flow_key);
 	__type(value, struct flow);
 } conntrack SEC(".maps");
+
+/*
+ * Half-open connections: not answered (or not confirmed) yet, two entries
+ * each like conntrack. A SYN flood only churns this table. Per-CPU LRU
+ * lists: cheaper inserts, and a flood received by one CPU evicts that CPU's
+ * half-open flows only.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 512 * 1024);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} ct_new SEC(".maps");
+
+/* Backend id -> where the next NAT port search starts: ports are handed out
+ * in order, so a freed tuple is reused as late as possible. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, __u32);
+} nat_cursor SEC(".maps");
 
 /* Backend id -> next hop towards it, cached for nh_ttl so new flows skip
  * the FIB lookup. Written by the datapath, cleared by `backend add`. */

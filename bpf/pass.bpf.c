@@ -15,13 +15,19 @@ int lb_pass(struct xdp_md *ctx)
 }
 
 /*
- * The datapath's clock, for userspace: returns the low 32 bits of jiffies
- * (what `lb_now` reads). Run through BPF_PROG_TEST_RUN, never attached.
+ * The datapath's clock, for userspace: writes jiffies (what `lb_now` reads)
+ * into the first 8 bytes of the frame. Run through BPF_PROG_TEST_RUN, never
+ * attached.
  */
 SEC("xdp")
 int lb_clock(struct xdp_md *ctx)
 {
-	return (__u32)bpf_jiffies64();
+	__u64 *j = (void *)(long)ctx->data;
+
+	if ((void *)(j + 1) > (void *)(long)ctx->data_end)
+		return XDP_ABORTED;
+	*j = bpf_jiffies64();
+	return XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

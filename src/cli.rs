@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::bpffs::{self, PinDir};
 use crate::maps::Maps;
 use crate::service::{self, Proto, Service};
-use crate::settings::Settings;
+use crate::settings::{self, PortRange, Settings};
 use crate::xdp::Mode;
 use crate::{config, conntrack, daemon, loader, net, netns, stats};
 
@@ -37,16 +37,25 @@ pub struct Place {
 /// Datapath settings of a new instance (defaults in brackets).
 #[derive(Debug, Args)]
 pub struct SettingsArgs {
-    /// NAT source ports towards backends, LO-HI [61000-65535]; must stay
-    /// clear of the host's ephemeral ports.
-    #[arg(long, value_name = "LO-HI", value_parser = parse_range)]
-    pub nat_ports: Option<(u16, u16)>,
+    /// NAT source ports towards backends, LO-HI[,LO-HI] [every port from
+    /// 1024 outside net.ipv4.ip_local_port_range]; must stay clear of the
+    /// host's ephemeral ports.
+    #[arg(long, value_name = "LO-HI[,LO-HI]", value_parser = parse_ports)]
+    pub nat_ports: Option<Ports>,
+    /// Source addresses towards backends, the host's own [the LB's address
+    /// on the egress interface]; one on `lo` may use every port from 1024.
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_parser = parse_snat)]
+    pub snat: Option<Addrs>,
     /// Entries of each Maglev table, a prime [65537].
     #[arg(long, value_name = "N")]
     pub maglev_size: Option<u32>,
-    /// Connections the connection table holds [1048576].
+    /// Answered connections the connection table holds [1048576].
     #[arg(long, value_name = "N")]
     pub max_flows: Option<u32>,
+    /// Half-open connections (not answered yet) the second table holds, so
+    /// that a SYN flood cannot evict answered ones [262144].
+    #[arg(long, value_name = "N")]
+    pub max_half_open: Option<u32>,
     /// Idle TCP timeout, seconds [600].
     #[arg(long, value_name = "S")]
     pub tcp_timeout: Option<u32>,
@@ -71,24 +80,40 @@ impl SettingsArgs {
         };
         set(&mut s.maglev_size, self.maglev_size);
         set(&mut s.max_flows, self.max_flows);
+        set(&mut s.max_half_open, self.max_half_open);
         set(&mut s.tcp_timeout, self.tcp_timeout);
         set(&mut s.udp_timeout, self.udp_timeout);
         set(&mut s.fin_timeout, self.fin_timeout);
-        if let Some((lo, hi)) = self.nat_ports {
-            s.nat_port_lo = lo;
-            s.nat_port_hi = hi;
+        if let Some(p) = &self.nat_ports {
+            s.nat_ports = p.0.clone();
+            any = true;
+        }
+        if let Some(a) = &self.snat {
+            s.snat = a.0.clone();
             any = true;
         }
         any.then_some(s)
     }
 }
 
-fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s
-        .split_once('-')
-        .ok_or_else(|| format!("'{s}' is not LO-HI"))?;
-    let p = |v: &str| v.parse::<u16>().map_err(|_| format!("'{v}' is not a port"));
-    Ok((p(lo)?, p(hi)?))
+/// NAT port ranges as one argument.
+#[derive(Debug, Clone)]
+pub struct Ports(pub Vec<PortRange>);
+
+/// Addresses as one argument.
+#[derive(Debug, Clone)]
+pub struct Addrs(pub Vec<Ipv4Addr>);
+
+fn parse_ports(s: &str) -> Result<Ports, String> {
+    settings::parse_ports(s)
+        .map(Ports)
+        .map_err(|e| format!("{e:#}"))
+}
+
+fn parse_snat(s: &str) -> Result<Addrs, String> {
+    settings::parse_snat(s)
+        .map(Addrs)
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// A service argument: VIP:PORT and protocol.
@@ -599,9 +624,12 @@ fn print_status(s: &loader::Status) {
     }
     if let Some(st) = &s.settings {
         println!(
-            "settings: NAT ports {}-{}, Maglev size {}, max flows {}, timeouts tcp {}s udp {}s fin {}s",
-            st.nat_port_lo, st.nat_port_hi, st.maglev_size, st.max_flows, st.tcp_timeout, st.udp_timeout, st.fin_timeout
+            "settings: NAT ports {}, Maglev size {}, max flows {} (half-open {}), timeouts tcp {}s udp {}s fin {}s",
+            settings::ports_string(&st.nat_ports), st.maglev_size, st.max_flows, st.max_half_open, st.tcp_timeout, st.udp_timeout, st.fin_timeout
         );
+        for a in &s.snat {
+            println!("snat: {} ({})", a.addr, a.ports);
+        }
     }
     for svc in &s.services {
         let b: Vec<String> = svc

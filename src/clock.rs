@@ -28,22 +28,22 @@ fn with_clock<T>(f: impl FnOnce(&libbpf_rs::ProgramMut<'_>) -> Result<T>) -> Res
     f(&skel.progs.lb_clock)
 }
 
-/// Reads the datapath clock now (low 32 bits of jiffies).
-pub fn now() -> Result<u32> {
+/// Reads the datapath clock now (jiffies).
+pub fn now() -> Result<u64> {
     with_clock(read)
 }
 
-fn read(prog: &libbpf_rs::ProgramMut<'_>) -> Result<u32> {
+fn read(prog: &libbpf_rs::ProgramMut<'_>) -> Result<u64> {
     let frame = [0u8; 64];
+    let mut out = [0u8; 64];
     let input = ProgramInput {
         data_in: Some(&frame),
+        data_out: Some(&mut out),
         repeat: 1,
         ..Default::default()
     };
-    Ok(prog
-        .test_run(input)
-        .context("reading the clock")?
-        .return_value)
+    prog.test_run(input).context("reading the clock")?;
+    Ok(u64::from_ne_bytes(out[..8].try_into().expect("8 bytes")))
 }
 
 /// The clock's ticks a second (the kernel's HZ), measured once a process.
@@ -63,7 +63,7 @@ fn measure_hz() -> Result<u32> {
 fn measure_hz_with(prog: &libbpf_rs::ProgramMut<'_>) -> Result<u32> {
     // From one tick edge to the tenth after it: 10 ms at HZ=1000, 100 ms
     // at HZ=100.
-    let edge = |from: u32| -> Result<(u32, Instant)> {
+    let edge = |from: u64| -> Result<(u64, Instant)> {
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
             let j = read(prog)?;
@@ -79,10 +79,10 @@ fn measure_hz_with(prog: &libbpf_rs::ProgramMut<'_>) -> Result<u32> {
     let (j0, t0) = edge(read(prog)?)?;
     let mut j = j0;
     let mut t = t0;
-    while j.wrapping_sub(j0) < 10 {
+    while j - j0 < 10 {
         (j, t) = edge(j)?;
     }
-    let measured = f64::from(j.wrapping_sub(j0)) / (t - t0).as_secs_f64();
+    let measured = (j - j0) as f64 / (t - t0).as_secs_f64();
     KNOWN_HZ
         .iter()
         .copied()

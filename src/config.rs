@@ -15,11 +15,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::bpffs::PinDir;
+use crate::loader;
 use crate::maps::Maps;
 use crate::service::{self, Proto, Service, MAX_WEIGHT};
 use crate::settings::{self, Settings};
 use crate::xdp::Mode;
-use crate::{loader, maglev};
 
 // ---------------------------------------------------------------- raw file
 
@@ -38,7 +38,9 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     max_flows: Option<Spanned<u32>>,
+    max_half_open: Option<Spanned<u32>>,
     nat_ports: Option<Spanned<String>>,
+    snat: Option<Spanned<Vec<String>>>,
     maglev_size: Option<Spanned<u32>>,
     tcp_timeout: Option<Spanned<u32>>,
     udp_timeout: Option<Spanned<u32>>,
@@ -376,76 +378,54 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
 fn settings_of(cx: &Ctx, s: &Spanned<RawSettings>) -> Result<Settings> {
     let r = s.get_ref();
     let mut out = Settings::default();
+    // Each field is set, then the settings validated (one validation for
+    // the CLI and the file), so an error names the field that broke them.
+    let check = |out: &Settings, span: std::ops::Range<usize>, name: &str| -> Result<()> {
+        out.validate()
+            .map_err(|e| cx.err(span, name, format!("{e:#}")))
+    };
     if let Some(p) = &r.nat_ports {
-        let bad = || {
+        out.nat_ports = settings::parse_ports(p.get_ref()).map_err(|e| {
             cx.err(
                 p.span(),
                 "settings.nat_ports",
-                format!("'{}' is not LO-HI (e.g. \"61000-65535\")", p.get_ref()),
+                format!("{e:#} (e.g. \"1024-32767,61000-65535\")"),
             )
-        };
-        let (lo, hi) = p.get_ref().split_once('-').ok_or_else(bad)?;
-        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
-        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
-        if lo == 0 || lo > hi {
-            return Err(cx.err(
-                p.span(),
-                "settings.nat_ports",
-                format!("range {lo}-{hi} is empty or starts at 0"),
-            ));
-        }
-        let eph = settings::ephemeral_ports()?;
-        if lo <= *eph.end() && *eph.start() <= hi {
-            return Err(cx.err(
-                p.span(),
-                "settings.nat_ports",
-                format!(
-                    "range {lo}-{hi} overlaps the host's ephemeral ports {}-{} (net.ipv4.ip_local_port_range)",
-                    eph.start(),
-                    eph.end()
-                ),
-            ));
-        }
-        out.nat_port_lo = lo;
-        out.nat_port_hi = hi;
+        })?;
+        check(&out, p.span(), "settings.nat_ports")?;
     }
-    if let Some(m) = &r.maglev_size {
-        let v = *m.get_ref();
-        if !maglev::is_prime(v) || v > 1_000_003 {
-            return Err(cx.err(
-                m.span(),
-                "settings.maglev_size",
-                format!("{v} is not a prime up to 1000003"),
-            ));
-        }
-        out.maglev_size = v;
+    if let Some(a) = &r.snat {
+        out.snat = settings::parse_snat(&a.get_ref().join(","))
+            .map_err(|e| cx.err(a.span(), "settings.snat", format!("{e:#}")))?;
+        check(&out, a.span(), "settings.snat")?;
+        crate::net::snat_check(&out.snat)
+            .map_err(|e| cx.err(a.span(), "settings.snat", format!("{e:#}")))?;
     }
-    if let Some(m) = &r.max_flows {
-        let v = *m.get_ref();
-        if !(1024..=64 << 20).contains(&v) {
-            return Err(cx.err(
-                m.span(),
-                "settings.max_flows",
-                format!("{v} out of range 1024..=67108864"),
-            ));
-        }
-        out.max_flows = v;
-    }
-    for (name, f, dst) in [
-        ("settings.tcp_timeout", &r.tcp_timeout, &mut out.tcp_timeout),
-        ("settings.udp_timeout", &r.udp_timeout, &mut out.udp_timeout),
-        ("settings.fin_timeout", &r.fin_timeout, &mut out.fin_timeout),
-    ] {
+    type Set = fn(&mut Settings, u32);
+    let fields: [(&str, &Option<Spanned<u32>>, Set); 6] = [
+        ("settings.maglev_size", &r.maglev_size, |s, v| {
+            s.maglev_size = v
+        }),
+        ("settings.max_flows", &r.max_flows, |s, v| s.max_flows = v),
+        ("settings.max_half_open", &r.max_half_open, |s, v| {
+            s.max_half_open = v
+        }),
+        ("settings.tcp_timeout", &r.tcp_timeout, |s, v| {
+            s.tcp_timeout = v
+        }),
+        ("settings.udp_timeout", &r.udp_timeout, |s, v| {
+            s.udp_timeout = v
+        }),
+        ("settings.fin_timeout", &r.fin_timeout, |s, v| {
+            s.fin_timeout = v
+        }),
+    ];
+    for (name, f, set) in fields {
         if let Some(t) = f {
-            let v = *t.get_ref();
-            if v == 0 || v > 86400 {
-                return Err(cx.err(t.span(), name, format!("{v}s out of range 1..=86400")));
-            }
-            *dst = v;
+            set(&mut out, *t.get_ref());
+            check(&out, t.span(), name)?;
         }
     }
-    out.validate()
-        .map_err(|e| cx.err(s.span(), "settings", e))?;
     Ok(out)
 }
 

@@ -1,14 +1,19 @@
-//! The connection table as the CLI sees it: listing flows and ending them.
+//! The connection tables as the CLI sees them: listing connections and
+//! ending them. A connection is two entries in one table (bpf/lb.h, struct
+//! flow): the client's, and the owner keyed by the NAT tuple, which holds
+//! the state and the clock; `conntrack` has the answered connections,
+//! `ct_new` the half-open ones.
 
+use std::collections::HashMap;
 use std::net::SocketAddrV4;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use crate::maps::Timeouts;
 use crate::maps::{self, from_bytes, Flow, FlowKey, Maps};
 
-/// One tracked connection (its client->VIP entry).
+/// One tracked connection.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Conn {
     /// Protocol ("tcp"/"udp").
@@ -21,7 +26,10 @@ pub struct Conn {
     pub backend: SocketAddrV4,
     /// The LB's source address and NAT port towards the backend.
     pub nat: SocketAddrV4,
-    /// "open", "half-closed" (one side sent FIN), "closing" or "expired".
+    /// "half-open" (not answered yet), "replied" (answered, not confirmed
+    /// by the client yet: the UDP query whose answer ended it, or a TCP
+    /// handshake without its last ACK), "open", "half-closed" (one side
+    /// sent FIN), "closing" or "expired".
     pub state: &'static str,
     /// Seconds since the first packet.
     pub age_s: u64,
@@ -41,18 +49,17 @@ fn proto_name(p: u8) -> &'static str {
     }
 }
 
-fn secs(ticks: u32, t: &Timeouts) -> u64 {
-    u64::from(ticks) / u64::from(t.hz.max(1))
+fn secs(ticks: u64, t: &Timeouts) -> u64 {
+    ticks / u64::from(t.hz.max(1))
 }
 
-/// Every entry of the table, raw.
-pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow)>> {
+/// Every entry of one table, raw.
+pub fn table_entries(map: &MapHandle) -> Result<Vec<(FlowKey, Flow)>> {
     let mut out = Vec::new();
-    for k in m.conntrack.keys() {
-        if let Some(v) = m
-            .conntrack
+    for k in map.keys() {
+        if let Some(v) = map
             .lookup(&k, MapFlags::ANY)
-            .context("reading conntrack")?
+            .context("reading the connection table")?
         {
             out.push((from_bytes(&k), from_bytes(&v)));
         }
@@ -60,43 +67,97 @@ pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow)>> {
     Ok(out)
 }
 
-/// Whether an entry is past its timeout (as the datapath judges it).
-pub fn expired(f: &Flow, proto: u8, t: &Timeouts, now: u32) -> bool {
-    let timeout = if f.state & maps::CT_CLOSING != 0 {
-        t.fin
-    } else if proto == 6 {
-        t.tcp
-    } else {
-        t.udp
-    };
-    now.wrapping_sub(f.seen) > timeout
+/// Every entry of both tables, raw: (key, entry, answered).
+pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow, bool)>> {
+    let mut out: Vec<_> = table_entries(&m.conntrack)?
+        .into_iter()
+        .map(|(k, f)| (k, f, true))
+        .collect();
+    out.extend(
+        table_entries(&m.ct_new)?
+            .into_iter()
+            .map(|(k, f)| (k, f, false)),
+    );
+    Ok(out)
 }
 
-/// The connections (client->VIP entries), oldest first.
+/// Whether owner `o` is past its timeout (as the datapath judges it).
+pub fn expired(o: &Flow, proto: u8, answered: bool, t: &Timeouts, now: u64) -> bool {
+    let timeout = if o.state & maps::CT_CLOSING != 0 {
+        t.fin
+    } else if proto == 17 {
+        t.udp
+    } else if answered {
+        t.tcp
+    } else {
+        t.syn
+    };
+    now.saturating_sub(o.seen) > u64::from(timeout)
+}
+
+/// The key of the owner of client entry `f`.
+pub fn owner_key(f: &Flow, proto: u8) -> FlowKey {
+    FlowKey {
+        saddr: f.daddr,
+        daddr: f.saddr,
+        sport: f.dport,
+        dport: f.sport,
+        proto,
+        ..Default::default()
+    }
+}
+
+/// Whether owner `o` points back at the client entry keyed `k`.
+fn owner_of(o: &Flow, k: &FlowKey) -> bool {
+    o.daddr == k.saddr && o.dport == k.sport && o.saddr == k.daddr && o.sport == k.dport
+}
+
+/// Client entries with their owners: the live connections' halves.
+fn connections(m: &Maps) -> Result<Vec<(FlowKey, Flow, Flow, bool)>> {
+    let all = entries(m)?;
+    let owners: HashMap<(Vec<u8>, bool), Flow> = all
+        .iter()
+        .filter(|(_, f, _)| f.dir == maps::DIR_TO_CLIENT)
+        .map(|(k, f, a)| ((maps::bytes(k).to_vec(), *a), *f))
+        .collect();
+    Ok(all
+        .into_iter()
+        .filter(|(_, f, _)| f.dir == maps::DIR_TO_BACKEND)
+        .filter_map(|(k, f, a)| {
+            let o = owners.get(&(maps::bytes(&owner_key(&f, k.proto)).to_vec(), a))?;
+            (owner_of(o, &k) && o.state & maps::CT_RECLAIMED == 0).then_some((k, f, *o, a))
+        })
+        .collect())
+}
+
+/// The connections, oldest first.
 pub fn list(m: &Maps) -> Result<Vec<Conn>> {
     let s = m.timeouts()?;
     let now = crate::clock::now()?;
     let sa = |ip: u32, port: u16| SocketAddrV4::new(maps::ip_from_be(ip), u16::from_be(port));
-    let mut out: Vec<Conn> = entries(m)?
+    let mut out: Vec<Conn> = connections(m)?
         .into_iter()
-        .filter(|(_, f)| f.dir == maps::DIR_TO_BACKEND)
-        .map(|(k, f)| Conn {
+        .map(|(k, f, o, answered)| Conn {
             proto: proto_name(k.proto),
             client: sa(k.saddr, k.sport),
             vip: sa(k.daddr, k.dport),
             backend: sa(f.daddr, f.dport),
             nat: sa(f.saddr, f.sport),
-            state: if expired(&f, k.proto, &s, now) {
+            state: if expired(&o, k.proto, answered, &s, now) {
                 "expired"
-            } else if f.state & maps::CT_CLOSING != 0 {
+            } else if o.state & maps::CT_CLOSING != 0 {
                 "closing"
-            } else if f.state & maps::CT_FIN != 0 || peer_fin(m, &f, k.proto) {
+            } else if o.state & (maps::CT_FIN_FWD | maps::CT_FIN_REV) != 0 {
                 "half-closed"
+            } else if !answered && o.state & maps::CT_REPLIED != 0 {
+                "replied"
+            } else if !answered {
+                "half-open"
             } else {
                 "open"
             },
-            age_s: secs(now.wrapping_sub(f.created), &s),
-            idle_s: secs(now.wrapping_sub(f.seen), &s),
+            age_s: secs(now.saturating_sub(o.created), &s),
+            idle_s: secs(now.saturating_sub(o.seen), &s),
             backend_id: f.backend,
             svc_id: f.svc,
         })
@@ -105,29 +166,13 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
     Ok(out)
 }
 
-/// Whether the other direction of `f`'s connection sent FIN.
-fn peer_fin(m: &Maps, f: &Flow, proto: u8) -> bool {
-    let peer = FlowKey {
-        saddr: f.daddr,
-        daddr: f.saddr,
-        sport: f.dport,
-        dport: f.sport,
-        proto,
-        ..Default::default()
-    };
-    m.conntrack
-        .lookup(maps::bytes(&peer), MapFlags::ANY)
-        .ok()
-        .flatten()
-        .is_some_and(|v| from_bytes::<Flow>(&v).state & maps::CT_FIN != 0)
-}
-
-/// Deletes both entries of every flow `which` selects; returns how many
-/// entries went.
+/// Deletes both entries of every connection `which` selects (by either
+/// entry); returns how many entries went.
 pub fn end_flows(m: &Maps, which: impl Fn(&Flow) -> bool) -> Result<usize> {
     let mut n = 0;
-    for (k, f) in entries(m)? {
-        if which(&f) && m.conntrack.delete(maps::bytes(&k)).is_ok() {
+    for (k, f, answered) in entries(m)? {
+        let map = if answered { &m.conntrack } else { &m.ct_new };
+        if which(&f) && map.delete(maps::bytes(&k)).is_ok() {
             n += 1;
         }
     }
@@ -135,16 +180,13 @@ pub fn end_flows(m: &Maps, which: impl Fn(&Flow) -> bool) -> Result<usize> {
 }
 
 /// Active (not expired, not closing) connections per backend id.
-pub fn active_per_backend(m: &Maps) -> Result<std::collections::HashMap<u32, u64>> {
+pub fn active_per_backend(m: &Maps) -> Result<HashMap<u32, u64>> {
     let s = m.timeouts()?;
     let now = crate::clock::now()?;
-    let mut out = std::collections::HashMap::new();
-    for (k, f) in entries(m)? {
-        if f.dir == maps::DIR_TO_BACKEND
-            && f.state & maps::CT_CLOSING == 0
-            && !expired(&f, k.proto, &s, now)
-        {
-            *out.entry(f.backend).or_insert(0) += 1;
+    let mut out = HashMap::new();
+    for (k, _, o, answered) in connections(m)? {
+        if o.state & maps::CT_CLOSING == 0 && !expired(&o, k.proto, answered, &s, now) {
+            *out.entry(o.backend).or_insert(0) += 1;
         }
     }
     Ok(out)

@@ -13,7 +13,7 @@ use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
 use crate::bpffs::PinDir;
 use crate::maps::{self, Maps};
-use crate::settings::Settings;
+use crate::settings::{self, Settings};
 use crate::skel::lb::{LbSkel, LbSkelBuilder};
 use crate::skel::pass::PassSkelBuilder;
 use crate::xdp::{self, Mode};
@@ -38,19 +38,44 @@ pub fn load<'obj>(
         .as_deref_mut()
         .ok_or_else(|| anyhow!("the XDP program has no .rodata section"))?;
     ro.skb_mode = u8::from(skb_mode);
-    ro.nat_port_lo = settings.nat_port_lo;
-    ro.nat_port_hi = settings.nat_port_hi;
+    // An unused range is empty (lo > hi).
+    ro.nat_lo = [1; settings::MAX_PORT_RANGES];
+    ro.nat_hi = [0; settings::MAX_PORT_RANGES];
+    for (i, r) in settings
+        .nat_ports
+        .iter()
+        .take(settings::MAX_PORT_RANGES)
+        .enumerate()
+    {
+        ro.nat_lo[i] = r.lo;
+        ro.nat_hi[i] = r.hi;
+    }
+    ro.nat_size = settings.nat_size();
+    let full = net::snat_check(&settings.snat)?;
+    ro.snat_addr = [0; settings::MAX_SNAT];
+    ro.snat_full = 0;
+    for (i, a) in settings.snat.iter().take(settings::MAX_SNAT).enumerate() {
+        ro.snat_addr[i] = maps::ip_to_be(*a);
+        ro.snat_full |= u32::from(full[i]) << i;
+    }
+    ro.snat_count = settings.snat.len().min(settings::MAX_SNAT) as u32;
     ro.maglev_size = settings.maglev_size;
     let hz = crate::clock::hz()?;
     ro.hz = hz;
     ro.tcp_timeout = settings.tcp_timeout * hz;
     ro.udp_timeout = settings.udp_timeout * hz;
+    ro.syn_timeout = settings::SYN_TIMEOUT * hz;
     ro.fin_timeout = settings.fin_timeout * hz;
+    ro.tw_timeout = settings::TIME_WAIT * hz;
     ro.nh_ttl = hz; // a cached next hop lives a second
     open.maps
         .conntrack
         .set_max_entries(settings.max_flows * 2)
         .context("sizing the connection table")?;
+    open.maps
+        .ct_new
+        .set_max_entries(settings.max_half_open * 2)
+        .context("sizing the half-open table")?;
     if let Some(pins) = reuse {
         for mut map in open.open_object_mut().maps_mut() {
             let name = map.name().to_string_lossy().into_owned();
@@ -357,6 +382,17 @@ pub struct Status {
     pub services: Vec<crate::service::ServiceInfo>,
     /// Counters by name, summed over CPUs.
     pub counters: Vec<(String, stats::Counter)>,
+    /// The SNAT addresses and the ports each uses.
+    pub snat: Vec<SnatInfo>,
+}
+
+/// An SNAT address as `status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnatInfo {
+    /// The address.
+    pub addr: std::net::Ipv4Addr,
+    /// Its ports: the NAT ranges, or "1024-65535" if it is lb's alone.
+    pub ports: String,
 }
 
 /// Reads what the instance at `pins` has attached (current netns for the
@@ -381,17 +417,35 @@ pub fn status(pins: &PinDir) -> Result<Status> {
             mode,
         });
     }
-    let (settings, services, counters) = match Maps::open(pins) {
-        Ok(m) => (
-            Some(m.settings()?),
-            crate::service::list(&m)?,
-            stats::NAMES
+    let (settings, services, counters, snat) = match Maps::open(pins) {
+        Ok(m) => {
+            let st = m.settings()?;
+            let full = m.snat_full()?;
+            let snat = st
+                .snat
                 .iter()
-                .map(|n| n.to_string())
-                .zip(stats::read(&m.stats)?)
-                .collect(),
-        ),
-        Err(_) => (None, Vec::new(), Vec::new()),
+                .enumerate()
+                .map(|(i, a)| SnatInfo {
+                    addr: *a,
+                    ports: if full >> i & 1 == 1 {
+                        format!("{}-65535", settings::FIRST_PORT)
+                    } else {
+                        settings::ports_string(&st.nat_ports)
+                    },
+                })
+                .collect();
+            (
+                Some(st),
+                crate::service::list(&m)?,
+                stats::NAMES
+                    .iter()
+                    .map(|n| n.to_string())
+                    .zip(stats::read(&m.stats)?)
+                    .collect(),
+                snat,
+            )
+        }
+        Err(_) => (None, Vec::new(), Vec::new(), Vec::new()),
     };
     Ok(Status {
         pin_dir: pins.root.display().to_string(),
@@ -399,6 +453,7 @@ pub fn status(pins: &PinDir) -> Result<Status> {
         settings,
         services,
         counters,
+        snat,
     })
 }
 

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use crate::bpffs::PinDir;
-use crate::settings::Settings;
+use crate::settings::{PortRange, Settings};
 use crate::skel::lb::types;
 
 pub use types::{
@@ -34,10 +34,16 @@ pub const BACKEND_USED: u16 = 1;
 pub const DIR_TO_BACKEND: u8 = 0;
 /// See [`DIR_TO_BACKEND`].
 pub const DIR_TO_CLIENT: u8 = 1;
-/// `LB_CT_CLOSING` bit of a flow's state: RST, or FIN both ways.
-pub const CT_CLOSING: u8 = 1;
-/// `LB_CT_FIN` bit: this direction sent FIN.
-pub const CT_FIN: u8 = 2;
+/// `LB_CT_CLOSING` bit of an owner's state: RST, or FIN both ways.
+pub const CT_CLOSING: u32 = 1;
+/// `LB_CT_FIN_FWD` bit: the client sent FIN.
+pub const CT_FIN_FWD: u32 = 2;
+/// `LB_CT_FIN_REV` bit: the backend sent FIN.
+pub const CT_FIN_REV: u32 = 4;
+/// `LB_CT_REPLIED` bit: the backend answered.
+pub const CT_REPLIED: u32 = 8;
+/// `LB_CT_RECLAIMED` bit: the NAT tuple is being given to a new flow.
+pub const CT_RECLAIMED: u32 = 16;
 
 /// Names of the maps an instance pins, as in the C program.
 pub const PINNED: &[&str] = &[
@@ -47,6 +53,8 @@ pub const PINNED: &[&str] = &[
     "backends",
     "maglev",
     "conntrack",
+    "ct_new",
+    "nat_cursor",
     "tx_ports",
     "nexthops",
 ];
@@ -86,8 +94,10 @@ pub struct Maps {
     pub backends: MapHandle,
     /// Service id -> Maglev table.
     pub maglev: MapHandle,
-    /// The connection table.
+    /// The connection table (answered connections).
     pub conntrack: MapHandle,
+    /// Half-open connections.
+    pub ct_new: MapHandle,
     /// Interfaces for XDP_REDIRECT.
     pub tx_ports: MapHandle,
     /// Next hops cached per backend id.
@@ -116,6 +126,7 @@ impl Maps {
             backends: open(&pins.map("backends"))?,
             maglev: open(&pins.map("maglev"))?,
             conntrack: open(&pins.map("conntrack"))?,
+            ct_new: open(&pins.map("ct_new"))?,
             tx_ports: open(&pins.map("tx_ports"))?,
             nexthops: open(&pins.map("nexthops"))?,
             config: open(&pins.config())?,
@@ -124,7 +135,16 @@ impl Maps {
 
     /// The settings the instance's program was loaded with.
     pub fn settings(&self) -> Result<Settings> {
-        settings_of(&self.config, self.conntrack.max_entries())
+        settings_of(
+            &self.config,
+            self.conntrack.max_entries(),
+            self.ct_new.max_entries(),
+        )
+    }
+
+    /// Bit i: SNAT address i is lb's alone (every port from 1024).
+    pub fn snat_full(&self) -> Result<u32> {
+        Ok(rodata_of(&self.config)?.snat_full)
     }
 
     /// The program's timeouts in clock ticks, as the datapath compares them.
@@ -135,6 +155,7 @@ impl Maps {
             tcp: ro.tcp_timeout,
             udp: ro.udp_timeout,
             fin: ro.fin_timeout,
+            syn: ro.syn_timeout,
         })
     }
 }
@@ -150,6 +171,8 @@ pub struct Timeouts {
     pub udp: u32,
     /// After RST or FIN both ways.
     pub fin: u32,
+    /// Idle half-open TCP.
+    pub syn: u32,
 }
 
 fn rodata_of(rodata: &dyn MapCore) -> Result<types::rodata> {
@@ -163,16 +186,30 @@ fn rodata_of(rodata: &dyn MapCore) -> Result<types::rodata> {
     Ok(ro)
 }
 
-/// Reads settings back from a program's .rodata map and the size of its
-/// connection table.
-pub fn settings_of(rodata: &dyn MapCore, conntrack_entries: u32) -> Result<Settings> {
+/// Reads settings back from a program's .rodata map and the sizes of its
+/// connection tables.
+pub fn settings_of(
+    rodata: &dyn MapCore,
+    conntrack_entries: u32,
+    ct_new_entries: u32,
+) -> Result<Settings> {
     let ro = rodata_of(rodata)?;
     let secs = |t: u32| t / ro.hz.max(1);
     Ok(Settings {
-        nat_port_lo: ro.nat_port_lo,
-        nat_port_hi: ro.nat_port_hi,
+        nat_ports: ro
+            .nat_lo
+            .iter()
+            .zip(ro.nat_hi.iter())
+            .filter(|(lo, hi)| lo <= hi)
+            .map(|(&lo, &hi)| PortRange { lo, hi })
+            .collect(),
+        snat: ro.snat_addr[..(ro.snat_count as usize).min(ro.snat_addr.len())]
+            .iter()
+            .map(|a| ip_from_be(*a))
+            .collect(),
         maglev_size: ro.maglev_size,
         max_flows: conntrack_entries / 2,
+        max_half_open: ct_new_entries / 2,
         tcp_timeout: secs(ro.tcp_timeout),
         udp_timeout: secs(ro.udp_timeout),
         fin_timeout: secs(ro.fin_timeout),

@@ -35,3 +35,29 @@ pub fn require_root() -> Result<()> {
     }
     Ok(())
 }
+
+/// For each SNAT address, whether it is lb's alone and may use every port
+/// from 1024: an address on the loopback interface `lo` is one the kernel
+/// never picks as the source of the host's own connections to other hosts,
+/// so no connection of the host can hold one of its ports towards a
+/// backend. An address on another interface may be the source the kernel
+/// picks, and gets the NAT port ranges, clear of the host's ephemeral ports.
+/// Fails with one line if an address is not the host's (current network
+/// namespace).
+pub fn snat_check(addrs: &[std::net::Ipv4Addr]) -> Result<Vec<bool>> {
+    let mut on = std::collections::HashMap::new();
+    for ifa in nix::ifaddrs::getifaddrs().context("listing the host's addresses")? {
+        if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            on.entry(a.ip())
+                .or_insert_with(Vec::new)
+                .push(ifa.interface_name.clone());
+        }
+    }
+    addrs
+        .iter()
+        .map(|a| match on.get(a) {
+            None => bail!("SNAT address {a} is not an address of this host (add it, e.g. on lo)"),
+            Some(ifs) => Ok(ifs.iter().all(|i| i == "lo")),
+        })
+        .collect()
+}

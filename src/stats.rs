@@ -24,7 +24,11 @@ pub const NAMES: &[&str] = &[
     "pass_no_neigh",
     "drop_no_backend",
     "drop_nat_full",
-    "drop_ct_full",
+    "reopen",
+    "established",
+    "est_full",
+    "stale",
+    "drop_ct_race",
 ];
 
 /// Index of a counter by name (for tests and tools).

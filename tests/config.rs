@@ -77,11 +77,11 @@ fn validation_messages() {
         ),
         (
             format!("[settings]\nnat_ports = \"{overlap}\"\n{BASE}"),
-            "f.toml:2:13: settings.nat_ports: range",
+            "f.toml:2:13: settings.nat_ports: NAT port range",
         ),
         (
             "[settings]\nmaglev_size = 100\n".to_string(),
-            "f.toml:2:15: settings.maglev_size: 100 is not a prime",
+            "f.toml:2:15: settings.maglev_size: Maglev table size 100 must be a prime",
         ),
         (
             "[[interfaces]]\nname = \"eth0\"\nmode = \"fast\"\n".to_string(),
@@ -387,7 +387,7 @@ fn apply_end_to_end() {
                     eph[0] + 100
                 ),
             ),
-            "settings.nat_ports: range",
+            "settings.nat_ports: NAT port range",
         ),
         (
             file(&[(a, 1)], "").replace("max_flows = 65536", "max_flows = 131072"),

@@ -750,8 +750,10 @@ fn settings() -> Settings {
 /// Settings with a NAT range of one port.
 fn one_nat_port() -> Settings {
     Settings {
-        nat_port_lo: 61000,
-        nat_port_hi: 61000,
+        nat_ports: vec![lb::settings::PortRange {
+            lo: 61000,
+            hi: 61000,
+        }],
         ..settings()
     }
 }
@@ -896,52 +898,96 @@ impl<'obj> Lb<'obj> {
         conntrack::list(&self.m).expect("listing connections")
     }
 
+    /// Every entry of both tables.
     fn entries(&self) -> Vec<(FlowKey, Flow)> {
-        conntrack::entries(&self.m).expect("reading the connection table")
+        conntrack::entries(&self.m)
+            .expect("reading the connection tables")
+            .into_iter()
+            .map(|(k, f, _)| (k, f))
+            .collect()
+    }
+
+    /// The table holding `key`: true for conntrack (answered), false for
+    /// ct_new (half-open).
+    fn table_of(&self, key: &FlowKey) -> Option<bool> {
+        for (answered, map) in [(true, &self.m.conntrack), (false, &self.m.ct_new)] {
+            if map
+                .lookup(bytes(key), MapFlags::ANY)
+                .expect("conntrack lookup")
+                .is_some()
+            {
+                return Some(answered);
+            }
+        }
+        None
     }
 
     fn entry(&self, key: &FlowKey) -> Option<Flow> {
-        let v = self
-            .m
-            .conntrack
-            .lookup(bytes(key), MapFlags::ANY)
-            .expect("conntrack lookup")?;
-        Some(maps::from_bytes(&v))
+        for map in [&self.m.conntrack, &self.m.ct_new] {
+            if let Some(v) = map
+                .lookup(bytes(key), MapFlags::ANY)
+                .expect("conntrack lookup")
+            {
+                return Some(maps::from_bytes(&v));
+            }
+        }
+        None
     }
 
-    /// Makes an entry look idle for longer than its timeout, as if its
-    /// direction had been silent that long.
+    /// Rewrites an entry where it is.
+    fn put_entry(&self, key: &FlowKey, f: &Flow) {
+        let map = if self.table_of(key).expect("the entry to rewrite") {
+            &self.m.conntrack
+        } else {
+            &self.m.ct_new
+        };
+        map.update(bytes(key), bytes(f), MapFlags::EXIST)
+            .expect("rewriting an entry");
+    }
+
+    /// Makes a connection look idle for longer than its timeout: its owner
+    /// (which holds the clock) was last seen that long ago.
     fn age_out(&self, key: &FlowKey) {
         let mut f = self.entry(key).expect("the entry to age");
+        let owner = if f.dir == maps::DIR_TO_CLIENT {
+            *key
+        } else {
+            conntrack::owner_key(&f, key.proto)
+        };
+        let owner = &owner;
+        f = self.entry(owner).expect("the owner to age");
+        let answered = self.table_of(owner).unwrap();
         let timeout = if f.state & maps::CT_CLOSING != 0 {
             self.settings.fin_timeout
-        } else if key.proto == TCP {
+        } else if owner.proto == UDP {
+            self.settings.udp_timeout
+        } else if answered {
             self.settings.tcp_timeout
         } else {
-            self.settings.udp_timeout
+            lb::settings::SYN_TIMEOUT
         };
-        let ticks = timeout * lb::clock::hz().expect("HZ");
-        f.seen = lb::clock::now().expect("clock").wrapping_sub(ticks + 1);
+        let ticks = u64::from(timeout * lb::clock::hz().expect("HZ"));
+        f.seen = lb::clock::now().expect("clock") - ticks - 1;
         f.created = f.seen;
-        self.m
-            .conntrack
-            .update(bytes(key), bytes(&f), MapFlags::EXIST)
-            .expect("aging an entry");
+        self.put_entry(owner, &f);
     }
 
-    /// Lets `secs` seconds pass for the connection table: every entry's
+    /// Lets `secs` seconds pass for the connection tables: every entry's
     /// timestamps move that far into the past (the datapath only compares
     /// them with its clock).
     fn time_passes(&self, secs: u32) {
-        let ticks = secs * lb::clock::hz().expect("HZ");
+        let ticks = u64::from(secs * lb::clock::hz().expect("HZ"));
         for (k, mut f) in self.entries() {
-            f.seen = f.seen.wrapping_sub(ticks);
-            f.created = f.created.wrapping_sub(ticks);
-            self.m
-                .conntrack
-                .update(bytes(&k), bytes(&f), MapFlags::EXIST)
-                .expect("aging the table");
+            f.seen -= ticks;
+            f.created -= ticks;
+            self.put_entry(&k, &f);
         }
+    }
+
+    /// The owner of `conn` (the entry keyed by its NAT tuple).
+    fn owner(&self, conn: &Conn) -> Flow {
+        self.entry(&conn.reverse_key())
+            .expect("the connection's owner")
     }
 
     fn traffic(&self, id: u32) -> stats::Traffic {
@@ -1030,6 +1076,9 @@ impl<'obj> Lb<'obj> {
     /// the backend's MAC; both connection-table entries written.
     fn open(&self, seg: &Seg, backends: &[SocketAddrV4], csum: Csum) -> Result<Conn, String> {
         let input = self.input(seg, csum)?;
+        // A client entry left by a finished flow on the same 4-tuple: the
+        // SYN reopens it (see `reopen` fixtures for when it must not).
+        let reopens = self.entry(&seg.key()).is_some();
         let before = self.counters();
         let (verdict, out) = self
             .run(self.ifs.eth0, &input)
@@ -1064,9 +1113,12 @@ impl<'obj> Lb<'obj> {
         if *src.ip() != lb_ip {
             return Err(format!("source {src}, expected the LB's address {lb_ip}"));
         }
-        let (lo, hi) = (self.settings.nat_port_lo, self.settings.nat_port_hi);
-        if !(lo..=hi).contains(&src.port()) {
-            return Err(format!("NAT port {} outside {lo}-{hi}", src.port()));
+        if !self.nat_port_ok(src.port()) {
+            return Err(format!(
+                "NAT port {} outside {}",
+                src.port(),
+                lb::settings::ports_string(&self.settings.nat_ports)
+            ));
         }
         let want_verdict = if egress == self.ifs.eth0 {
             XDP_TX
@@ -1086,7 +1138,12 @@ impl<'obj> Lb<'obj> {
         );
         same_frame(&out, &want)?;
         verify_checksums(&out, csum).map_err(|e| format!("output: {e}"))?;
-        counter_delta(&before, &after, &["to_backend", "new_flow"], input.len())?;
+        let moved: &[&str] = if reopens {
+            &["to_backend", "new_flow", "reopen"]
+        } else {
+            &["to_backend", "new_flow"]
+        };
+        counter_delta(&before, &after, moved, input.len())?;
         let conn = Conn {
             client: seg.clone(),
             backend,
@@ -1096,6 +1153,14 @@ impl<'obj> Lb<'obj> {
         };
         self.check_entries(&conn, true)?;
         Ok(conn)
+    }
+
+    /// Whether `port` is one of the instance's NAT ports.
+    fn nat_port_ok(&self, port: u16) -> bool {
+        self.settings
+            .nat_ports
+            .iter()
+            .any(|r| (r.lo..=r.hi).contains(&port))
     }
 
     /// Both entries of `conn`, field by field (state: open, if `open`).
@@ -1145,8 +1210,15 @@ impl<'obj> Lb<'obj> {
         if bytes(&r) != bytes(&want) {
             return Err(format!("reverse entry {r:?}, expected {want:?}"));
         }
-        if open && (f.state != 0 || r.state != 0) {
-            return Err(format!("states {} and {}, expected open", f.state, r.state));
+        let ended = maps::CT_CLOSING | maps::CT_FIN_FWD | maps::CT_FIN_REV | maps::CT_RECLAIMED;
+        if f.state != 0 || (open && r.state & ended != 0) {
+            return Err(format!(
+                "states {} (client entry) and {} (owner), expected open",
+                f.state, r.state
+            ));
+        }
+        if self.table_of(&conn.client.key()) != self.table_of(&conn.reverse_key()) {
+            return Err("the two entries are in different tables".into());
         }
         let b = service::backends(&self.m)
             .map_err(|e| e.to_string())?
@@ -1160,6 +1232,15 @@ impl<'obj> Lb<'obj> {
             ));
         }
         Ok(())
+    }
+
+    /// Whether a packet `seg` of `conn` from the client moves it to the
+    /// connection table: it is half-open, the backend answered, and `seg`
+    /// confirms (TCP: the handshake's ACK or later; UDP: any).
+    fn promotes(&self, conn: &Conn, seg: &Seg) -> bool {
+        self.table_of(&conn.reverse_key()) == Some(false)
+            && self.owner(conn).state & maps::CT_REPLIED != 0
+            && (seg.udp || (seg.ack.is_some() && !seg.syn && !seg.rst))
     }
 
     /// A later packet of `conn` from the client: same backend, same NAT port.
@@ -1176,14 +1257,24 @@ impl<'obj> Lb<'obj> {
         } else {
             XDP_REDIRECT
         };
+        let promotes = self.promotes(conn, seg);
+        let moved: &[&str] = if promotes {
+            &["to_backend", "established"]
+        } else {
+            &["to_backend"]
+        };
         self.expect(
             self.ifs.eth0,
             &input,
             verdict,
             &with_csum(want.frame(), csum),
             csum,
-            &["to_backend"],
-        )
+            moved,
+        )?;
+        if promotes && self.table_of(&conn.reverse_key()) != Some(true) {
+            return Err("answered and confirmed, but not moved to conntrack".into());
+        }
+        Ok(())
     }
 
     /// A packet of `conn` from the backend: rewritten to VIP -> client, to
@@ -1576,7 +1667,7 @@ fn tcp_new_flow_established_and_return() {
             sa(VIP, 80),
             conn.backend,
             conn.nat,
-            "open"
+            "half-open"
         )
     );
 
@@ -1666,7 +1757,12 @@ fn flows_stick_to_their_backend_and_nat_port() {
     for sport in (50000..50040).step_by(2) {
         let syn = Seg::syn(CLIENT, sport, VIP, 80);
         let conn = must(lb.open(&syn, &backends, c), "SYN");
-        assert!(nats.insert(conn.nat), "NAT {} given twice", conn.nat);
+        assert!(
+            nats.insert((conn.nat, conn.backend)),
+            "NAT {} given twice towards {}",
+            conn.nat,
+            conn.backend
+        );
         for seg in [
             syn.clone().ack(),
             syn.clone().data(HTTP_GET),
@@ -1814,12 +1910,9 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
     let c = Csum::Complete;
     let closing = |lb: &Lb, conn: &Conn, what: &str| {
         let f = lb.entry(&conn.client.key()).expect("client entry");
-        let r = lb.entry(&conn.reverse_key()).expect("reverse entry");
-        assert_eq!(
-            (f.state, r.state),
-            (maps::CT_CLOSING, maps::CT_CLOSING),
-            "{what}"
-        );
+        let o = lb.owner(conn);
+        assert_eq!(f.state, 0, "{what}: state lives in the owner only");
+        assert_ne!(o.state & maps::CT_CLOSING, 0, "{what}: owner {o:?}");
         let k = lb
             .conns()
             .into_iter()
@@ -1838,11 +1931,9 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
         "client FIN is forwarded",
     );
     // Half-closed: the backend may still send; nothing lingers yet.
-    let f = lb.entry(&conn.client.key()).expect("client entry");
-    let r = lb.entry(&conn.reverse_key()).expect("reverse entry");
     assert_eq!(
-        (f.state, r.state),
-        (maps::CT_FIN, 0),
+        lb.owner(&conn).state & !maps::CT_REPLIED,
+        maps::CT_FIN_FWD,
         "after the client's FIN"
     );
     let k = lb
@@ -1872,20 +1963,37 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
         "backend SYN on a closing flow",
     );
 
-    // A new SYN on the same 4-tuple: a new flow (the old way back lingers,
-    // so it gets another NAT port).
-    let conn2 = must(lb.open(&syn, &backends, c), "new SYN on the closed 4-tuple");
-    assert_ne!(conn2.nat, conn.nat);
-    must(
-        lb.back(&conn2, &conn2.reply().synack(), c),
-        "new flow's SYN-ACK",
+    // A new SYN on the same 4-tuple reopens the flow on the same backend
+    // and the same NAT tuple: the backend holds that tuple in TIME_WAIT and
+    // accepts this client's new SYN on it.
+    let input = lb.input(&syn, c).unwrap();
+    let want = syn.nat(
+        conn.nat,
+        conn.backend,
+        conn.lb_mac,
+        mac_of(*conn.backend.ip()),
     );
-    must(lb.cont(&conn2, &syn.clone().ack(), c), "new flow's ACK");
-    let old = lb.entry(&conn.reverse_key()).expect("old way back lingers");
-    assert_eq!(old.state, maps::CT_CLOSING);
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &input,
+            XDP_TX,
+            &want.frame(),
+            c,
+            &["to_backend", "new_flow", "reopen"],
+        ),
+        "new SYN on the closed 4-tuple reopens it",
+    );
+    must(lb.check_entries(&conn, true), "reopened entries");
+    must(
+        lb.back(&conn, &conn.reply().synack(), c),
+        "reopened flow's SYN-ACK",
+    );
+    must(lb.cont(&conn, &syn.clone().ack(), c), "reopened flow's ACK");
     assert_eq!(lb.conns().len(), 1);
+    assert_eq!(lb.conns()[0].state, "open");
 
-    // RST from the backend closes both entries too.
+    // RST from the backend closes the connection too.
     let syn3 = Seg::syn(CLIENT, 40002, VIP, 80);
     let conn3 = must(lb.open(&syn3, &backends, c), "SYN 3");
     must(
@@ -1905,10 +2013,8 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
         "client RST is forwarded",
     );
     closing(&lb, &conn4, "after the client's RST");
-    let conn4b = must(lb.open(&syn4, &backends, c), "SYN after RST");
-    assert_ne!(conn4b.nat, conn4.nat);
     let i = stats::index("new_flow").unwrap();
-    assert_eq!(lb.counters()[i].packets, 5);
+    assert_eq!(lb.counters()[i].packets, 4);
 }
 
 // ---------------------------------------------------------------------------
@@ -2371,7 +2477,8 @@ fn unresolved_backend_is_rewritten_and_passed_until_resolved() {
     let at = locate(&out).expect("an IPv4/TCP output");
     let (nat, _) = endpoints(&out, &at);
     assert_eq!(*nat.ip(), LB);
-    let (lo, hi) = (lb.settings.nat_port_lo, lb.settings.nat_port_hi);
+    let r = lb.settings.nat_ports[0];
+    let (lo, hi) = (r.lo, r.hi);
     assert!((lo..=hi).contains(&nat.port()), "NAT port {}", nat.port());
     // Rewritten (L3/L4), MACs as they came: the kernel forwards it.
     let want = syn.nat(nat, backend, PEER_MAC, ETH0_MAC).frame();
@@ -2591,7 +2698,7 @@ fn expired_entries() {
     let conn2 = must(lb.open(&syn2, &backends, c), "SYN 2");
     must(lb.cont(&conn2, &syn2.clone().fin(), c), "FIN");
     must(lb.back(&conn2, &conn2.reply().fin(), c), "FIN back");
-    assert_eq!(lb.entry(&syn2.key()).unwrap().state, maps::CT_CLOSING);
+    assert_ne!(lb.owner(&conn2).state & maps::CT_CLOSING, 0);
     lb.age_out(&syn2.key());
     lb.age_out(&conn2.reverse_key());
     must(

@@ -108,12 +108,7 @@ fn many_clients(test: &str, mode: &str) {
         vec![(format!("{a}:7"), ua), (format!("{b}:7"), ub)],
         "{st:#}"
     );
-    for name in [
-        "drop_no_backend",
-        "drop_nat_full",
-        "drop_ct_full",
-        "pass_no_route",
-    ] {
+    for name in ["drop_no_backend", "drop_nat_full", "pass_no_route"] {
         assert_eq!(counter(&st, name), 0, "{name}: {st:#}");
     }
     check_checksums(&net);
@@ -184,8 +179,12 @@ fn same_source_port_from_several_clients() {
             .collect();
         assert_eq!(got, want, "{proto} clients: {fl:#?}");
         assert!(
-            fl.iter()
-                .all(|c| c["state"] == "open" && c["backend"] == backend.as_str()),
+            fl.iter().all(|c| {
+                // A UDP flow the client has not sent to since the reply
+                // is answered, not confirmed.
+                let state = if proto == "udp" { "replied" } else { "open" };
+                c["state"] == state && c["backend"] == backend.as_str()
+            }),
             "{proto}: {fl:#?}"
         );
         let nat: HashSet<&str> = fl.iter().map(|c| c["nat"].as_str().unwrap()).collect();
@@ -471,12 +470,7 @@ fn two_arm_topology() {
     for name in ["to_backend", "to_client"] {
         assert!(counter(&st, name) >= 3 * n as u64, "{name}: {st:#}");
     }
-    for name in [
-        "pass_no_route",
-        "drop_no_backend",
-        "drop_nat_full",
-        "drop_ct_full",
-    ] {
+    for name in ["pass_no_route", "drop_no_backend", "drop_nat_full"] {
         assert_eq!(counter(&st, name), 0, "{name}: {st:#}");
     }
     check_checksums(&net);

@@ -1,0 +1,108 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/*
+ * Connection state, kept in the connection's owner entry (keyed by its NAT
+ * tuple, see struct flow): the clock, expiry, TCP end, and whether the NAT
+ * tuple of a finished connection may be given to a new one.
+ */
+#ifndef LB_CTSTATE_H
+#define LB_CTSTATE_H
+
+#include "consts.h"
+#include "nat.h"
+
+/* The clock: 64-bit jiffies (HZ ticks a second), never wrapping. The JIT
+ * inlines bpf_jiffies64 to one load, where bpf_ktime_get_coarse_ns costs a
+ * call (~20 ns here). */
+static __always_inline __u64 lb_now(void)
+{
+	return bpf_jiffies64();
+}
+
+/* The key of the owner of client entry `f`: backend -> SNAT:port. */
+static __always_inline void ct_owner_key(const struct flow *f, __u8 proto,
+					 struct flow_key *k)
+{
+	k->saddr = f->daddr;
+	k->daddr = f->saddr;
+	k->sport = f->dport;
+	k->dport = f->sport;
+	k->proto = proto;
+}
+
+/* Whether owner `o` belongs to the client whose packet has key `k`. */
+static __always_inline int ct_owner_of(const struct flow *o,
+				       const struct flow_key *k)
+{
+	return o->daddr == k->saddr && o->dport == k->sport &&
+	       o->saddr == k->daddr && o->sport == k->dport;
+}
+
+/* Whether owner `o` (in conntrack if `est`, else in ct_new) is past its
+ * timeout: its connection is dead. A half-open TCP flow waits syn_timeout. */
+static __always_inline int ct_expired(const struct flow *o, __u32 state,
+				      __u8 proto, int est, __u64 now)
+{
+	__u32 timeout = (state & LB_CT_CLOSING) ? fin_timeout
+			: proto == IPPROTO_UDP	? udp_timeout
+			: est			? tcp_timeout
+						: syn_timeout;
+
+	return now - o->seen > timeout;
+}
+
+/* A packet keeps its connection alive (both directions: the owner holds the
+ * clock). Written at most once a tick. */
+static __always_inline void ct_seen(struct flow *o, __u64 now)
+{
+	if (o->seen != now)
+		o->seen = now;
+}
+
+/*
+ * TCP end, from a packet going `dir`: a RST closes the connection; a FIN
+ * half-closes its direction, and the connection is closing once both sides
+ * sent one. The bits are set atomically in the one owner entry, so FINs of
+ * both directions handled at once on two CPUs always see each other.
+ */
+static __always_inline void ct_tcp_end(struct flow *o, __u8 dir, __u8 tcp_flags)
+{
+	__u32 fin = dir == LB_DIR_TO_BACKEND ? LB_CT_FIN_FWD : LB_CT_FIN_REV;
+	__u32 other = LB_CT_FIN_FWD ^ LB_CT_FIN_REV ^ fin;
+	__u32 old;
+
+	if (o->state & LB_CT_CLOSING)
+		return;
+	if (tcp_flags & TCP_RST) {
+		__sync_fetch_and_or(&o->state, LB_CT_CLOSING);
+		return;
+	}
+	if (o->state & fin)
+		return; /* a repeated FIN */
+	old = __sync_fetch_and_or(&o->state, fin);
+	if (old & other)
+		__sync_fetch_and_or(&o->state, LB_CT_CLOSING);
+}
+
+/*
+ * Whether a new flow from client address `caddr` may take the NAT tuple that
+ * owner `o` (in conntrack if `est`) holds. A live connection keeps it. A
+ * finished one gives it up at once to the same client address, whose
+ * timestamps the backend's TIME_WAIT for the tuple accepts; to any other
+ * client only once the backend's TIME_WAIT is over (tw_timeout), or the
+ * backend would reject its SYN (PAWS) and stall it for a second. A
+ * half-open flow never reached TIME_WAIT.
+ */
+static __always_inline int ct_reusable(const struct flow *o, __u32 state,
+				       __u8 proto, int est, __be32 caddr,
+				       __u64 now)
+{
+	if (state & LB_CT_RECLAIMED)
+		return 0;
+	if (!(state & LB_CT_CLOSING) && !ct_expired(o, state, proto, est, now))
+		return 0;
+	if (!est || proto != IPPROTO_TCP || o->daddr == caddr)
+		return 1;
+	return now - o->seen > tw_timeout;
+}
+
+#endif /* LB_CTSTATE_H */

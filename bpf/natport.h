@@ -1,0 +1,146 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/*
+ * NAT source allocation: the (SNAT address, port) a new flow uses towards
+ * its backend. The client's own port first, when it is in the NAT ranges
+ * and its tuple is free: the backend then sees what the client sent, and a
+ * client that reuses its port lands on the tuple the backend last saw for
+ * it. Otherwise ports in order from a per-backend cursor, over every SNAT
+ * address: the tuple reused is the one used least recently towards that
+ * backend.
+ */
+#ifndef LB_NATPORT_H
+#define LB_NATPORT_H
+
+#include "ctstate.h"
+#include "maps.h"
+
+/* Tuples tried for a new flow before giving up: the client's port, then
+ * NAT_TRIES from the cursor. */
+#define NAT_TRIES 32
+
+/* First and number of ports an address that is lb's alone may use. */
+#define NAT_FULL_LO 1024
+#define NAT_FULL_SIZE (65536 - NAT_FULL_LO)
+
+enum nat_claim {
+	NAT_TAKEN = 0, /* someone else's: try the next tuple */
+	NAT_NEW,       /* ours now: the owner is written to ct_new */
+	NAT_OURS_EST,  /* already this client's connection (in conntrack) */
+	NAT_OURS_NEW,  /* already this client's connection (in ct_new) */
+};
+
+/* A NAT search, the state of the bpf_loop over candidate tuples. */
+struct nat_search {
+	struct flow_key t;  /* candidate tuple: the owner's key */
+	struct flow_key ck; /* the client's key */
+	struct flow rev;    /* the owner to write */
+	__u64 now;
+	__be32 fib_saddr; /* the LB's source address, if no SNAT pool */
+	__u32 h;	  /* flow hash */
+	__u32 cursor;	  /* the backend's cursor when the search began */
+	__u32 result;	  /* enum nat_claim */
+	__u32 tries;	  /* the candidate that ended the search */
+};
+
+/* Whether SNAT address `idx` is lb's alone (every port from 1024). */
+static __always_inline int snat_is_full(__u32 idx)
+{
+	return (snat_full >> (idx & (LB_MAX_SNAT - 1))) & 1;
+}
+
+/* The `i`-th port of the NAT ranges (of 1024-65535 if `full`). */
+static __always_inline __u16 nat_port_at(__u32 i, int full)
+{
+	__u32 first = nat_hi[0] - nat_lo[0] + 1;
+
+	if (full)
+		return NAT_FULL_LO + i % NAT_FULL_SIZE;
+	i %= nat_size;
+	if (i < first)
+		return nat_lo[0] + i;
+	return nat_lo[1] + (i - first);
+}
+
+/* Whether `port` is one of the NAT ports (any from 1024 if `full`). */
+static __always_inline int nat_port_ok(__u16 port, int full)
+{
+	if (full)
+		return port >= NAT_FULL_LO;
+	return (port >= nat_lo[0] && port <= nat_hi[0]) ||
+	       (port >= nat_lo[1] && port <= nat_hi[1]);
+}
+
+/*
+ * Tries to make tuple s->t the new flow's. A free tuple is claimed by
+ * inserting its owner (BPF_NOEXIST: one CPU wins). A finished connection's
+ * tuple (see ct_reusable) is reclaimed by the one CPU that marks it
+ * LB_CT_RECLAIMED, which then replaces it; its client entry, left behind,
+ * no longer has an owner pointing back and is stale from then on.
+ */
+static __always_inline int nat_claim(struct nat_search *s)
+{
+	__u8 proto = s->ck.proto;
+	struct flow *o;
+	__u32 state;
+	int est = 1;
+
+	o = bpf_map_lookup_elem(&conntrack, &s->t);
+	if (!o) {
+		if (!bpf_map_update_elem(&ct_new, &s->t, &s->rev, BPF_NOEXIST))
+			return NAT_NEW;
+		o = bpf_map_lookup_elem(&ct_new, &s->t);
+		if (!o)
+			return NAT_TAKEN;
+		est = 0;
+	}
+	state = o->state;
+	if (ct_owner_of(o, &s->ck) && !(state & LB_CT_RECLAIMED)) {
+		/* This client's connection on this tuple: it continues, or
+		 * starts over if it had ended. */
+		if ((state & LB_CT_CLOSING) ||
+		    ct_expired(o, state, proto, est, s->now)) {
+			o->state = 0;
+			o->created = s->now;
+		}
+		o->seen = s->now;
+		return est ? NAT_OURS_EST : NAT_OURS_NEW;
+	}
+	if (!ct_reusable(o, state, proto, est, s->ck.saddr, s->now))
+		return NAT_TAKEN;
+	if (__sync_val_compare_and_swap(&o->state, state,
+					state | LB_CT_RECLAIMED) != state)
+		return NAT_TAKEN;
+	if (est)
+		bpf_map_delete_elem(&conntrack, &s->t);
+	else
+		bpf_map_delete_elem(&ct_new, &s->t);
+	if (bpf_map_update_elem(&ct_new, &s->t, &s->rev, BPF_NOEXIST))
+		return NAT_TAKEN;
+	return NAT_NEW;
+}
+
+/* Candidate `i` of a search (0: the client's port; then the cursor's). */
+static long nat_try(__u32 i, void *arg)
+{
+	struct nat_search *s = arg;
+	__u32 n = snat_count, idx, k;
+	__u16 port;
+
+	if (i == 0) {
+		idx = n ? s->h % n : 0;
+		port = bpf_ntohs(s->ck.sport);
+		if (!nat_port_ok(port, n && snat_is_full(idx)))
+			return 0;
+	} else {
+		k = s->cursor + i - 1;
+		idx = n ? k % n : 0;
+		port = nat_port_at(n ? k / n : k, n && snat_is_full(idx));
+	}
+	s->t.daddr = n ? snat_addr[idx & (LB_MAX_SNAT - 1)] : s->fib_saddr;
+	s->t.dport = bpf_htons(port);
+	s->result = nat_claim(s);
+	s->tries = i;
+	return s->result != NAT_TAKEN;
+}
+
+#endif /* LB_NATPORT_H */

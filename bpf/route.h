@@ -1,0 +1,72 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* Routing: the next hop (interface, MACs, source address) towards a flow's
+ * destination, from the FIB or from the per-backend cache. */
+#ifndef LB_ROUTE_H
+#define LB_ROUTE_H
+
+#include "consts.h"
+#include "maps.h"
+
+/* Resolve the next hop towards f->daddr into f; 0 on success, else the
+ * counter that says why not. */
+static __always_inline int flow_route(struct xdp_md *ctx, struct flow *f,
+				      __u32 flags)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = AF_INET;
+	fib.ifindex = ctx->ingress_ifindex;
+	fib.ipv4_src = f->saddr;
+	fib.ipv4_dst = f->daddr;
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), flags);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return LB_PASS_NO_ROUTE;
+	if (flags & BPF_FIB_LOOKUP_SRC)
+		f->saddr = fib.ipv4_src;
+	f->ifindex = fib.ifindex;
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return LB_PASS_NO_NEIGH;
+	__builtin_memcpy(f->smac, fib.smac, ETH_ALEN);
+	__builtin_memcpy(f->dmac, fib.dmac, ETH_ALEN);
+	f->nh_ok = 1;
+	return 0;
+}
+
+/*
+ * The next hop towards a backend, from the per-backend cache while it is
+ * fresh (nh_ttl), else from the FIB (which also gives the LB's source
+ * address on the egress interface) and then cached. 0, or the counter that
+ * says why not.
+ */
+static __always_inline int backend_route(struct xdp_md *ctx, struct flow *f,
+					 __u64 now)
+{
+	struct lb_nexthop *nh = bpf_map_lookup_elem(&nexthops, &f->backend);
+	int rc;
+
+	if (nh && nh->ok && nh->daddr == f->daddr &&
+	    (__u32)now - nh->checked < nh_ttl) {
+		f->saddr = nh->saddr;
+		f->ifindex = nh->ifindex;
+		__builtin_memcpy(f->smac, nh->smac, ETH_ALEN);
+		__builtin_memcpy(f->dmac, nh->dmac, ETH_ALEN);
+		f->nh_ok = 1;
+		return 0;
+	}
+	rc = flow_route(ctx, f, BPF_FIB_LOOKUP_SRC);
+	if (rc == LB_PASS_NO_ROUTE || !f->saddr)
+		return LB_PASS_NO_ROUTE;
+	if (nh && rc == 0) {
+		nh->daddr = f->daddr;
+		nh->saddr = f->saddr;
+		nh->ifindex = f->ifindex;
+		__builtin_memcpy(nh->smac, f->smac, ETH_ALEN);
+		__builtin_memcpy(nh->dmac, f->dmac, ETH_ALEN);
+		nh->checked = (__u32)now;
+		nh->ok = 1;
+	}
+	return rc;
+}
+
+#endif /* LB_ROUTE_H */

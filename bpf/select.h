@@ -1,0 +1,64 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/* Backend selection: the flow hash, the service's Maglev table, and whether
+ * a backend still takes a flow. */
+#ifndef LB_SELECT_H
+#define LB_SELECT_H
+
+#include "maps.h"
+
+/* murmur3 finaliser: cheap, and every input bit reaches every output bit. */
+static __always_inline __u32 mix32(__u32 h)
+{
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline __u32 flow_hash(const struct flow_key *k)
+{
+	__u32 ports = ((__u32)k->sport << 16) | k->dport;
+
+	return mix32(k->saddr ^ mix32(k->daddr ^ mix32(ports ^ k->proto)));
+}
+
+/* The backend service `svc_id`'s Maglev table gives hash `h`, or NULL. A
+ * CPU may still hold a table the service has since replaced: the backend
+ * must belong to the service. */
+static __always_inline struct backend *backend_pick(__u32 svc_id, __u32 h,
+						    __u32 *id)
+{
+	struct backend *be;
+	void *table;
+	__u32 slot, *bid;
+
+	table = bpf_map_lookup_elem(&maglev, &svc_id);
+	if (!table)
+		return NULL;
+	slot = h % maglev_size;
+	bid = bpf_map_lookup_elem(table, &slot);
+	if (!bid || *bid == LB_NO_BACKEND)
+		return NULL;
+	*id = *bid;
+	be = bpf_map_lookup_elem(&backends, id);
+	if (!be || !(be->flags & LB_BACKEND_USED) || be->svc != svc_id)
+		return NULL;
+	return be;
+}
+
+/* Whether the backend of client entry `f` (packet key `k`) still takes new
+ * flows: present, of the flow's service, same address and port, weight > 0.
+ */
+static __always_inline int backend_takes(const struct flow *f,
+					 const struct flow_key *k)
+{
+	struct backend *be = bpf_map_lookup_elem(&backends, &f->backend);
+
+	return be && (be->flags & LB_BACKEND_USED) && be->weight &&
+	       be->svc == f->svc && be->ip == f->daddr &&
+	       (be->port ? be->port : k->dport) == f->dport;
+}
+
+#endif /* LB_SELECT_H */

@@ -161,6 +161,32 @@ fn main() -> Result<()> {
                 BACKEND_MAC,
             ),
         ),
+        // Their owners (keyed by the NAT tuples), which the client entries
+        // must point back at (as in the datapath benchmark).
+        (
+            key(BACKEND, 80, LB_IP, 62000),
+            flow(
+                VIP,
+                80,
+                CLIENT,
+                40000,
+                maps::DIR_TO_CLIENT,
+                ifindex,
+                BACKEND_MAC,
+            ),
+        ),
+        (
+            key(VIP, 80, CLIENT, 40000),
+            flow(
+                BACKEND,
+                80,
+                LB_IP,
+                62000,
+                maps::DIR_TO_CLIENT,
+                ifindex,
+                BACKEND_MAC,
+            ),
+        ),
     ] {
         m.conntrack
             .update(maps::bytes(&k), maps::bytes(&f), MapFlags::ANY)

@@ -90,7 +90,11 @@ static __always_inline void ct_tcp_end(struct flow *o, __u8 dir, __u8 tcp_flags)
  * timestamps the backend's TIME_WAIT for the tuple accepts; to any other
  * client only once the backend's TIME_WAIT is over (tw_timeout), or the
  * backend would reject its SYN (PAWS) and stall it for a second. A
- * half-open flow never reached TIME_WAIT.
+ * half-open flow never reached TIME_WAIT, and gives up its tuple to any new
+ * flow while the backend has not answered its SYN (a SYN flood cannot hold
+ * the ports: the cursor takes the oldest first), or once it has been idle
+ * for a second (an answer not confirmed within a second; a one-way UDP
+ * stream that paused).
  */
 static __always_inline int ct_reusable(const struct flow *o, __u32 state,
 				       __u8 proto, int est, __be32 caddr,
@@ -98,6 +102,9 @@ static __always_inline int ct_reusable(const struct flow *o, __u32 state,
 {
 	if (state & LB_CT_RECLAIMED)
 		return 0;
+	if (!est && ((proto == IPPROTO_TCP && !(state & LB_CT_REPLIED)) ||
+		     now - o->seen > hz))
+		return 1;
 	if (!(state & LB_CT_CLOSING) && !ct_expired(o, state, proto, est, now))
 		return 0;
 	if (!est || proto != IPPROTO_TCP || o->daddr == caddr)

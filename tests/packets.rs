@@ -2271,6 +2271,10 @@ fn nat_port_range_exhausted_per_backend() {
     let first = Seg::syn(CLIENT, 40000, VIP, 80);
     let c1 = must(lb.open(&first, &a80, c), "first flow takes the only port");
     assert_eq!(c1.nat, sa(LB, 61000));
+    // Answered: from now on the tuple is the first flow's (an unanswered
+    // SYN's tuple goes to the next new flow, see
+    // syn_flood_cannot_hold_nat_ports).
+    must(lb.back(&c1, &c1.reply().synack(), c), "first flow answered");
     let second = Seg::syn(CLIENT2, 40000, VIP, 80);
     must(
         lb.drops(&second.frame(), "drop_nat_full"),
@@ -2865,5 +2869,96 @@ fn stat_names_match_the_map() {
     assert_eq!(lb.m.stats.max_entries() as usize, stats::NAMES.len());
     for (i, n) in stats::NAMES.iter().enumerate() {
         assert_eq!(stats::index(n), Some(i), "duplicate counter name {n}");
+    }
+}
+
+/// A SYN flood cannot hold the NAT ports: a tuple whose SYN the backend has
+/// not answered goes to the next new flow, and the flow it leaves behind is
+/// stale (its packets are not forwarded on the tuple any more).
+#[test]
+fn syn_flood_cannot_hold_nat_ports() {
+    instance!("syn_flood_cannot_hold_nat_ports", lb, one_nat_port(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+    let spoofed = Seg::syn(STRANGER, 40000, VIP, 80);
+    let s1 = must(lb.open(&spoofed, &a80, c), "unanswered SYN takes the port");
+    let real = Seg::syn(CLIENT, 40000, VIP, 80);
+    let c2 = must(lb.open(&real, &a80, c), "a real client's SYN takes it over");
+    assert_eq!(c2.nat, s1.nat);
+    must(
+        lb.back(&c2, &c2.reply().synack(), c),
+        "answer to the real client",
+    );
+    must(lb.cont(&c2, &real.clone().ack(), c), "real client's ACK");
+    // The spoofed flow's retransmitted SYN finds its entry stale and is
+    // a new flow, which finds the only port answered: dropped.
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &spoofed.frame(),
+            XDP_DROP,
+            &spoofed.frame(),
+            c,
+            &["stale", "drop_nat_full"],
+        ),
+        "the spoofed SYN again",
+    );
+    must(
+        lb.back(&c2, &c2.reply().data(HTTP_OK), c),
+        "real flow goes on",
+    );
+}
+
+/// Half-open flows cannot evict answered ones: after far more unanswered
+/// SYNs than the half-open table holds, every answered connection still
+/// translates both ways.
+#[test]
+fn half_open_flood_cannot_evict_answered_flows() {
+    let small = Settings {
+        max_half_open: 1024,
+        ..settings()
+    };
+    instance!(
+        "half_open_flood_cannot_evict_answered_flows",
+        lb,
+        small,
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    lb.backend(&svc, BACKEND_B, 80, 1);
+    let backends = [sa(BACKEND_A, 80), sa(BACKEND_B, 80)];
+    let c = Csum::Complete;
+    let mut held = Vec::new();
+    for port in 0..50u16 {
+        let syn = Seg::syn(CLIENT, 30000 + port, VIP, 80);
+        let conn = must(lb.open(&syn, &backends, c), "held connection");
+        must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+        must(lb.cont(&conn, &syn.clone().ack(), c), "ACK: established");
+        held.push((syn, conn));
+    }
+    // 16x the half-open table (2 x 1024 entries), distinct spoofed sources.
+    let before = lb.counters();
+    for i in 0..16 * 1024u32 {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 128, 0)) + i);
+        let f = Seg::syn(src, 1024 + (i % 60000) as u16, VIP, 80).frame();
+        let (v, _) = lb.run(lb.ifs.eth0, &f).expect("flood SYN");
+        assert_eq!(v, XDP_TX, "flood SYN {i}");
+    }
+    let after = lb.counters();
+    let made = after[stats::index("new_flow").unwrap()].packets
+        - before[stats::index("new_flow").unwrap()].packets;
+    assert_eq!(made, 16 * 1024, "every flood SYN made a half-open flow");
+    for (syn, conn) in &held {
+        must(
+            lb.cont(conn, &syn.clone().data(HTTP_GET), c),
+            "held connection, client side, after the flood",
+        );
+        must(
+            lb.back(conn, &conn.reply().data(HTTP_OK), c),
+            "held connection, backend side, after the flood",
+        );
     }
 }

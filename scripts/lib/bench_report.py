@@ -2,12 +2,23 @@
 """Writes BENCHMARKS.md and the plots from the results of scripts/bench.
 
     bench_report.py --results DIR --out FILE --plots DIR --command CMD
-                    --rounds N --duration S [--lb-extra ARGS]
+                    --rounds N --duration S --sustained N,WIN
+                    --flood DUR,MAX,HOLD,RATE,TIMEOUT,MAX_FLOWS,NET [--elapsed S]
 
-DIR holds datapath.csv (cargo bench --bench datapath --csv), trafgen.csv
-(cargo bench --bench trafgen --csv), e2e.csv
-(round,scenario,test,value,errors), memory.json (bench_mem.py) and
-lbstats-*.json (`lb stats --json` after each lb scenario)."""
+DIR holds what the parts that ran left there (a part that did not run is
+reported as not measured):
+  datapath.csv   cargo bench --bench datapath --csv
+  trafgen.csv    cargo bench --bench trafgen --csv
+  e2e.csv        round,scenario,test,value,errors
+  nstat.csv      part,round,scenario,test,side,counter,delta (nstat around each test)
+  sustained.csv  scenario,window,seconds,rps,syn_retrans,paws,time_wait (per window)
+  sustained-wrk.csv scenario,rps,errors,seconds (wrk's own figures for the whole run)
+  flood.csv      scenario,held,ok_after,syns,flood_s,pps,attempts,ok,slow,p50,p99
+  memory.json    bench_mem.py
+  lbstats-*.json `lb status --json` after each lb scenario (its counters)
+
+Every statement of a target met or not met is computed here from the same
+run's numbers."""
 
 import argparse
 import csv
@@ -20,10 +31,14 @@ import statistics
 import subprocess
 
 PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not IPv4)"]
-SCENARIOS = [("lb", "lb (XDP, native), defaults"), ("lbtuned", "lb, wide NAT ports, 1 s linger"), ("nft", "nftables DNAT + masquerade"),
-             ("haproxy", "haproxy (mode tcp)"), ("direct", "direct to one backend")]
-TESTS = [("keepalive", "wrk keep-alive, req/s"), ("close", "wrk new connection per request, req/s"),
-         ("iperf3", "iperf3 one stream, Gbit/s")]
+SCENARIOS = [("lb", "lb (XDP, native), defaults"), ("nft", "nftables DNAT + masquerade"),
+             ("haproxy", "haproxy (mode tcp)"), ("direct", "direct to one backend"),
+             ("fwd", "XDP forward-only (ceiling)")]
+TESTS = [("keepalive", "wrk keep-alive, req/s"), ("close", "new connection per request, req/s"),
+         ("close3", "new connection per request, 3 clients, req/s"), ("iperf3", "iperf3 one stream, Gbit/s")]
+SYN = "TcpExtTCPSynRetrans"
+PAWS = "TcpExtPAWSTimewait"
+TARGET_NFT, TARGET_HAPROXY = 1.2, 1.5
 
 
 def machine():
@@ -37,7 +52,7 @@ def machine():
     return {"cpus": os.cpu_count(), "kernel": platform.release(), "model": model}
 
 
-def plot(path, title, xlabel, series, logx=True):
+def plot(path, title, xlabel, series, logx=True, ylabel="ns / packet (BPF_PROG_TEST_RUN)"):
     """series: {label: [(x, y), ...]}; PNG with matplotlib, else hand-written SVG."""
     try:
         import matplotlib
@@ -49,7 +64,7 @@ def plot(path, title, xlabel, series, logx=True):
         if logx:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("ns / packet (BPF_PROG_TEST_RUN)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
@@ -59,17 +74,18 @@ def plot(path, title, xlabel, series, logx=True):
         plt.close(fig)
         return path + ".png"
     except ImportError:
-        return svg(path + ".svg", title, xlabel, series)
+        return svg(path + ".svg", title, xlabel, series, logx, ylabel)
 
 
-def svg(path, title, xlabel, series):
+def svg(path, title, xlabel, series, logx, ylabel):
     import math
     w, h, m = 640, 380, 60
-    xs = [math.log10(p[0]) for pts in series.values() for p in pts]
+    tx = (lambda x: math.log10(x)) if logx else (lambda x: x)
+    xs = [tx(p[0]) for pts in series.values() for p in pts]
     ys = [p[1] for pts in series.values() for p in pts]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y1 = max(ys) * 1.1 or 1
-    sx = lambda x: m + (math.log10(x) - x0) / (x1 - x0) * (w - 2 * m)
+    sx = lambda x: m + (tx(x) - x0) / (x1 - x0) * (w - 2 * m)
     sy = lambda y: h - m - y / y1 * (h - 2 * m)
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
@@ -77,8 +93,8 @@ def svg(path, title, xlabel, series):
            f'<text x="{w/2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
            f'<line x1="{m}" y1="{h-m}" x2="{w-m}" y2="{h-m}" stroke="black"/>',
            f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h-m}" stroke="black"/>',
-           f'<text x="{w/2}" y="{h-15}" text-anchor="middle">{xlabel} (log)</text>',
-           f'<text x="15" y="{h/2}" transform="rotate(-90 15 {h/2})" text-anchor="middle">ns / packet</text>']
+           f'<text x="{w/2}" y="{h-15}" text-anchor="middle">{xlabel}{" (log)" if logx else ""}</text>',
+           f'<text x="15" y="{h/2}" transform="rotate(-90 15 {h/2})" text-anchor="middle">{ylabel}</text>']
     for i in range(5):
         y = y1 * i / 4
         out.append(f'<text x="{m-5}" y="{sy(y)+4}" text-anchor="end">{y:.0f}</text>')
@@ -100,6 +116,41 @@ def fmt(v, unit=""):
     return f"{v:.2f}{unit}" if v < 10 else f"{v:.0f}{unit}"
 
 
+def rows_of(results, name):
+    """The rows of a CSV result file; [] if the part did not run."""
+    path = os.path.join(results, name)
+    if not os.path.exists(path):
+        return []
+    return list(csv.DictReader(open(path)))
+
+
+def counters(path):
+    """{name: packets} from `lb status --json` (or `lb stats --json`)."""
+    try:
+        c = json.load(open(path)).get("counters", [])
+        return {name: v.get("packets", 0) for name, v in c}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def drops(paths):
+    """The drop_* counters summed over the files, nonzero only."""
+    d = {}
+    for f in paths:
+        for k, v in counters(f).items():
+            if v and k.startswith("drop"):
+                d[k] = d.get(k, 0) + v
+    return d
+
+
+def spread(rs):
+    return f"{statistics.median(rs):.2f} [{min(rs):.2f}, {max(rs):.2f}]"
+
+
+def met(ok):
+    return "**met**" if ok else "**not met**"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", required=True)
@@ -108,159 +159,329 @@ def main():
     ap.add_argument("--command", required=True)
     ap.add_argument("--rounds", type=int, required=True)
     ap.add_argument("--duration", type=int, required=True)
-    ap.add_argument("--lb-tuned", default="")
+    ap.add_argument("--sustained", default="6,10")
+    ap.add_argument("--flood", default="20,2000000,200,20,3,65536,10.200.128.0/17")
+    ap.add_argument("--elapsed", type=int, default=0)
     a = ap.parse_args()
     os.makedirs(a.plots, exist_ok=True)
     mc = machine()
     quick = "--quick" in a.command
+    R = a.results
+    rel = lambda p: os.path.relpath(p, os.path.dirname(a.out) or ".")
+    sust_n, sust_win = (int(x) for x in a.sustained.split(","))
+    fl = a.flood.split(",")
+    fl_dur, fl_max, fl_hold, fl_rate, fl_timeout, fl_flows, fl_net = int(fl[0]), int(fl[1]), int(fl[2]), \
+        float(fl[3]), float(fl[4]), int(fl[5]), fl[6]
 
-    # Datapath.
-    dp = list(csv.DictReader(open(os.path.join(a.results, "datapath.csv"))))
-    for r in dp:
-        r["backends"], r["flows"], r["ns"] = int(r["backends"]), int(r["flows"]), float(r["ns"])
-    empty = next(r["ns"] for r in dp if r["path"] == "empty XDP program")
-    rows = [r for r in dp if r["path"] != "empty XDP program"]
-    bmin = min(r["backends"] for r in rows)
-    fmin = min(r["flows"] for r in rows)
-    by_b = {p: [(r["backends"], r["ns"]) for r in rows if r["path"] == p and r["flows"] == fmin] for p in PATHS}
-    by_f = {p: [(max(r["flows"], 1), r["ns"]) for r in rows if r["path"] == p and r["backends"] == bmin] for p in PATHS}
-    by_b["empty XDP program"] = [(x, empty) for x, _ in by_b[PATHS[0]]]
-    by_f["empty XDP program"] = [(x, empty) for x, _ in by_f[PATHS[0]]]
-    pb = plot(os.path.join(a.plots, "ns_vs_backends"), f"ns/packet vs backends ({fmin} tracked flow)", "backends", by_b)
-    pf = plot(os.path.join(a.plots, "ns_vs_flows"), f"ns/packet vs tracked flows ({bmin} backends)", "tracked flows", by_f)
+    # nstat deltas: {(part, round, scenario, test, counter): delta}
+    nst = {}
+    for r in rows_of(R, "nstat.csv"):
+        k = (r["part"], r["round"], r["scenario"], r["test"], r["counter"])
+        nst[k] = nst.get(k, 0) + int(float(r["delta"]))
+
+    def nsum(part, sc, test, counter):
+        return sum(v for (p, _, s, t, c), v in nst.items() if (p, s, t, c) == (part, sc, test, counter))
 
     # End to end.
-    e2e = list(csv.DictReader(open(os.path.join(a.results, "e2e.csv"))))
-    val = {}
-    errs = {}
-    for r in e2e:
+    val, errs = {}, {}
+    for r in rows_of(R, "e2e.csv"):
         k = (r["scenario"], r["test"])
         val.setdefault(k, {})[int(r["round"])] = float(r["value"])
         errs[k] = errs.get(k, 0) + int(r["errors"])
-    ratio = {}
-    for sc, _ in SCENARIOS:
-        for t, _ in TESTS:
-            d = val.get(("direct", t), {})
-            v = val.get((sc, t), {})
-            ratio[(sc, t)] = [v[rd] / d[rd] for rd in v if d.get(rd)]
 
-    mem = json.load(open(os.path.join(a.results, "memory.json")))
-    lbstats = {}
-    for sc in ("lb", "lbtuned"):
-        for f in sorted(glob.glob(os.path.join(a.results, f"lbstats-{sc}-*.json"))):
-            try:
-                counters = json.load(open(f)).get("counters", [])
-            except (OSError, json.JSONDecodeError, AttributeError):
-                continue
-            for name, c in counters:
-                n = c.get("packets", 0)
-                if n and name.startswith("drop"):
-                    d = lbstats.setdefault(sc, {})
-                    d[name] = d.get(name, 0) + n
+    def ratios(sc, base, t):
+        """Same-round ratios sc/base for test t."""
+        d, v = val.get((base, t), {}), val.get((sc, t), {})
+        return [v[rd] / d[rd] for rd in v if d.get(rd)]
+
+    sust = rows_of(R, "sustained.csv")
+    flood = {r["scenario"]: r for r in rows_of(R, "flood.csv")}
 
     L = []
     L.append("# Benchmarks\n")
     L.append(("**Quick-mode results** (`--quick`: short runs, fewer rounds and sizes; indicative only). " if quick else "")
-             + f"Produced by `{a.command}` on {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; "
-             "every number below comes from that run (the tests never assert numbers).\n")
+             + f"Produced by `{a.command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+             + (f" in {a.elapsed / 60:.1f} minutes" if a.elapsed else "")
+             + "; every number below comes from that run, and every *met* / *not met* is computed from those "
+               "numbers (the tests never assert numbers).\n")
     L.append(f"Machine: {mc['cpus']} CPUs, `{mc['model']}` (lscpu model name), Linux {mc['kernel']}. "
              "Client, load balancer, backends and traffic tools all share these CPUs, "
              "so the end-to-end figures compare load balancers on one box; they are not line-rate figures. "
              "The machine is not isolated (other jobs may run at the same time): read the [min, max] spreads "
              "before the medians.\n")
-    L.append("## 1. Datapath: ns per packet (BPF_PROG_TEST_RUN)\n")
-    L.append("`cargo bench --bench datapath` runs the XDP program on one frame with `repeat` "
-             "(best of 3 runs), proving from the counters that every repetition took the path measured. "
-             f"The empty XDP program costs **{empty:.0f} ns** in the same run (the harness' own cost).\n")
-    cfgs = sorted({(r["backends"], r["flows"]) for r in rows}, key=lambda c: (c[0] != bmin, c))
-    L.append("| path | " + " | ".join(f"{b} backends, {f:,} flows" for b, f in cfgs) + " |")
-    L.append("| --- |" + " ---: |" * len(cfgs))
-    for p in PATHS:
-        cells = []
-        for c in cfgs:
-            v = next((r["ns"] for r in rows if r["path"] == p and (r["backends"], r["flows"]) == c), None)
-            cells.append("" if v is None else f"{v:.0f} ({v / empty:.1f}x)")
-        L.append(f"| {p} | " + " | ".join(cells) + " |")
-    L.append("\nns/packet (x the empty program). *established*: client to VIP, flow in the table; "
-             "*return*: backend to client; *new flow*: a SYN creating a connection (Maglev pick, NAT port, two entries); "
-             "*passed*: not the LB's traffic.\n")
-    L.append(f"![ns vs backends]({os.path.relpath(pb, os.path.dirname(a.out) or '.')}) "
-             f"![ns vs flows]({os.path.relpath(pf, os.path.dirname(a.out) or '.')})\n")
 
-    L.append("## 2. End to end: lb vs nftables vs haproxy vs direct\n")
-    L.append("The talk's topology (`scripts/topo up P native`: client, LB and two backends on one bridge, "
-             "veth, native XDP), rebuilt for every scenario. Backends run nginx (one worker, a fixed 200 "
-             "answer, keep-alive unlimited); iperf3 -s on backend a, port 5201. Scenarios:\n")
-    L.append("- **lb**: `lb attach eth0 --netns P-lb --pin-dir DIR --lb 10.200.0.2 --backend 10.200.0.11 "
-             "--backend 10.200.0.12 --port 80` (default settings), plus service "
-             "10.200.0.2:5201 -> 10.200.0.11:5201 for iperf3;")
-    L.append(f"- **lb tuned**: the same with `{a.lb_tuned}`: the default NAT ports (61000-65535, clear of the "
-             "host's ephemeral ports) give 4,536 source ports per backend, and a closed connection keeps its "
-             "port for the 10 s FIN linger, which caps sustained new connections at ~450/s per backend "
-             "(`drop_nat_full` below);")
-    L.append("- **nftables**: kube-proxy style in the LB namespace, `dnat to numgen random mod 2 map "
-             "{ 0 : .11, 1 : .12 }`, `ct status dnat masquerade`, ip_forward=1 (5201 -> .11);")
-    L.append("- **haproxy**: mode tcp, one thread, roundrobin, on 10.200.0.2:80 (and :5201 -> .11);")
-    L.append("- **direct**: the client talks to backend 10.200.0.11 itself (the ceiling).\n")
-    L.append(f"From the client namespace: `wrk -t2 -c32 -d{a.duration}s` keep-alive, the same with "
-             f"`-H 'Connection: close'` (one connection per request), and `iperf3 -t {a.duration}` (one stream). "
-             f"{a.rounds} rounds, scenario order rotated each round; tcp_tw_reuse=1 in every namespace and a "
-             "fresh topology per scenario, so no TIME_WAIT state carries over.\n")
-    L.append("Ratio to direct (median over rounds of the same round's ratio; [min, max]), then the median absolute value:\n")
-    L.append("| scenario | " + " | ".join(n for _, n in TESTS) + " |")
-    L.append("| --- |" + " ---: |" * len(TESTS))
-    for sc, name in SCENARIOS:
-        cells = []
-        for t, _ in TESTS:
-            rs = ratio[(sc, t)]
-            vs = list(val.get((sc, t), {}).values())
-            if not vs:
-                cells.append("")
-                continue
-            med = statistics.median(vs)
-            e = errs.get((sc, t), 0)
-            r = f"{statistics.median(rs):.2f} [{min(rs):.2f}, {max(rs):.2f}]" if rs else "-"
-            cells.append(f"{r}; {fmt(med)}" + (f" ({e} errors)" if e else ""))
-        L.append(f"| {name} | " + " | ".join(cells) + " |")
-    L.append("\nErrors are wrk socket errors and non-2xx answers summed over rounds.")
-    NOTE = ("\nReading it: with keep-alive and with iperf3 a packet through lb costs one XDP program run and "
-            "XDP_TX, no socket and no kernel conntrack, so lb should stay closest to direct (the table says whether it did in this run). With a new "
-            "connection per request, lb's defaults run out of NAT source ports: each closed connection holds "
-            "its port for the FIN linger (10 s), the 4,536 ports per backend are spoken for after a few "
-            "seconds, further SYNs are dropped (`drop_nat_full`) and clients retransmit them a second later. "
-            "A wider range and a shorter linger remove the drops; what is left of the gap to nftables in that "
-            "test has not been investigated (nftables' masquerade keeps the client's source port, while lb "
-            "picks NAT ports at random, reusing ports whose connection may still be in TIME_WAIT on the "
-            "backend).")
-    for sc, name in SCENARIOS:
-        if sc in lbstats:
-            L.append(f" {name}: drop counters summed over rounds: "
-                     + ", ".join(f"`{k}` {v}" for k, v in sorted(lbstats[sc].items())) + ".")
-        elif sc.startswith("lb"):
-            L.append(f" {name}: no drops.")
-    L.append(NOTE)
+    # ------------------------------------------------------------ targets
+    L.append("## Targets\n")
+    L.append("From issue 8 (the connection table), checked against this run. Ratios are medians of the "
+             "same round's ratios, [min, max] over rounds:\n")
+    L.append("| target | measured in this run | |")
+    L.append("| --- | --- | --- |")
+    for t, clients in (("close", "1 client"), ("close3", "3 clients")):
+        for base, want, name in (("nft", TARGET_NFT, "nftables"), ("haproxy", TARGET_HAPROXY, "haproxy")):
+            rs = ratios("lb", base, t)
+            label = f"new connection per request ({clients}), lb defaults >= {want}x {name}"
+            if rs:
+                L.append(f"| {label} | {spread(rs)} | "
+                         f"{met(statistics.median(rs) >= want)} |")
+            else:
+                L.append(f"| {label} | not measured | |")
+    parts = {f"section 2, {dict(TESTS)[t].rsplit(',', 1)[0]}": nsum("e2e", "lb", t, SYN)
+             for t, _ in TESTS if ("lb", t) in val and t != "iperf3"}
+    if any(r["scenario"] == "lb" for r in sust):
+        parts["section 3"] = sum(int(r["syn_retrans"]) for r in sust if r["scenario"] == "lb")
+    if parts:
+        total = sum(parts.values())
+        L.append("| 0 SYN retransmissions (lb: client `TcpExtTCPSynRetrans`, every test of sections 2 and 3) | "
+                 f"{total:,} ({'; '.join(f'{k}: {v:,}' for k, v in parts.items())}) | {met(total == 0)} |")
+    else:
+        L.append("| 0 SYN retransmissions (lb) | not measured | |")
+    if "lbflood" in flood:
+        f = flood["lbflood"]
+        held, after = int(f["held"]), int(f["ok_after"])
+        ok = held == fl_hold and after == held
+        L.append(f"| 0 held connections lost in the SYN flood (lb) | {held - after} of {held} lost"
+                 + (f" ({fl_hold - held} of {fl_hold} could not even be opened before it)" if held != fl_hold else "")
+                 + f" | {met(ok)} |")
+    else:
+        L.append("| 0 held connections lost in the SYN flood (lb) | not measured | |")
     L.append("")
 
-    L.append("## 3. Memory of a default instance\n")
-    s = mem["settings"]
-    L.append(f"`lb attach` with default settings (max_flows {s['max_flows']:,}, Maglev table {s['maglev_size']:,} "
-             "entries), two backends; `bytes_memlock` of every map of the program plus the service's Maglev "
-             "table (inner map), from `bpftool map show`:\n")
-    L.append("| map | type | max entries | key+value bytes | memlock |")
-    L.append("| --- | --- | ---: | ---: | ---: |")
-    for m in sorted(mem["maps"], key=lambda m: -m["memlock"]):
-        L.append(f"| {m['name']}{' (inner)' if m['inner'] else ''} | {m['type']} | {m['max_entries']:,} | "
-                 f"{m['key']}+{m['value']} | {m['memlock'] / 2**20:.2f} MiB |")
-    L.append(f"| **total** | | | | **{mem['total_memlock'] / 2**20:.1f} MiB** |\n")
-    L.append(f"Per tracked connection: **{mem['bytes_per_flow']:.0f} bytes** (the connection table's "
-             f"{mem['conntrack_memlock'] / 2**20:.1f} MiB / {mem['max_flows']:,} connections; two entries of "
-             f"{mem['bytes_per_entry']:.0f} bytes each, preallocated).\n")
+    # ------------------------------------------------------------ datapath
+    L.append("## 1. Datapath: ns per packet (BPF_PROG_TEST_RUN)\n")
+    dp = rows_of(R, "datapath.csv")
+    if dp:
+        for r in dp:
+            r["backends"], r["flows"], r["ns"] = int(r["backends"]), int(r["flows"]), float(r["ns"])
+        empty = next(r["ns"] for r in dp if r["path"] == "empty XDP program")
+        rows = [r for r in dp if r["path"] != "empty XDP program"]
+        bmin = min(r["backends"] for r in rows)
+        fmin = min(r["flows"] for r in rows)
+        by_b = {p: [(r["backends"], r["ns"]) for r in rows if r["path"] == p and r["flows"] == fmin] for p in PATHS}
+        by_f = {p: [(max(r["flows"], 1), r["ns"]) for r in rows if r["path"] == p and r["backends"] == bmin] for p in PATHS}
+        by_b["empty XDP program"] = [(x, empty) for x, _ in by_b[PATHS[0]]]
+        by_f["empty XDP program"] = [(x, empty) for x, _ in by_f[PATHS[0]]]
+        pb = plot(os.path.join(a.plots, "ns_vs_backends"), f"ns/packet vs backends ({fmin} tracked flow)", "backends", by_b)
+        pf = plot(os.path.join(a.plots, "ns_vs_flows"), f"ns/packet vs tracked flows ({bmin} backends)", "tracked flows", by_f)
+        L.append("`cargo bench --bench datapath` runs the XDP program on one frame with `repeat` "
+                 "(best of 3 runs), proving from the counters that every repetition took the path measured. "
+                 f"The empty XDP program costs **{empty:.0f} ns** in the same run (the harness' own cost).\n")
+        cfgs = sorted({(r["backends"], r["flows"]) for r in rows}, key=lambda c: (c[0] != bmin, c))
+        L.append("| path | " + " | ".join(f"{b} backends, {f:,} flows" for b, f in cfgs) + " |")
+        L.append("| --- |" + " ---: |" * len(cfgs))
+        for p in PATHS:
+            cells = []
+            for c in cfgs:
+                v = next((r["ns"] for r in rows if r["path"] == p and (r["backends"], r["flows"]) == c), None)
+                cells.append("" if v is None else f"{v:.0f} ({v / empty:.1f}x)")
+            L.append(f"| {p} | " + " | ".join(cells) + " |")
+        L.append("\nns/packet (x the empty program). *established*: client to VIP, flow in the table; "
+                 "*return*: backend to client; *new flow*: a SYN creating a connection; "
+                 "*passed*: not the LB's traffic.\n")
+        L.append(f"![ns vs backends]({rel(pb)}) ![ns vs flows]({rel(pf)})\n")
+    else:
+        L.append("Not measured in this run.\n")
 
-    L.append("## 4. Live per-packet cost on one core\n")
-    tg = os.path.join(a.results, "trafgen.csv")
-    if os.path.exists(tg):
-        rows_tg = list(csv.DictReader(open(tg)))
-        rep = int(rows_tg[0]["repeat"]) if rows_tg else 0
+    # ------------------------------------------------------------ end to end
+    L.append("## 2. End to end: lb vs nftables vs haproxy vs direct vs forward-only\n")
+    if val:
+        L.append("The talk's topology (`scripts/topo up P native --clients 3`: three clients, the LB and two "
+                 "backends on one bridge, veth, native XDP), rebuilt for every scenario. Backends run nginx "
+                 "(one worker, a fixed 200 answer, keep-alive unlimited); iperf3 -s on backend a, port 5201. "
+                 "Scenarios:\n")
+        L.append("- **lb**: `lb attach eth0 --netns P-lb --pin-dir DIR --lb 10.200.0.2 --backend 10.200.0.11 "
+                 "--backend 10.200.0.12 --port 80`, default settings, plus service "
+                 "10.200.0.2:5201 -> 10.200.0.11:5201 for iperf3;")
+        L.append("- **nftables**: kube-proxy style in the LB namespace, `dnat to numgen random mod 2 map "
+                 "{ 0 : .11, 1 : .12 }`, `ct status dnat masquerade`, ip_forward=1 (5201 -> .11);")
+        L.append("- **haproxy**: mode tcp, one thread, roundrobin, on 10.200.0.2:80 (and :5201 -> .11);")
+        L.append("- **direct**: the clients talk to backend 10.200.0.11 themselves;")
+        L.append("- **XDP forward-only (ceiling)**: `bpf/fwd.bpf.c` on the LB's eth0 (loaded by "
+                 "`cargo bench --bench fwd -- attach ...`): the same hop as lb (client -> VIP becomes "
+                 "LB -> backend, and back, XDP_TX, full NAT) done by the cheapest program there is: one client "
+                 "and one backend (10.200.0.11) as load-time constants, client port kept, checksums updated "
+                 "incrementally, no table, no Maglev, no FIB lookup, no counter. It knows one client, so it has "
+                 "no 3-client figure. lb's distance to it is what lb's own work (connection table, Maglev, "
+                 "next hops, counters) costs.\n")
+        L.append(f"From the client namespace: `wrk -t2 -c32 -d{a.duration}s` keep-alive, the same with "
+                 f"`-H 'Connection: close'` (a new connection per request), the same from three client "
+                 f"namespaces at once (`wrk -t1 -c32` each, req/s summed), and `iperf3 -t {a.duration}` "
+                 f"(one stream). {a.rounds} rounds, scenario order rotated each round; tcp_tw_reuse=1 in every "
+                 "namespace. Every scenario and round gets a fresh topology for keep-alive, one client's new "
+                 "connections and iperf3 (in that order), and another fresh one for the 3-client test, so "
+                 "the two new-connection tests inherit no TIME_WAIT sockets or tracked flows from each other "
+                 "or from another scenario.\n")
+        L.append("Ratio to direct (median over rounds of the same round's ratio; [min, max]), then the median "
+                 "absolute value:\n")
+        L.append("| scenario | " + " | ".join(n for _, n in TESTS) + " |")
+        L.append("| --- |" + " ---: |" * len(TESTS))
+        for sc, name in SCENARIOS:
+            cells = []
+            for t, _ in TESTS:
+                rs = ratios(sc, "direct", t)
+                vs = list(val.get((sc, t), {}).values())
+                if not vs:
+                    cells.append("-")
+                    continue
+                e = errs.get((sc, t), 0)
+                cells.append(f"{spread(rs) if rs else '-'}; {fmt(statistics.median(vs))}"
+                             + (f" ({e:,} errors)" if e else ""))
+            L.append(f"| {name} | " + " | ".join(cells) + " |")
+        L.append("\nErrors are wrk socket errors (connect, read, write, timeout) and non-2xx answers summed "
+                 "over rounds.\n")
+        fw = [(t, ratios("lb", "fwd", t)) for t, _ in TESTS]
+        fw = [(t, rs) for t, rs in fw if rs]
+        if fw:
+            L.append("lb against the forward-only ceiling (same-round ratio lb / forward-only, median [min, max]): "
+                     + "; ".join(f"{dict(TESTS)[t].rsplit(',', 1)[0]} {spread(rs)}" for t, rs in fw)
+                     + ". lb runs two backends and the ceiling one: with keep-alive and iperf3 the LB's "
+                       "per-packet work is what differs; with a new connection per request, also the backends.\n")
+        L.append("Handshakes, from nstat in the fresh namespaces (deltas over each test, summed over rounds): "
+                 f"SYNs the clients retransmitted (`{SYN}`) / SYNs the backends refused because a TIME_WAIT "
+                 f"socket held the tuple (`{PAWS}`, summed over both backends):\n")
+        L.append("| scenario | " + " | ".join(n.rsplit(",", 1)[0] for t, n in TESTS if t != "iperf3") + " |")
+        L.append("| --- |" + " ---: |" * (len(TESTS) - 1))
+        for sc, name in SCENARIOS:
+            cells = []
+            for t, _ in TESTS:
+                if t == "iperf3":
+                    continue
+                if (sc, t) not in val:
+                    cells.append("-")
+                else:
+                    cells.append(f"{nsum('e2e', sc, t, SYN):,} / {nsum('e2e', sc, t, PAWS):,}")
+            L.append(f"| {name} | " + " | ".join(cells) + " |")
+        d = drops(sorted(glob.glob(os.path.join(R, "lbstats-lb-*.json"))))
+        L.append("\nlb's drop counters (`lb status --json`, summed over rounds): "
+                 + (", ".join(f"`{k}` {v:,}" for k, v in sorted(d.items())) if d else "none") + ".\n")
+        L.append("Reading it: with keep-alive and iperf3 a packet through lb costs one XDP program run and "
+                 "XDP_TX, no socket and no kernel conntrack. With a new connection per request every request "
+                 "is a handshake: a SYN the backend refuses (a TIME_WAIT socket there still holds the "
+                 "LB-side tuple the SYN reuses, the PAWS column) or one dropped on the way is retransmitted by "
+                 "the client a second later, which shows up both as SYN retransmissions and as lost req/s.\n")
+    else:
+        L.append("Not measured in this run.\n")
+
+    # ------------------------------------------------------------ sustained
+    L.append(f"## 3. Sustained new connections: {sust_n * sust_win} s\n")
+    if sust:
+        scs = [s for s in ("lb", "nft") if any(r["scenario"] == s for r in sust)]
+        names = dict(SCENARIOS)
+        whole = {r["scenario"]: r for r in rows_of(R, "sustained-wrk.csv")}
+        L.append(f"One client, a new connection per request: one `wrk -t2 -c32 -d{sust_n * sust_win}s "
+                 "-H 'Connection: close'` on a fresh topology, so the backends' TIME_WAIT sockets accumulate "
+                 "over the whole run (nginx closes first, so they sit at the backends, 60 s each); lb with "
+                 f"default settings and nftables. Every {sust_win} s a sample: the requests both backends "
+                 f"served (nginx `stub_status`), client `{SYN}`, backend `{PAWS}` and the backends' TIME_WAIT "
+                 "sockets (`ss state time-wait`); a window's req/s is the requests served between two samples "
+                 "over the time between them.\n")
+        L.append("| window | " + " | ".join(f"{names[s]}: req/s, SYN retrans, PAWS, TIME_WAIT at the end"
+                                         for s in scs) + " |")
+        L.append("| --- |" + " ---: |" * len(scs))
+        series = {}
+        for w in range(1, sust_n + 1):
+            cells = []
+            for s in scs:
+                r = next((r for r in sust if r["scenario"] == s and int(r["window"]) == w), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                cells.append(f"{fmt(float(r['rps']))}, {int(r['syn_retrans']):,}, {int(r['paws']):,}, "
+                             f"{int(r['time_wait']):,}")
+                series.setdefault(names[s], []).append((w * sust_win, float(r["rps"])))
+            L.append(f"| {(w - 1) * sust_win}-{w * sust_win} s | " + " | ".join(cells) + " |")
+        summary = []
+        for s in scs:
+            v = [float(r["rps"]) for r in sust if r["scenario"] == s]
+            t = f"{names[s]}: "
+            if s in whole:
+                t += (f"wrk {fmt(float(whole[s]['rps']))} req/s over the run, {int(whole[s]['errors']):,} "
+                      "errors; ")
+            if v and v[0] and max(v):
+                t += f"last window / first {v[-1] / v[0]:.2f}, lowest / highest {min(v) / max(v):.2f}"
+            summary.append(t)
+        if summary:
+            L.append("\n" + "; ".join(summary) + ".\n")
+        if series:
+            ps = plot(os.path.join(a.plots, "sustained"), "new connection per request, sustained",
+                      "seconds (end of window)", series, logx=False, ylabel="req/s")
+            L.append(f"![sustained]({rel(ps)})\n")
+        d = drops([os.path.join(R, "lbstats-sustained-lb.json")])
+        if "lb" in scs:
+            L.append("lb's drop counters over the run: "
+                     + (", ".join(f"`{k}` {v:,}" for k, v in sorted(d.items())) if d else "none") + ".\n")
+    else:
+        L.append("Not measured in this run.\n")
+
+    # ------------------------------------------------------------ flood
+    L.append("## 4. SYN flood\n")
+    if flood:
+        L.append(f"A fresh topology; client c opens {fl_hold} keep-alive connections to the VIP and asks once "
+                 f"on each. Then client c2 sends TCP SYNs to 10.200.0.2:80 from random sources of {fl_net} "
+                 f"(addresses no host has) and random ports, through an AF_PACKET socket "
+                 f"(`scripts/lib/bench_flood.py flood`, as fast as one Python process sends, for {fl_dur} s or "
+                 f"{fl_max:,} frames), while client c3 makes {fl_rate:g} real new connections a second (a GET "
+                 f"with `Connection: close`, answered within {fl_timeout:g} s or failed). After the flood every "
+                 f"held connection is asked once more (3 s for all). lb: default settings with "
+                 f"`--max-flows {fl_flows}`; nftables as in section 2 (kernel conntrack, "
+                 "nf_conntrack_max of the machine). The backends' SYN-ACKs to spoofed sources go nowhere.\n")
+        L.append("| scenario | SYNs sent (per s) | held connections answering after the flood | new connections "
+                 f"during the flood answered within {fl_timeout:g} s | of those, > 1 s (SYN retransmitted) | "
+                 "latency p50 / p99 | client SYN retrans | backend SYN cookies sent | drop counters |")
+        L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        for sc, name in (("lbflood", f"lb, `--max-flows {fl_flows}`"), ("nft", "nftables DNAT + masquerade")):
+            f = flood.get(sc)
+            if f is None:
+                L.append(f"| {name} | not measured | | | | | | | |")
+                continue
+            att, ok = int(f["attempts"]), int(f["ok"])
+            d = drops([os.path.join(R, f"lbstats-flood-{sc}.json")]) if sc == "lbflood" else None
+            dc = "-" if d is None else (", ".join(f"`{k}` {v:,}" for k, v in sorted(d.items())) or "none")
+            L.append(f"| {name} | {int(f['syns']):,} ({fmt(float(f['pps']))}) | {f['ok_after']} of {f['held']} | "
+                     f"{ok} of {att} ({100 * ok / att if att else 0:.0f}%) | {f['slow']} | "
+                     f"{float(f['p50']) * 1e3:.1f} / {float(f['p99']) * 1e3:.0f} ms | "
+                     f"{nsum('flood', sc, 'probe', SYN):,} | {nsum('flood', sc, 'probe', 'TcpExtSyncookiesSent'):,} "
+                     f"| {dc} |")
+        if "lbflood" in flood:
+            dropped = sum(drops([os.path.join(R, "lbstats-flood-lbflood.json")]).values())
+            syns = int(flood["lbflood"]["syns"])
+            L.append(f"\nlb dropped {dropped:,} packets in this scenario (its `drop_*` counters) against "
+                     f"{syns:,} flood SYNs: a dropped SYN never entered the connection table, so at most "
+                     f"{max(0, syns - dropped):,} of them competed with the held connections for its "
+                     f"{fl_flows:,} connections ({'more' if syns - dropped > fl_flows else 'not more'} than "
+                     "the table holds).")
+        L.append("\nA held connection that does not answer lost its state at the LB during the flood (its "
+                 "entry evicted, or its NAT mapping given away). New connections are counted answered if the "
+                 "whole request took at most the timeout, so one that needed a SYN retransmission (1 s) still "
+                 "counts, and is also counted in the > 1 s column.\n")
+    else:
+        L.append("Not measured in this run.\n")
+
+    # ------------------------------------------------------------ memory
+    L.append("## 5. Memory of a default instance\n")
+    mpath = os.path.join(R, "memory.json")
+    if os.path.exists(mpath):
+        mem = json.load(open(mpath))
+        s = mem["settings"]
+        L.append(f"`lb attach` with default settings (max_flows {s['max_flows']:,}, Maglev table "
+                 f"{s['maglev_size']:,} entries), two backends; `bytes_memlock` of every map of the program plus "
+                 "the service's Maglev table (inner map), from `bpftool map show`:\n")
+        L.append("| map | type | max entries | key+value bytes | memlock |")
+        L.append("| --- | --- | ---: | ---: | ---: |")
+        for m in sorted(mem["maps"], key=lambda m: -m["memlock"]):
+            L.append(f"| {m['name']}{' (inner)' if m['inner'] else ''} | {m['type']} | {m['max_entries']:,} | "
+                     f"{m['key']}+{m['value']} | {m['memlock'] / 2**20:.2f} MiB |")
+        L.append(f"| **total** | | | | **{mem['total_memlock'] / 2**20:.1f} MiB** |\n")
+        L.append(f"Per tracked connection: **{mem['bytes_per_flow']:.0f} bytes** (the connection table's "
+                 f"{mem['conntrack_memlock'] / 2**20:.1f} MiB / {mem['max_flows']:,} connections; entries of "
+                 f"{mem['bytes_per_entry']:.0f} bytes each, preallocated).\n")
+    else:
+        L.append("Not measured in this run.\n")
+
+    # ------------------------------------------------------------ live frames
+    L.append("## 6. Live per-packet cost on one core\n")
+    rows_tg = rows_of(R, "trafgen.csv")
+    if rows_tg:
+        rep = int(rows_tg[0]["repeat"])
         L.append("`cargo bench --bench trafgen`: BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES injects "
                  f"{rep:,} copies of an established client->VIP frame on eth0 of a namespace, the generator "
                  "pinned to CPU 0. lb's program rewrites each one and the kernel really transmits it (XDP_TX) "
@@ -277,16 +498,22 @@ def main():
                  "neighbour for the VIP).\n")
     else:
         L.append("Not measured in this run.\n")
-    L.append("## 5. Not measured\n")
-    L.append("- Multi-queue NICs, line rate, several clients: one 2-CPU machine with veth runs everything here.\n")
+
+    L.append("## 7. Not measured\n")
+    L.append("- Multi-queue NICs, line rate, clients on other machines: one 2-CPU machine with veth runs "
+             "everything here.\n")
     L.append("## Reproduce\n")
-    L.append("```sh\nscripts/bench            # as root: ~10 minutes; writes BENCHMARKS.md and docs/bench/\n"
-             "scripts/bench --quick    # ~3 minutes: shorter runs, 2 rounds, fewer sizes\n```\n")
+    L.append("```sh\nscripts/bench                    # as root; writes BENCHMARKS.md and docs/bench/\n"
+             "scripts/bench --quick            # short runs, 2 rounds, fewer sizes (CI runs this)\n"
+             "scripts/bench --quick --only e2e # one part: datapath, e2e, sustained, flood, memory\n```\n")
+    if a.elapsed:
+        L.append(f"This run (`{a.command}`) took {a.elapsed / 60:.1f} minutes.\n")
     open(a.out, "w").write("\n".join(L))
 
     # Headline for the README.
-    h = {k: statistics.median(v) for k, v in ratio.items() if v}
-    print("headline: " + "; ".join(f"{sc} {t} {h[(sc, t)]:.2f}" for sc, _ in SCENARIOS for t, _ in TESTS if (sc, t) in h))
+    h = {(sc, t): statistics.median(ratios(sc, "direct", t)) for sc, _ in SCENARIOS for t, _ in TESTS
+         if ratios(sc, "direct", t)}
+    print("headline: " + "; ".join(f"{sc} {t} {v:.2f}" for (sc, t), v in h.items()))
 
 
 if __name__ == "__main__":

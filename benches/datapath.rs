@@ -90,19 +90,29 @@ fn namespace() -> Result<Ns> {
 /// Runs `prog` `repeat` times on `frame`, three times over; the lowest
 /// average ns per run (the least disturbed by the rest of the machine).
 fn time(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, frame: &[u8], repeat: u32) -> Result<f64> {
-    time_frames(prog, ifindex, |_| frame.to_vec(), repeat)
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        best = best.min(time_once(prog, ifindex, frame, repeat)?);
+    }
+    Ok(best)
 }
 
-/// As [`time`], with round `i` timing `frame(i)`.
+/// Best of 3 rounds of `n` distinct frames, one run each (`frame(round,
+/// k)`): the mean ns per run. For paths a rerun on the rewritten buffer
+/// would not take again (a new flow).
 fn time_frames(
     prog: &libbpf_rs::ProgramMut<'_>,
     ifindex: u32,
-    frame: impl Fn(u16) -> Vec<u8>,
-    repeat: u32,
+    frame: impl Fn(u16, u32) -> Vec<u8>,
+    n: u32,
 ) -> Result<f64> {
     let mut best = f64::MAX;
     for i in 0..3 {
-        best = best.min(time_once(prog, ifindex, &frame(i), repeat)?);
+        let mut sum = 0.0;
+        for k in 0..n {
+            sum += time_once(prog, ifindex, &frame(i, k), 1)?;
+        }
+        best = best.min(sum / f64::from(n.max(1)));
     }
     Ok(best)
 }
@@ -365,7 +375,7 @@ fn main() -> Result<()> {
             let new = time_frames(
                 prog,
                 ifindex,
-                |i| tcp_frame_flags(CLIENT, 41000, VIP, 81 + i, true),
+                |i, k| tcp_frame_flags(CLIENT, 2000 + k as u16, VIP, 81 + i, true),
                 new_repeat,
             )?;
             let made = counter(&m, "new_flow")? - before;

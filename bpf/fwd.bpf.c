@@ -18,6 +18,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "csum.h"
+
 #define ETH_P_IP 0x0800
 #define IPPROTO_TCP 6
 
@@ -34,32 +36,6 @@ const volatile __u8 fwd_lb_mac[6];
 const volatile __u8 fwd_client_mac[6];
 const volatile __u8 fwd_backend_mac[6];
 
-static __always_inline __u16 fold(__u64 sum)
-{
-	sum = (sum & 0xffffffff) + (sum >> 32);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__u16)sum;
-}
-
-/* ~m + m' for a 32-bit word, as 16-bit words (byte-order independent). */
-static __always_inline __u64 delta4(__be32 from, __be32 to)
-{
-	__u32 nf = ~from;
-
-	return (__u64)(nf & 0xffff) + (nf >> 16) + (to & 0xffff) + (to >> 16);
-}
-
-static __always_inline __u64 delta2(__be16 from, __be16 to)
-{
-	return (__u64)(__u16)~from + to;
-}
-
-static __always_inline __sum16 update(__sum16 field, __u64 delta)
-{
-	return ~fold((__u64)(__u16)~field + delta);
-}
-
 static __always_inline void set_mac(unsigned char *dst,
 				    const volatile __u8 *src)
 {
@@ -73,10 +49,11 @@ static __always_inline void rewrite(struct ethhdr *eth, struct iphdr *ip,
 				    __be32 daddr, __be16 *port, __be16 to,
 				    const volatile __u8 *dmac)
 {
-	__u64 addrs = delta4(ip->saddr, saddr) + delta4(ip->daddr, daddr);
+	__u64 addrs =
+	    csum_delta4(ip->saddr, saddr) + csum_delta4(ip->daddr, daddr);
 
-	ip->check = update(ip->check, addrs);
-	tcp->check = update(tcp->check, addrs + delta2(*port, to));
+	ip->check = csum_update(ip->check, addrs);
+	tcp->check = csum_update(tcp->check, addrs + csum_delta2(*port, to));
 	ip->saddr = saddr;
 	ip->daddr = daddr;
 	*port = to;

@@ -84,21 +84,21 @@ static __always_inline void ct_tcp_end(struct flow *o, __u8 dir, __u8 tcp_flags)
 }
 
 /*
- * Whether a new flow from client address `caddr` may take the NAT tuple that
- * owner `o` (in conntrack if `est`) holds. A live connection keeps it. A
- * finished one gives it up at once to the same client address, whose
- * timestamps the backend's TIME_WAIT for the tuple accepts; to any other
- * client only once the backend's TIME_WAIT is over (tw_timeout), or the
- * backend would reject its SYN (PAWS) and stall it for a second. A
- * half-open flow never reached TIME_WAIT, and gives up its tuple to any new
- * flow while the backend has not answered its SYN (a SYN flood cannot hold
- * the ports: the cursor takes the oldest first), or once it has been idle
- * for a second (an answer not confirmed within a second; a one-way UDP
- * stream that paused).
+ * Whether a new flow may take the NAT tuple that owner `o` (in conntrack if
+ * `est`) holds. A live connection keeps it. A finished TCP connection keeps
+ * it until the backend's TIME_WAIT for the tuple is over (tw_timeout): a SYN
+ * from any other client tuple would carry timestamps and a sequence
+ * unrelated to the old connection's (Linux offsets both per 4-tuple, so
+ * even the same client address on another port), the backend would reject
+ * it (PAWS) and the client would stall for a second. Only the same client
+ * tuple reopens it earlier (see nat_claim and process). A half-open flow
+ * never reached TIME_WAIT, and gives up its tuple to any new flow while the
+ * backend has not answered its SYN (a SYN flood cannot hold the ports: the
+ * cursor takes the oldest first), or once it has been idle for a second (an
+ * answer not confirmed within a second; a one-way UDP stream that paused).
  */
 static __always_inline int ct_reusable(const struct flow *o, __u32 state,
-				       __u8 proto, int est, __be32 caddr,
-				       __u64 now)
+				       __u8 proto, int est, __u64 now)
 {
 	if (state & LB_CT_RECLAIMED)
 		return 0;
@@ -107,7 +107,7 @@ static __always_inline int ct_reusable(const struct flow *o, __u32 state,
 		return 1;
 	if (!(state & LB_CT_CLOSING) && !ct_expired(o, state, proto, est, now))
 		return 0;
-	if (!est || proto != IPPROTO_TCP || o->daddr == caddr)
+	if (!est || proto != IPPROTO_TCP)
 		return 1;
 	return now - o->seen > tw_timeout;
 }

@@ -105,7 +105,7 @@ static __always_inline int nat_claim(struct nat_search *s)
 		o->seen = s->now;
 		return est ? NAT_OURS_EST : NAT_OURS_NEW;
 	}
-	if (!ct_reusable(o, state, proto, est, s->ck.saddr, s->now))
+	if (!ct_reusable(o, state, proto, est, s->now))
 		return NAT_TAKEN;
 	if (__sync_val_compare_and_swap(&o->state, state,
 					state | LB_CT_RECLAIMED) != state)

@@ -2017,6 +2017,73 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
     assert_eq!(lb.counters()[i].packets, 4);
 }
 
+/// A finished connection's NAT tuple is held for the backend's TIME_WAIT:
+/// only the same client 4-tuple may reopen it at once (its new SYN carries
+/// timestamps and a sequence the backend's TIME_WAIT accepts); any other
+/// client tuple, even from the same client address (Linux offsets TCP
+/// timestamps per 4-tuple), waits until the TIME_WAIT is over, or the
+/// backend would reject its SYN (PAWS) and stall it for a second.
+#[test]
+fn finished_tuple_waits_out_the_backends_time_wait() {
+    instance!(
+        "finished_tuple_waits_out_the_backends_time_wait",
+        lb,
+        one_nat_port(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &a80, c), "SYN");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    must(lb.back(&conn, &conn.reply().fin(), c), "backend FIN first");
+    must(lb.cont(&conn, &syn.clone().fin(), c), "client FIN");
+    assert_ne!(lb.owner(&conn).state & maps::CT_CLOSING, 0);
+
+    let other_port = Seg::syn(CLIENT, 40002, VIP, 80);
+    let other_client = Seg::syn(CLIENT2, 40000, VIP, 80);
+    for (seg, what) in [
+        (&other_port, "same client address, other port"),
+        (&other_client, "other client, same port"),
+    ] {
+        must(lb.drops(&seg.frame(), "drop_nat_full"), what);
+        assert!(lb.entry(&seg.key()).is_none(), "{what}: no entry");
+    }
+    // Past the flow's own linger (fin_timeout), still within TIME_WAIT.
+    lb.time_passes(lb.settings.fin_timeout + 1);
+    must(
+        lb.drops(&other_port.frame(), "drop_nat_full"),
+        "after fin_timeout, within TIME_WAIT",
+    );
+    // The same 4-tuple reopens it at any time.
+    let input = lb.input(&syn, c).unwrap();
+    let want = syn.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &input,
+            XDP_TX,
+            &want.frame(),
+            c,
+            &["to_backend", "new_flow", "reopen"],
+        ),
+        "the same 4-tuple reopens the tuple",
+    );
+    must(
+        lb.back(&conn, &conn.reply().rst(), c),
+        "backend RST ends it",
+    );
+
+    // Once the backend's TIME_WAIT is over, anyone may take it.
+    lb.time_passes(lb::settings::TIME_WAIT + 1);
+    let next = must(lb.open(&other_port, &a80, c), "after TIME_WAIT");
+    assert_eq!(next.nat, conn.nat);
+}
+
 // ---------------------------------------------------------------------------
 // UDP.
 

@@ -43,7 +43,17 @@ impl KNet {
             clients,
         };
         let n = clients.to_string();
-        let args = ["up", net.prefix.as_str(), "native", "--clients", &n];
+        // --rps: flows stay in order on the veths, as with a NIC's RSS
+        // (see scripts/topo), so a backend's PAWS rejections in TIME_WAIT
+        // mean what they would on a real network.
+        let args = [
+            "up",
+            net.prefix.as_str(),
+            "native",
+            "--clients",
+            &n,
+            "--rps",
+        ];
         let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/topo"))
             .args(args)
             .env("LB", common::lb_bin())

@@ -99,10 +99,14 @@ static __always_inline int flow_new(struct xdp_md *ctx, struct pkt *p,
 		return LB_DROP_NAT_FULL;
 	s.cursor = *cursor;
 	bpf_loop(NAT_TRIES + 1, nat_try, &s, 0);
-	if (s.result == NAT_TAKEN)
+	/* The next search starts past the tuple taken, or past the ones
+	 * tried in order if none was free. */
+	if (s.result == NAT_TAKEN) {
+		__sync_fetch_and_add(cursor, NAT_LINEAR);
 		return LB_DROP_NAT_FULL;
+	}
 	if (s.tries)
-		__sync_fetch_and_add(cursor, s.tries);
+		__sync_fetch_and_add(cursor, nat_step(s.tries) + 1);
 	fwd->saddr = s.t.daddr;
 	fwd->sport = s.t.dport;
 

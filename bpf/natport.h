@@ -15,8 +15,12 @@
 #include "maps.h"
 
 /* Tuples tried for a new flow before giving up: the client's port, then
- * NAT_TRIES from the cursor. */
+ * NAT_TRIES from the cursor: the next NAT_LINEAR in order, then at doubling
+ * distances (2, 4, ... 2^17 past those), so that a search crosses a run of
+ * live tuples of any length (connections opened in a burst hold
+ * consecutive ports) instead of failing in front of it. */
 #define NAT_TRIES 32
+#define NAT_LINEAR 16
 
 /* First and number of ports an address that is lb's alone may use. */
 #define NAT_FULL_LO 1024
@@ -119,6 +123,14 @@ static __always_inline int nat_claim(struct nat_search *s)
 	return NAT_NEW;
 }
 
+/* How far past the cursor candidate `i` (1..NAT_TRIES) of a search is. */
+static __always_inline __u32 nat_step(__u32 i)
+{
+	if (i <= NAT_LINEAR)
+		return i - 1;
+	return NAT_LINEAR - 1 + (1u << ((i - NAT_LINEAR) & 31));
+}
+
 /* Candidate `i` of a search (0: the client's port; then the cursor's). */
 static long nat_try(__u32 i, void *arg)
 {
@@ -132,7 +144,7 @@ static long nat_try(__u32 i, void *arg)
 		if (!nat_port_ok(port, n && snat_is_full(idx)))
 			return 0;
 	} else {
-		k = s->cursor + i - 1;
+		k = s->cursor + nat_step(i);
 		idx = n ? k % n : 0;
 		port = nat_port_at(n ? k / n : k, n && snat_is_full(idx));
 	}

@@ -2084,6 +2084,57 @@ fn finished_tuple_waits_out_the_backends_time_wait() {
     assert_eq!(next.nat, conn.nat);
 }
 
+/// Connections opened in a burst hold consecutive NAT ports: a search that
+/// meets a run of live tuples longer than it tries in order still finds a
+/// free one past it (at doubling distances), and the next search starts
+/// past that one.
+#[test]
+fn a_run_of_live_tuples_does_not_block_new_flows() {
+    let mut set = settings();
+    set.nat_ports = vec![lb::settings::PortRange {
+        lo: 61000,
+        hi: 61999,
+    }];
+    instance!(
+        "a_run_of_live_tuples_does_not_block_new_flows",
+        lb,
+        set,
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+    const RUN: u16 = 100;
+    for i in 0..RUN {
+        let syn = Seg::syn(CLIENT, 40000 + i, VIP, 80);
+        let conn = must(lb.open(&syn, &a80, c), "a held connection");
+        assert_eq!(conn.nat, sa(LB, 61000 + i), "ports in order");
+        must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+        must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    }
+    // The cursor back at the start of the run, as after a wrap.
+    lb.skel
+        .maps
+        .nat_cursor
+        .update(&a.to_ne_bytes(), &0u32.to_ne_bytes(), MapFlags::ANY)
+        .expect("setting the cursor");
+    let next = must(
+        lb.open(&Seg::syn(CLIENT2, 40000, VIP, 80), &a80, c),
+        "a new flow past the run",
+    );
+    let port = next.nat.port();
+    assert!(
+        (61000 + RUN..62000).contains(&port),
+        "NAT port {port} inside the live run"
+    );
+    let after = must(
+        lb.open(&Seg::syn(CLIENT2, 40001, VIP, 80), &a80, c),
+        "the next new flow",
+    );
+    assert_eq!(after.nat.port(), port + 1, "the cursor moved past it");
+}
+
 // ---------------------------------------------------------------------------
 // UDP.
 

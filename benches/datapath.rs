@@ -270,6 +270,20 @@ fn main() -> Result<()> {
         flows: 0,
         ns: empty,
     });
+    // Timed as the new flows are (distinct frames, one run a call): what a
+    // single run's timing costs by itself.
+    let empty_one = time_frames(
+        &pass.progs.lb_pass,
+        ifindex,
+        |_, k| tcp_frame_flags(CLIENT, 2000 + k as u16, VIP, 81, true),
+        new_repeat,
+    )?;
+    rows.push(Row {
+        path: "empty, 1 run a call".into(),
+        backends: 0,
+        flows: 0,
+        ns: empty_one,
+    });
 
     for &nb in backend_counts {
         for &nf in flow_counts {

@@ -469,3 +469,50 @@ fn service_errors_change_nothing() {
     assert_no_pins(&pins);
     assert_no_xdp(&ns.name, "eth0");
 }
+
+/// `--snat`: an address that is not the LB's, one given twice, one that is
+/// no source address, or not an IPv4 address: one clear line, nothing
+/// attached or pinned. The LB's own addresses are taken, and `lb status`
+/// shows their ports: the NAT ranges on eth0 (the kernel may pick it for
+/// the host's own connections), every port from 1024 on `lo`.
+#[test]
+fn snat_addresses_are_checked() {
+    if !root_or_skip("snat_addresses_are_checked") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    ns.ip(&["addr", "add", "10.200.7.1/32", "dev", "lo"]);
+    let pins = PinDir::new("lbc");
+    for (snat, needles) in [
+        (
+            "10.200.9.9",
+            &["10.200.9.9", "not an address of this host"][..],
+        ),
+        ("10.200.0.2,10.200.0.2", &["10.200.0.2", "twice"][..]),
+        ("0.0.0.0", &["0.0.0.0", "cannot be a source address"][..]),
+    ] {
+        let args = attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &["--snat", snat]);
+        assert_error(&lb_s(&args), 1, needles);
+        assert_no_pins(&pins);
+        assert_no_xdp(&ns.name, "eth0");
+    }
+    let args = attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &["--snat", "fd00::1"]);
+    assert_usage_error(&lb_s(&args), &["fd00::1", "--snat", "IPv4"]);
+    assert_no_pins(&pins);
+
+    let args = attach_args(
+        &ns.name,
+        pins.arg(),
+        &[A_IP, B_IP],
+        &["--snat", &format!("{LB_IP},10.200.7.1")],
+    );
+    lb_ok(&args);
+    let st = status(&ns.name, &pins);
+    let snat = st["snat"].as_array().expect("snat in lb status --json");
+    assert_eq!(snat.len(), 2, "{st:#}");
+    assert_eq!(snat[0]["addr"], LB_IP, "{st:#}");
+    assert_eq!(snat[0]["ports"], "1024-32767,61000-65535", "{st:#}");
+    assert_eq!(snat[1]["addr"], "10.200.7.1", "{st:#}");
+    assert_eq!(snat[1]["ports"], "1024-65535", "{st:#}");
+    lb_ok(&detach_args(&ns.name, pins.arg()));
+}

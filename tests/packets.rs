@@ -1078,7 +1078,7 @@ impl<'obj> Lb<'obj> {
         let input = self.input(seg, csum)?;
         // A client entry left by a finished flow on the same 4-tuple: the
         // SYN reopens it (see `reopen` fixtures for when it must not).
-        let reopens = self.entry(&seg.key()).is_some();
+        let old = self.entry(&seg.key());
         let before = self.counters();
         let (verdict, out) = self
             .run(self.ifs.eth0, &input)
@@ -1110,8 +1110,14 @@ impl<'obj> Lb<'obj> {
                 )
             })?;
         let (egress, lb_ip, lb_mac) = self.path(*backend.ip());
-        if *src.ip() != lb_ip {
+        if self.settings.snat.is_empty() && *src.ip() != lb_ip {
             return Err(format!("source {src}, expected the LB's address {lb_ip}"));
+        }
+        if !self.settings.snat.is_empty() && !self.settings.snat.contains(src.ip()) {
+            return Err(format!(
+                "source {src}, expected one of the SNAT addresses {:?}",
+                self.settings.snat
+            ));
         }
         if !self.nat_port_ok(src.port()) {
             return Err(format!(
@@ -1138,6 +1144,17 @@ impl<'obj> Lb<'obj> {
         );
         same_frame(&out, &want)?;
         verify_checksums(&out, csum).map_err(|e| format!("output: {e}"))?;
+        // Reopened: back on the old entry's backend and NAT tuple (a
+        // drained or deleted backend's flow starts over elsewhere).
+        let reopens = old.is_some_and(|f| {
+            (f.daddr, f.dport, f.saddr, f.sport)
+                == (
+                    lb::maps::ip_to_be(*backend.ip()),
+                    backend.port().to_be(),
+                    lb::maps::ip_to_be(*src.ip()),
+                    src.port().to_be(),
+                )
+        });
         let moved: &[&str] = if reopens {
             &["to_backend", "new_flow", "reopen"]
         } else {
@@ -2133,6 +2150,93 @@ fn a_run_of_live_tuples_does_not_block_new_flows() {
         "the next new flow",
     );
     assert_eq!(after.nat.port(), port + 1, "the cursor moved past it");
+}
+
+/// A SNAT pool: new flows take (address, port) tuples over every address
+/// of the pool in turn, so a backend takes as many concurrent connections
+/// as addresses times ports; each flow's replies find their way back.
+#[test]
+fn snat_pool_spreads_flows_over_its_addresses() {
+    let mut set = settings();
+    set.nat_ports = vec![lb::settings::PortRange {
+        lo: 61000,
+        hi: 61001,
+    }];
+    set.snat = vec![LB, LB2];
+    instance!("snat_pool_spreads_flows_over_its_addresses", lb, set, false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+    let mut got = Vec::new();
+    for i in 0..4 {
+        let syn = Seg::syn(CLIENT, 40000 + i, VIP, 80);
+        let conn = must(lb.open(&syn, &a80, c), "a flow within the pool");
+        must(lb.back(&conn, &conn.reply().synack(), c), "its SYN-ACK");
+        got.push(conn);
+    }
+    let nats: Vec<SocketAddrV4> = got.iter().map(|c| c.nat).collect();
+    assert_eq!(
+        nats,
+        [sa(LB, 61000), sa(LB2, 61000), sa(LB, 61001), sa(LB2, 61001)],
+        "tuples over the pool's addresses in turn"
+    );
+    for conn in &got {
+        must(
+            lb.back(&conn, &conn.reply().data(HTTP_OK), c),
+            "replies to each address reach their client",
+        );
+    }
+    must(
+        lb.drops(&Seg::syn(CLIENT, 40004, VIP, 80).frame(), "drop_nat_full"),
+        "two addresses times two ports: four flows",
+    );
+}
+
+/// A SYN on a closed flow's 4-tuple reopens it on its backend and NAT tuple
+/// only while that backend takes new flows: drained (weight 0) or deleted,
+/// the SYN is a new flow on another backend.
+#[test]
+fn closed_flow_of_a_drained_or_deleted_backend_is_not_reopened() {
+    instance!(
+        "closed_flow_of_a_drained_or_deleted_backend_is_not_reopened",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let c = Csum::Complete;
+    let close = |lb: &Lb, conn: &Conn, syn: &Seg| {
+        must(lb.back(conn, &conn.reply().synack(), c), "SYN-ACK");
+        must(lb.cont(conn, &syn.clone().ack(), c), "ACK");
+        must(lb.back(conn, &conn.reply().fin(), c), "backend FIN");
+        must(lb.cont(conn, &syn.clone().fin(), c), "client FIN");
+    };
+
+    // Drained.
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &[sa(BACKEND_A, 80)], c), "flow to A");
+    close(&lb, &conn, &syn);
+    lb.backend(&svc, BACKEND_B, 80, 1);
+    service::backend_set(&lb.m, &svc, sa(BACKEND_A, 80), 0).expect("drain A");
+    let again = must(
+        lb.open(&syn, &[sa(BACKEND_B, 80)], c),
+        "the same 4-tuple after A was drained",
+    );
+    assert_eq!(again.backend, sa(BACKEND_B, 80));
+
+    // Deleted.
+    let syn2 = Seg::syn(CLIENT, 40002, VIP, 80);
+    let conn2 = must(lb.open(&syn2, &[sa(BACKEND_B, 80)], c), "flow to B");
+    close(&lb, &conn2, &syn2);
+    service::backend_set(&lb.m, &svc, sa(BACKEND_A, 80), 1).expect("A back");
+    service::backend_del(&lb.m, &svc, sa(BACKEND_B, 80)).expect("delete B");
+    let again2 = must(
+        lb.open(&syn2, &[sa(BACKEND_A, 80)], c),
+        "the same 4-tuple after B was deleted",
+    );
+    assert_eq!(again2.backend, sa(BACKEND_A, 80));
 }
 
 // ---------------------------------------------------------------------------

@@ -239,7 +239,7 @@ pub fn run(o: &Options) -> Result<()> {
     let mut generation = 1;
     let mut checkers = start_checkers(&st.cfg, generation, &tx)?;
     if let Some(addr) = o.metrics {
-        metrics::serve(addr, o.pin_dir.clone(), Arc::clone(&view))?;
+        let addr = metrics::serve(addr, o.pin_dir.clone(), Arc::clone(&view))?;
         info!(%addr, "serving metrics at /metrics");
     }
     {

@@ -7,9 +7,12 @@
 mod common;
 #[path = "common/services.rs"]
 mod svc;
+#[path = "common/e2e.rs"]
+mod util;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -475,5 +478,62 @@ fn reload_and_metrics() {
     let m = parse_metrics(&common::curl(&lbns, &murl, "5"));
     assert_eq!(m[&key("lb_backend_up", "10.200.0.11:80")], 0.0);
     assert_eq!(m[&key("lb_backend_up", "10.200.0.12:80")], 1.0);
+    d.stop();
+}
+
+/// A client that connects to the metrics port and sends nothing never
+/// delays another scrape: behind 5 idle connections (still open), a scrape
+/// answers within 3 s (served one at a time with a 2 s read timeout each,
+/// it took 10 s).
+#[test]
+fn idle_metrics_clients_do_not_delay_scrapes() {
+    if !common::root_or_skip("idle_metrics_clients_do_not_delay_scrapes") {
+        return;
+    }
+    let ns = util::veth_ns("lbd");
+    // The LB's own address is reached through lo.
+    ns.ip(&["link", "set", "dev", "lo", "up"]);
+    let pins = common::PinDir::new("lbd");
+    let (file, _tmp) = temp_file(
+        "lb.toml",
+        "[settings]\nmax_flows = 4096\n\n[[interfaces]]\nname = \"eth0\"\nmode = \"native\"\n",
+    );
+    let addr: SocketAddr = format!("{}:9100", common::LB_IP).parse().unwrap();
+    let mut d = Daemon::start(&file, &ns.name, &pins, Some(&addr.to_string()));
+    let _detach = Detach(ns.name.clone(), &pins);
+    let name = ns.name.clone();
+    let (answer, took) = std::thread::spawn(move || {
+        let _in = lb::netns::NetnsGuard::enter(&name).expect("entering the namespace");
+        let idle: Vec<TcpStream> = (0..5)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect"))
+            .collect();
+        // Let the server accept them all before the scrape.
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        let r = s.read_to_string(&mut answer);
+        let took = t0.elapsed();
+        assert!(
+            r.is_ok(),
+            "scrape behind 5 idle clients: {r:?} after {took:?}"
+        );
+        for (i, mut c) in idle.into_iter().enumerate() {
+            c.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 1];
+            match c.read(&mut b) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                other => panic!("idle connection {i} was closed during the scrape: {other:?}"),
+            }
+        }
+        (answer, took)
+    })
+    .join()
+    .expect("scrape thread");
+    assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
+    assert!(answer.ends_with("# EOF\n"), "{answer}");
+    assert!(took < Duration::from_secs(3), "scrape took {took:?}");
     d.stop();
 }

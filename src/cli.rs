@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::bpffs::{self, PinDir};
+use crate::lock::{self, InstanceLock};
 use crate::maps::Maps;
+use crate::reconcile::{self, Applied, Edit, Target};
 use crate::service::{self, Proto, Service};
 use crate::settings::{self, PortRange, Settings};
 use crate::xdp::Mode;
@@ -363,35 +365,54 @@ pub fn run(cli: Cli) -> Result<()> {
                 check_one_liner(svc, bes)?;
             }
             let (_ns, pins) = prepare(&place)?;
+            let _lock = lock(&pins)?;
             let base = loader::instance_settings(&pins)?.unwrap_or_default();
-            let a = loader::attach(&iface, mode, settings.apply(base).as_ref(), &pins)?;
-            let verb = if a.replaced {
-                "replaced the lb program on"
-            } else {
-                "attached to"
+            let edits = one_liner
+                .iter()
+                .map(|(svc, bes)| {
+                    Edit::Backends(*svc, bes.iter().map(|b| SocketAddrV4::new(*b, 0)).collect())
+                })
+                .collect();
+            let target = Target {
+                settings: settings.apply(base),
+                interfaces: vec![config::Iface {
+                    name: iface.clone(),
+                    mode,
+                    at: String::new(),
+                }],
+                reattach: true,
+                ..Target::edits(edits)
             };
-            println!(
-                "{verb} {} (ifindex {}): program id {}, {} mode",
-                a.iface, a.ifindex, a.prog_id, a.mode
-            );
-            for s in &a.sysctls {
-                println!("set {s}");
+            let plan = reconcile::plan(&target, &pins)?;
+            let done = reconcile::apply(&plan, &pins)?;
+            for a in &done.attachments {
+                let verb = if a.replaced {
+                    "replaced the lb program on"
+                } else {
+                    "attached to"
+                };
+                println!(
+                    "{verb} {} (ifindex {}): program id {}, {} mode",
+                    a.iface, a.ifindex, a.prog_id, a.mode
+                );
+                for s in &a.sysctls {
+                    println!("set {s}");
+                }
+                let kept = if a.reused_maps {
+                    " (existing maps and flows kept)"
+                } else {
+                    ""
+                };
+                println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
             }
-            let kept = if a.reused_maps {
-                " (existing maps and flows kept)"
-            } else {
-                ""
-            };
-            println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
             if let Some((svc, bes)) = one_liner {
-                let m = Maps::open(&pins)?;
-                sync_one_liner(&m, &svc, &bes)?;
                 let list: Vec<String> = bes.iter().map(|b| b.to_string()).collect();
                 println!("service {svc} -> {}", list.join(", "));
             }
         }
         Command::Detach { iface, place } => {
             let (_ns, pins) = prepare(&place)?;
+            let _lock = lock(&pins)?;
             let removed = loader::detach(&iface, &pins)?;
             println!("detached lb from {iface}");
             for r in removed {
@@ -408,18 +429,19 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Service(cmd) => {
-            let (svc, place, add) = match &cmd {
-                ServiceCmd::Add { svc, place } => (svc.service(), place, true),
-                ServiceCmd::Del { svc, place } => (svc.service(), place, false),
+            let (edit, place) = match &cmd {
+                ServiceCmd::Add { svc, place } => (Edit::AddService(svc.service()), place),
+                ServiceCmd::Del { svc, place } => (Edit::DelService(svc.service()), place),
             };
             let (_ns, pins) = prepare(place)?;
-            let m = Maps::open(&pins)?;
-            if add {
-                let id = service::service_add(&m, &svc)?;
-                println!("added service {svc} (id {id})");
-            } else {
-                service::service_del(&m, &svc)?;
-                println!("removed service {svc}");
+            let done = edit_instance(&pins, edit.clone())?;
+            match edit {
+                Edit::AddService(svc) => {
+                    let id = done.loaded.services[&svc].id;
+                    println!("added service {svc} (id {id})");
+                }
+                Edit::DelService(svc) => println!("removed service {svc}"),
+                _ => unreachable!("a service edit"),
             }
         }
         Command::Backend(cmd) => match cmd {
@@ -430,21 +452,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 place,
             } => {
                 let (_ns, pins) = prepare(&place)?;
-                let m = Maps::open(&pins)?;
-                let id = service::backend_add(&m, &svc.service(), addr, weight)?;
-                println!(
-                    "added backend {addr} (id {id}, weight {weight}) to {}",
-                    svc.service()
-                );
+                let svc = svc.service();
+                let done = edit_instance(&pins, Edit::AddBackend(svc, addr, weight))?;
+                let id = done.loaded.backend_id(&svc, addr).unwrap_or_default();
+                println!("added backend {addr} (id {id}, weight {weight}) to {svc}");
             }
             BackendCmd::Del { svc, addr, place } => {
                 let (_ns, pins) = prepare(&place)?;
-                let m = Maps::open(&pins)?;
-                service::backend_del(&m, &svc.service(), addr)?;
-                println!(
-                    "removed backend {addr} from {} and ended its flows",
-                    svc.service()
-                );
+                let svc = svc.service();
+                edit_instance(&pins, Edit::DelBackend(svc, addr))?;
+                println!("removed backend {addr} from {svc} and ended its flows");
             }
             BackendCmd::Set {
                 svc,
@@ -465,16 +482,19 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let (_ns, pins) = prepare(&place)?;
             let cfg = config::load(&file)?;
-            let changes = config::plan(&cfg, &pins, &Default::default())?;
-            if changes.is_empty() {
+            let target = cfg.target(&Default::default());
+            // A dry run reads only: no lock, nothing made.
+            let _lock = if dry_run { None } else { Some(lock(&pins)?) };
+            let plan = reconcile::plan(&target, &pins)?;
+            if plan.changes.is_empty() {
                 println!("no changes");
             }
-            for c in &changes {
+            for c in &plan.changes {
                 println!("{c}");
             }
-            if !dry_run && !changes.is_empty() {
-                config::apply(&changes, cfg.settings.as_ref(), &pins)?;
-                println!("applied {} changes", changes.len());
+            if !dry_run && !plan.changes.is_empty() {
+                reconcile::apply(&plan, &pins)?;
+                println!("applied {} changes", plan.changes.len());
             }
         }
         Command::Run {
@@ -593,23 +613,17 @@ fn check_one_liner(svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
     Ok(())
 }
 
-/// Makes the one-liner's service have exactly the given backends.
-fn sync_one_liner(m: &Maps, svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
-    let want: Vec<SocketAddrV4> = backends.iter().map(|b| SocketAddrV4::new(*b, 0)).collect();
-    let have = match service::list(m)?.into_iter().find(|s| s.service == *svc) {
-        Some(s) => s.backends.into_iter().map(|b| b.addr).collect(),
-        None => {
-            service::service_add(m, svc)?;
-            Vec::new()
-        }
-    };
-    for b in want.iter().filter(|b| !have.contains(b)) {
-        service::backend_add(m, svc, *b, 1)?;
-    }
-    for b in have.iter().filter(|b| !want.contains(b)) {
-        service::backend_del(m, svc, *b)?;
-    }
-    Ok(())
+/// Takes the lock of the instance at `pins` for a command that changes it;
+/// says so on stderr if it has to wait.
+fn lock(pins: &PinDir) -> Result<InstanceLock> {
+    InstanceLock::acquire(pins, lock::wait_from_env(), |l| eprintln!("lb: {l}"))
+}
+
+/// One edit of the services of the instance at `pins`, under its lock.
+fn edit_instance(pins: &PinDir, edit: Edit) -> Result<Applied> {
+    let _lock = lock(pins)?;
+    let plan = reconcile::plan(&Target::edits(vec![edit]), pins)?;
+    reconcile::apply(&plan, pins)
 }
 
 fn print_status(s: &loader::Status) {
@@ -679,11 +693,8 @@ fn print_report(r: &stats::Report) {
 
 fn backend_set(svc: &SvcArg, addr: SocketAddrV4, weight: u32, place: &Place) -> Result<()> {
     let (_ns, pins) = prepare(place)?;
-    let m = Maps::open(&pins)?;
-    service::backend_set(&m, &svc.service(), addr, weight)?;
-    println!(
-        "backend {addr} of {} now has weight {weight}",
-        svc.service()
-    );
+    let svc = svc.service();
+    edit_instance(&pins, Edit::SetWeight(svc, addr, weight))?;
+    println!("backend {addr} of {svc} now has weight {weight}");
     Ok(())
 }

@@ -469,3 +469,82 @@ fn service_errors_change_nothing() {
     assert_no_pins(&pins);
     assert_no_xdp(&ns.name, "eth0");
 }
+
+/// A writer finding the instance's lock held says it waits (one line
+/// naming the holder), then gives up after LB_LOCK_WAIT with one error line
+/// and changes nothing; one that gets the lock within the wait goes on.
+/// Readers never wait.
+#[test]
+fn second_writer_waits_then_gives_up() {
+    if !root_or_skip("second_writer_waits_then_gives_up") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let place = |a: &[&str]| {
+        let mut a = strings(a);
+        a.extend(strings(&["--netns", &ns.name, "--pin-dir", pins.arg()]));
+        a
+    };
+    lb_ok(&place(&["attach", "eth0", "--max-flows", "4096"]));
+    lb_ok(&place(&["service", "add", "10.200.0.2:80"]));
+    let list = || text(&lb_ok(&place(&["list", "--json"])).stdout);
+    let before = list();
+
+    let held = lb::lock::InstanceLock::acquire(
+        &lb::bpffs::PinDir::new(&pins.path),
+        std::time::Duration::from_secs(1),
+        |l| panic!("the lock is not free: {l}"),
+    )
+    .expect("taking the lock");
+    let add = place(&["backend", "add", "10.200.0.2:80", "10.200.0.11:80"]);
+    let t0 = std::time::Instant::now();
+    let out = Command::new(lb_bin())
+        .args(&add)
+        .env("LB_LOCK_WAIT", "0.5")
+        .output()
+        .expect("lb");
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(500));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(out.stdout.is_empty(), "{}", show(&out));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    let me = format!("pid {}", std::process::id());
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].starts_with("lb: waiting for another lb command")
+            && lines[0].contains(&me)
+            && lines[0].contains(pins.arg()),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("lb: error: ")
+            && lines[1].contains(&me)
+            && lines[1].contains("gave up, nothing changed"),
+        "{err}"
+    );
+    // Readers do not take the lock.
+    assert_eq!(list(), before, "a writer that gave up changed the services");
+
+    // Within the wait: it goes on once the lock is released.
+    let mut child = Command::new(lb_bin())
+        .args(&add)
+        .env("LB_LOCK_WAIT", "20")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lb");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stderr.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("lb: waiting for"), "{first}");
+    drop(held);
+    let out = child.wait_with_output().expect("lb");
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(list().contains("10.200.0.11:80"), "{}", list());
+    lb_ok(&place(&["detach", "eth0"]));
+    assert_no_pins(&pins);
+}

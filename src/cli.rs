@@ -10,16 +10,22 @@ use clap::{Args, Parser, Subcommand};
 use crate::bpffs::{self, PinDir};
 use crate::lock::{self, InstanceLock};
 use crate::maps::Maps;
-use crate::reconcile::{self, Applied, Edit, Target};
+use crate::reconcile::{self, Applied, Change, Edit, Target};
 use crate::service::{self, Proto, Service};
 use crate::settings::{self, PortRange, Settings};
 use crate::xdp::Mode;
-use crate::{config, conntrack, daemon, loader, net, netns, stats};
+use crate::{config, conntrack, daemon, loader, net, netns, output, stats};
 
 /// An XDP layer-4 load balancer.
 #[derive(Debug, Parser)]
 #[command(name = "lb", version, about)]
 pub struct Cli {
+    /// Where the instance lives.
+    #[command(flatten)]
+    pub place: Place,
+    /// Print JSON (README, "JSON output"): what is shown, or what was done.
+    #[arg(long, global = true)]
+    pub json: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -159,24 +165,14 @@ pub enum Command {
         port: Option<u16>,
         #[command(flatten)]
         settings: SettingsArgs,
-        #[command(flatten)]
-        place: Place,
     },
     /// Detach from IFACE and remove the pins; refuses programs lb did not attach.
     Detach {
         /// Interface to detach from.
         iface: String,
-        #[command(flatten)]
-        place: Place,
     },
     /// Show what is attached where, with settings and counters.
-    Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        place: Place,
-    },
+    Status,
     /// Add or remove services.
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -184,26 +180,11 @@ pub enum Command {
     #[command(subcommand)]
     Backend(BackendCmd),
     /// List services and their backends.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        place: Place,
-    },
+    List,
     /// List tracked connections.
-    Conntrack {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        place: Place,
-    },
+    Conntrack,
     /// Traffic per service and backend, and drops and passes by reason.
     Stats {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
         /// Print rates every --interval seconds.
         #[arg(long, conflicts_with = "json")]
         watch: bool,
@@ -213,8 +194,6 @@ pub enum Command {
         /// Stop --watch after N reports.
         #[arg(long, value_name = "N", requires = "watch")]
         count: Option<u32>,
-        #[command(flatten)]
-        place: Place,
     },
     /// Apply a configuration file (see README, "Configuration file"): print
     /// the changes, then make them all or none.
@@ -225,8 +204,6 @@ pub enum Command {
         /// Print the changes only.
         #[arg(long)]
         dry_run: bool,
-        #[command(flatten)]
-        place: Place,
     },
     /// Run in the foreground: apply FILE, health-check backends, reload on
     /// SIGHUP, stop on SIGTERM (the datapath stays attached).
@@ -237,8 +214,6 @@ pub enum Command {
         /// Serve Prometheus metrics on ADDR (IP:PORT, in the LB's namespace).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
-        #[command(flatten)]
-        place: Place,
     },
     /// Test-topology helper: attach (or --remove) an XDP program that passes
     /// everything, as the peer of a veth needs for XDP_TX in native mode.
@@ -252,8 +227,6 @@ pub enum Command {
         /// XDP mode.
         #[arg(long, value_enum, default_value_t = Mode::Native)]
         mode: Mode,
-        #[command(flatten)]
-        place: Place,
     },
 }
 
@@ -264,15 +237,11 @@ pub enum ServiceCmd {
     Add {
         #[command(flatten)]
         svc: SvcArg,
-        #[command(flatten)]
-        place: Place,
     },
     /// Remove a service, its backends and their flows.
     Del {
         #[command(flatten)]
         svc: SvcArg,
-        #[command(flatten)]
-        place: Place,
     },
 }
 
@@ -289,8 +258,6 @@ pub enum BackendCmd {
         /// Weight, 0..=10000 (0: drain).
         #[arg(long, default_value_t = 1)]
         weight: u32,
-        #[command(flatten)]
-        place: Place,
     },
     /// Remove a backend: no new flows, its flows end.
     Del {
@@ -299,8 +266,6 @@ pub enum BackendCmd {
         /// The backend, IP:PORT.
         #[arg(value_name = "IP:PORT")]
         addr: SocketAddrV4,
-        #[command(flatten)]
-        place: Place,
     },
     /// Change a backend's weight (0: drain, existing flows continue).
     Set {
@@ -312,8 +277,6 @@ pub enum BackendCmd {
         /// Weight, 0..=10000.
         #[arg(long)]
         weight: u32,
-        #[command(flatten)]
-        place: Place,
     },
     /// Drain a backend: `backend set --weight 0`.
     Drain {
@@ -322,8 +285,6 @@ pub enum BackendCmd {
         /// The backend, IP:PORT.
         #[arg(value_name = "IP:PORT")]
         addr: SocketAddrV4,
-        #[command(flatten)]
-        place: Place,
     },
 }
 
@@ -344,7 +305,13 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 /// Runs a parsed command, printing its result to stdout.
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let Cli {
+        place,
+        json,
+        command,
+    } = cli;
+    let out = Out { json };
+    match command {
         Command::Attach {
             iface,
             mode,
@@ -353,7 +320,6 @@ pub fn run(cli: Cli) -> Result<()> {
             backends,
             port,
             settings,
-            place,
         } => {
             let one_liner = lb.map(|lb| {
                 (
@@ -385,56 +351,59 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let plan = reconcile::plan(&target, &pins)?;
             let done = reconcile::apply(&plan, &pins)?;
-            for a in &done.attachments {
-                let verb = if a.replaced {
-                    "replaced the lb program on"
-                } else {
-                    "attached to"
-                };
-                println!(
-                    "{verb} {} (ifindex {}): program id {}, {} mode",
-                    a.iface, a.ifindex, a.prog_id, a.mode
-                );
-                for s in &a.sysctls {
-                    println!("set {s}");
+            if out.json {
+                let a = done.attachments.first();
+                let mut v = serde_json::to_value(a).context("encoding JSON")?;
+                let rest: Vec<Change> = plan
+                    .changes
+                    .iter()
+                    .filter(|c| !matches!(c, Change::Attach(_)))
+                    .cloned()
+                    .collect();
+                if let Some(m) = v.as_object_mut() {
+                    m.insert("changes".into(), output::changes(&rest, Some(&done.loaded)));
                 }
-                let kept = if a.reused_maps {
-                    " (existing maps and flows kept)"
-                } else {
-                    ""
-                };
-                println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
+                return print_json(&v);
+            }
+            for a in &done.attachments {
+                print_attachment(a);
             }
             if let Some((svc, bes)) = one_liner {
                 let list: Vec<String> = bes.iter().map(|b| b.to_string()).collect();
                 println!("service {svc} -> {}", list.join(", "));
             }
         }
-        Command::Detach { iface, place } => {
+        Command::Detach { iface } => {
             let (_ns, pins) = prepare(&place)?;
             let _lock = lock(&pins)?;
             let removed = loader::detach(&iface, &pins)?;
+            if out.json {
+                return print_json(&serde_json::json!({"iface": iface, "removed": removed}));
+            }
             println!("detached lb from {iface}");
             for r in removed {
                 println!("removed {r}");
             }
         }
-        Command::Status { json, place } => {
+        Command::Status => {
             let (_ns, pins) = prepare(&place)?;
             let s = loader::status(&pins)?;
-            if json {
+            if out.json {
                 print_json(&s)?;
             } else {
                 print_status(&s);
             }
         }
         Command::Service(cmd) => {
-            let (edit, place) = match &cmd {
-                ServiceCmd::Add { svc, place } => (Edit::AddService(svc.service()), place),
-                ServiceCmd::Del { svc, place } => (Edit::DelService(svc.service()), place),
+            let edit = match &cmd {
+                ServiceCmd::Add { svc } => Edit::AddService(svc.service()),
+                ServiceCmd::Del { svc } => Edit::DelService(svc.service()),
             };
-            let (_ns, pins) = prepare(place)?;
-            let done = edit_instance(&pins, edit.clone())?;
+            let (_ns, pins) = prepare(&place)?;
+            let (changes, done) = edit_instance(&pins, edit.clone())?;
+            if out.json {
+                return out.changes(&changes, &done);
+            }
             match edit {
                 Edit::AddService(svc) => {
                     let id = done.loaded.services[&svc].id;
@@ -444,64 +413,70 @@ pub fn run(cli: Cli) -> Result<()> {
                 _ => unreachable!("a service edit"),
             }
         }
-        Command::Backend(cmd) => match cmd {
-            BackendCmd::Add {
-                svc,
-                addr,
-                weight,
-                place,
-            } => {
-                let (_ns, pins) = prepare(&place)?;
-                let svc = svc.service();
-                let done = edit_instance(&pins, Edit::AddBackend(svc, addr, weight))?;
-                let id = done.loaded.backend_id(&svc, addr).unwrap_or_default();
-                println!("added backend {addr} (id {id}, weight {weight}) to {svc}");
+        Command::Backend(cmd) => {
+            let edit = match &cmd {
+                BackendCmd::Add { svc, addr, weight } => {
+                    Edit::AddBackend(svc.service(), *addr, *weight)
+                }
+                BackendCmd::Del { svc, addr } => Edit::DelBackend(svc.service(), *addr),
+                BackendCmd::Set { svc, addr, weight } => {
+                    Edit::SetWeight(svc.service(), *addr, *weight)
+                }
+                BackendCmd::Drain { svc, addr } => Edit::SetWeight(svc.service(), *addr, 0),
+            };
+            let (_ns, pins) = prepare(&place)?;
+            let (changes, done) = edit_instance(&pins, edit.clone())?;
+            if out.json {
+                return out.changes(&changes, &done);
             }
-            BackendCmd::Del { svc, addr, place } => {
-                let (_ns, pins) = prepare(&place)?;
-                let svc = svc.service();
-                edit_instance(&pins, Edit::DelBackend(svc, addr))?;
-                println!("removed backend {addr} from {svc} and ended its flows");
+            match edit {
+                Edit::AddBackend(svc, addr, weight) => {
+                    let id = done.loaded.backend_id(&svc, addr).unwrap_or_default();
+                    println!("added backend {addr} (id {id}, weight {weight}) to {svc}");
+                }
+                Edit::DelBackend(svc, addr) => {
+                    println!("removed backend {addr} from {svc} and ended its flows")
+                }
+                Edit::SetWeight(svc, addr, weight) => {
+                    println!("backend {addr} of {svc} now has weight {weight}")
+                }
+                _ => unreachable!("a backend edit"),
             }
-            BackendCmd::Set {
-                svc,
-                addr,
-                weight,
-                place,
-            } => {
-                backend_set(&svc, addr, weight, &place)?;
-            }
-            BackendCmd::Drain { svc, addr, place } => {
-                backend_set(&svc, addr, 0, &place)?;
-            }
-        },
-        Command::Apply {
-            file,
-            dry_run,
-            place,
-        } => {
+        }
+        Command::Apply { file, dry_run } => {
             let (_ns, pins) = prepare(&place)?;
             let cfg = config::load(&file)?;
             let target = cfg.target(&Default::default());
             // A dry run reads only: no lock, nothing made.
             let _lock = if dry_run { None } else { Some(lock(&pins)?) };
             let plan = reconcile::plan(&target, &pins)?;
+            let done = if !dry_run && !plan.changes.is_empty() {
+                Some(reconcile::apply(&plan, &pins)?)
+            } else {
+                None
+            };
+            if out.json {
+                return print_json(&serde_json::json!({
+                    "file": file.display().to_string(),
+                    "dry_run": dry_run,
+                    "applied": done.is_some(),
+                    "changes": output::changes(&plan.changes, done.as_ref().map(|d| &d.loaded)),
+                }));
+            }
             if plan.changes.is_empty() {
                 println!("no changes");
             }
             for c in &plan.changes {
                 println!("{c}");
             }
-            if !dry_run && !plan.changes.is_empty() {
-                reconcile::apply(&plan, &pins)?;
+            if done.is_some() {
                 println!("applied {} changes", plan.changes.len());
             }
         }
-        Command::Run {
-            file,
-            metrics,
-            place,
-        } => {
+        Command::Run { file, metrics } => {
+            if out.json {
+                bail!("lb run has no JSON output (it logs to stderr)");
+            }
             net::require_root()?;
             bpffs::ensure_mounted(&place.pin_dir)?;
             daemon::run(&daemon::Options {
@@ -511,10 +486,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 metrics,
             })?;
         }
-        Command::List { json, place } => {
+        Command::List => {
             let (_ns, pins) = prepare(&place)?;
             let list = service::list(&Maps::open(&pins)?)?;
-            if json {
+            if out.json {
                 print_json(&list)?;
             } else {
                 for s in &list {
@@ -530,10 +505,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Conntrack { json, place } => {
+        Command::Conntrack => {
             let (_ns, pins) = prepare(&place)?;
             let conns = conntrack::list(&Maps::open(&pins)?)?;
-            if json {
+            if out.json {
                 print_json(&conns)?;
             } else {
                 println!(
@@ -556,11 +531,9 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Stats {
-            json,
             watch,
             interval,
             count,
-            place,
         } => {
             let (_ns, pins) = prepare(&place)?;
             if watch {
@@ -572,7 +545,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 return crate::watch::watch(&m, d, count, &mut std::io::stdout());
             }
             let r = stats::report(&Maps::open(&pins)?)?;
-            if json {
+            if out.json {
                 print_json(&r)?;
             } else {
                 print_report(&r);
@@ -582,7 +555,6 @@ pub fn run(cli: Cli) -> Result<()> {
             iface,
             remove,
             mode,
-            place,
         } => {
             let (_ns, _) = prepare(&place)?;
             if remove {
@@ -595,6 +567,41 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How to print.
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// `{"changes": [...]}`, with the ids given.
+    fn changes(&self, changes: &[Change], done: &Applied) -> Result<()> {
+        print_json(&serde_json::json!({
+            "changes": output::changes(changes, Some(&done.loaded)),
+        }))
+    }
+}
+
+fn print_attachment(a: &loader::Attachment) {
+    let verb = if a.replaced {
+        "replaced the lb program on"
+    } else {
+        "attached to"
+    };
+    println!(
+        "{verb} {} (ifindex {}): program id {}, {} mode",
+        a.iface, a.ifindex, a.prog_id, a.mode
+    );
+    for s in &a.sysctls {
+        println!("set {s}");
+    }
+    let kept = if a.reused_maps {
+        " (existing maps and flows kept)"
+    } else {
+        ""
+    };
+    println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
 }
 
 fn check_one_liner(svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
@@ -619,11 +626,13 @@ fn lock(pins: &PinDir) -> Result<InstanceLock> {
     InstanceLock::acquire(pins, lock::wait_from_env(), |l| eprintln!("lb: {l}"))
 }
 
-/// One edit of the services of the instance at `pins`, under its lock.
-fn edit_instance(pins: &PinDir, edit: Edit) -> Result<Applied> {
+/// One edit of the services of the instance at `pins`, under its lock:
+/// the changes made, and what is loaded after.
+fn edit_instance(pins: &PinDir, edit: Edit) -> Result<(Vec<Change>, Applied)> {
     let _lock = lock(pins)?;
     let plan = reconcile::plan(&Target::edits(vec![edit]), pins)?;
-    reconcile::apply(&plan, pins)
+    let done = reconcile::apply(&plan, pins)?;
+    Ok((plan.changes, done))
 }
 
 fn print_status(s: &loader::Status) {
@@ -674,7 +683,11 @@ fn print_report(r: &stats::Report) {
         let t = &s.traffic;
         println!(
             "{:<28} {:>10} {:>12} {:>9} {:>8}",
-            s.service, t.packets, t.bytes, t.new_flows, t.active_flows
+            s.service.to_string(),
+            t.packets,
+            t.bytes,
+            t.new_flows,
+            t.active_flows
         );
         for b in &s.backends {
             let t = &b.traffic;
@@ -689,12 +702,4 @@ fn print_report(r: &stats::Report) {
         }
     }
     print_counters(&r.counters);
-}
-
-fn backend_set(svc: &SvcArg, addr: SocketAddrV4, weight: u32, place: &Place) -> Result<()> {
-    let (_ns, pins) = prepare(place)?;
-    let svc = svc.service();
-    edit_instance(&pins, Edit::SetWeight(svc, addr, weight))?;
-    println!("backend {addr} of {svc} now has weight {weight}");
-    Ok(())
 }

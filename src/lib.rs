@@ -15,6 +15,7 @@ pub mod maps;
 pub mod metrics;
 pub mod net;
 pub mod netns;
+pub mod output;
 pub mod reconcile;
 pub mod service;
 pub mod settings;

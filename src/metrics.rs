@@ -119,14 +119,14 @@ pub fn render(m: &Maps, health: &HealthView) -> Result<String> {
     );
 
     for s in &r.services {
-        let l = vec![("service".to_string(), s.service.clone())];
+        let l = vec![("service".to_string(), s.service.to_string())];
         sp.get_or_create(&l).inc_by(s.traffic.packets);
         sb.get_or_create(&l).inc_by(s.traffic.bytes);
         sn.get_or_create(&l).inc_by(s.traffic.new_flows);
         sa.get_or_create(&l).set(s.traffic.active_flows as i64);
         for b in &s.backends {
             let l = vec![
-                ("service".to_string(), s.service.clone()),
+                ("service".to_string(), s.service.to_string()),
                 ("backend".to_string(), b.backend.addr.to_string()),
             ];
             bp.get_or_create(&l).inc_by(b.traffic.packets);

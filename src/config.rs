@@ -96,7 +96,8 @@ pub struct Iface {
     pub name: String,
     /// XDP mode.
     pub mode: Mode,
-    /// Where it is in the file (`file:line:column`), for errors.
+    /// Where it is in the file (`file:line:column`), for errors; empty
+    /// when it is not from a file (`lb attach`).
     pub at: String,
 }
 

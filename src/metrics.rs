@@ -288,3 +288,21 @@ pub fn serve(addr: SocketAddr, pin_dir: PathBuf, health: HealthView) -> Result<S
         .context("starting the metrics thread")?;
     Ok(bound)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_bounded() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let mut held: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|_| Slot::take(&active).expect("a free slot"))
+            .collect();
+        assert!(Slot::take(&active).is_none(), "more than the bound");
+        held.pop();
+        assert!(Slot::take(&active).is_some(), "a freed slot is reused");
+        drop(held);
+        assert_eq!(active.load(Ordering::Acquire), 0);
+    }
+}

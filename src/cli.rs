@@ -8,16 +8,24 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::bpffs::{self, PinDir};
+use crate::lock::{self, InstanceLock};
 use crate::maps::Maps;
+use crate::reconcile::{self, Applied, Change, Edit, Target};
 use crate::service::{self, Proto, Service};
 use crate::settings::{self, PortRange, Settings};
 use crate::xdp::Mode;
-use crate::{config, conntrack, daemon, loader, net, netns, stats};
+use crate::{config, conntrack, daemon, loader, net, netns, output, stats};
 
 /// An XDP layer-4 load balancer.
 #[derive(Debug, Parser)]
 #[command(name = "lb", version, about)]
 pub struct Cli {
+    /// Where the instance lives.
+    #[command(flatten)]
+    pub place: Place,
+    /// Print JSON (README, "JSON output"): what is shown, or what was done.
+    #[arg(long, global = true)]
+    pub json: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -157,24 +165,14 @@ pub enum Command {
         port: Option<u16>,
         #[command(flatten)]
         settings: SettingsArgs,
-        #[command(flatten)]
-        place: Place,
     },
     /// Detach from IFACE and remove the pins; refuses programs lb did not attach.
     Detach {
         /// Interface to detach from.
         iface: String,
-        #[command(flatten)]
-        place: Place,
     },
     /// Show what is attached where, with settings and counters.
-    Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        place: Place,
-    },
+    Status,
     /// Add or remove services.
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -182,26 +180,11 @@ pub enum Command {
     #[command(subcommand)]
     Backend(BackendCmd),
     /// List services and their backends.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        place: Place,
-    },
+    List,
     /// List tracked connections.
-    Conntrack {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        place: Place,
-    },
+    Conntrack,
     /// Traffic per service and backend, and drops and passes by reason.
     Stats {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
         /// Print rates every --interval seconds.
         #[arg(long, conflicts_with = "json")]
         watch: bool,
@@ -211,8 +194,6 @@ pub enum Command {
         /// Stop --watch after N reports.
         #[arg(long, value_name = "N", requires = "watch")]
         count: Option<u32>,
-        #[command(flatten)]
-        place: Place,
     },
     /// Apply a configuration file (see README, "Configuration file"): print
     /// the changes, then make them all or none.
@@ -223,8 +204,6 @@ pub enum Command {
         /// Print the changes only.
         #[arg(long)]
         dry_run: bool,
-        #[command(flatten)]
-        place: Place,
     },
     /// Run in the foreground: apply FILE, health-check backends, reload on
     /// SIGHUP, stop on SIGTERM (the datapath stays attached).
@@ -235,8 +214,6 @@ pub enum Command {
         /// Serve Prometheus metrics on ADDR (IP:PORT, in the LB's namespace).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
-        #[command(flatten)]
-        place: Place,
     },
     /// Test-topology helper: attach (or --remove) an XDP program that passes
     /// everything, as the peer of a veth needs for XDP_TX in native mode.
@@ -250,8 +227,6 @@ pub enum Command {
         /// XDP mode.
         #[arg(long, value_enum, default_value_t = Mode::Native)]
         mode: Mode,
-        #[command(flatten)]
-        place: Place,
     },
 }
 
@@ -262,15 +237,11 @@ pub enum ServiceCmd {
     Add {
         #[command(flatten)]
         svc: SvcArg,
-        #[command(flatten)]
-        place: Place,
     },
     /// Remove a service, its backends and their flows.
     Del {
         #[command(flatten)]
         svc: SvcArg,
-        #[command(flatten)]
-        place: Place,
     },
 }
 
@@ -287,8 +258,6 @@ pub enum BackendCmd {
         /// Weight, 0..=10000 (0: drain).
         #[arg(long, default_value_t = 1)]
         weight: u32,
-        #[command(flatten)]
-        place: Place,
     },
     /// Remove a backend: no new flows, its flows end.
     Del {
@@ -297,8 +266,6 @@ pub enum BackendCmd {
         /// The backend, IP:PORT.
         #[arg(value_name = "IP:PORT")]
         addr: SocketAddrV4,
-        #[command(flatten)]
-        place: Place,
     },
     /// Change a backend's weight (0: drain, existing flows continue).
     Set {
@@ -310,8 +277,6 @@ pub enum BackendCmd {
         /// Weight, 0..=10000.
         #[arg(long)]
         weight: u32,
-        #[command(flatten)]
-        place: Place,
     },
     /// Drain a backend: `backend set --weight 0`.
     Drain {
@@ -320,8 +285,6 @@ pub enum BackendCmd {
         /// The backend, IP:PORT.
         #[arg(value_name = "IP:PORT")]
         addr: SocketAddrV4,
-        #[command(flatten)]
-        place: Place,
     },
 }
 
@@ -342,7 +305,13 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 /// Runs a parsed command, printing its result to stdout.
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let Cli {
+        place,
+        json,
+        command,
+    } = cli;
+    let out = Out { json };
+    match command {
         Command::Attach {
             iface,
             mode,
@@ -351,7 +320,6 @@ pub fn run(cli: Cli) -> Result<()> {
             backends,
             port,
             settings,
-            place,
         } => {
             let one_liner = lb.map(|lb| {
                 (
@@ -363,125 +331,152 @@ pub fn run(cli: Cli) -> Result<()> {
                 check_one_liner(svc, bes)?;
             }
             let (_ns, pins) = prepare(&place)?;
+            let _lock = lock(&pins)?;
             let base = loader::instance_settings(&pins)?.unwrap_or_default();
-            let a = loader::attach(&iface, mode, settings.apply(base).as_ref(), &pins)?;
-            let verb = if a.replaced {
-                "replaced the lb program on"
-            } else {
-                "attached to"
+            let edits = one_liner
+                .iter()
+                .map(|(svc, bes)| {
+                    Edit::Backends(*svc, bes.iter().map(|b| SocketAddrV4::new(*b, 0)).collect())
+                })
+                .collect();
+            let target = Target {
+                settings: settings.apply(base),
+                interfaces: vec![config::Iface {
+                    name: iface.clone(),
+                    mode,
+                    at: String::new(),
+                }],
+                reattach: true,
+                ..Target::edits(edits)
             };
-            println!(
-                "{verb} {} (ifindex {}): program id {}, {} mode",
-                a.iface, a.ifindex, a.prog_id, a.mode
-            );
-            for s in &a.sysctls {
-                println!("set {s}");
+            let plan = reconcile::plan(&target, &pins)?;
+            let done = reconcile::apply(&plan, &pins)?;
+            if out.json {
+                let a = done.attachments.first();
+                let mut v = serde_json::to_value(a).context("encoding JSON")?;
+                let rest: Vec<Change> = plan
+                    .changes
+                    .iter()
+                    .filter(|c| !matches!(c, Change::Attach(_)))
+                    .cloned()
+                    .collect();
+                if let Some(m) = v.as_object_mut() {
+                    m.insert("changes".into(), output::changes(&rest, Some(&done.loaded)));
+                }
+                return print_json(&v);
             }
-            let kept = if a.reused_maps {
-                " (existing maps and flows kept)"
-            } else {
-                ""
-            };
-            println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
+            for a in &done.attachments {
+                print_attachment(a);
+            }
             if let Some((svc, bes)) = one_liner {
-                let m = Maps::open(&pins)?;
-                sync_one_liner(&m, &svc, &bes)?;
                 let list: Vec<String> = bes.iter().map(|b| b.to_string()).collect();
                 println!("service {svc} -> {}", list.join(", "));
             }
         }
-        Command::Detach { iface, place } => {
+        Command::Detach { iface } => {
             let (_ns, pins) = prepare(&place)?;
+            let _lock = lock(&pins)?;
             let removed = loader::detach(&iface, &pins)?;
+            if out.json {
+                return print_json(&serde_json::json!({"iface": iface, "removed": removed}));
+            }
             println!("detached lb from {iface}");
             for r in removed {
                 println!("removed {r}");
             }
         }
-        Command::Status { json, place } => {
+        Command::Status => {
             let (_ns, pins) = prepare(&place)?;
             let s = loader::status(&pins)?;
-            if json {
+            if out.json {
                 print_json(&s)?;
             } else {
                 print_status(&s);
             }
         }
         Command::Service(cmd) => {
-            let (svc, place, add) = match &cmd {
-                ServiceCmd::Add { svc, place } => (svc.service(), place, true),
-                ServiceCmd::Del { svc, place } => (svc.service(), place, false),
+            let edit = match &cmd {
+                ServiceCmd::Add { svc } => Edit::AddService(svc.service()),
+                ServiceCmd::Del { svc } => Edit::DelService(svc.service()),
             };
-            let (_ns, pins) = prepare(place)?;
-            let m = Maps::open(&pins)?;
-            if add {
-                let id = service::service_add(&m, &svc)?;
-                println!("added service {svc} (id {id})");
-            } else {
-                service::service_del(&m, &svc)?;
-                println!("removed service {svc}");
+            let (_ns, pins) = prepare(&place)?;
+            let (changes, done) = edit_instance(&pins, edit.clone())?;
+            if out.json {
+                return out.changes(&changes, &done);
+            }
+            match edit {
+                Edit::AddService(svc) => {
+                    let id = done.loaded.services[&svc].id;
+                    println!("added service {svc} (id {id})");
+                }
+                Edit::DelService(svc) => println!("removed service {svc}"),
+                _ => unreachable!("a service edit"),
             }
         }
-        Command::Backend(cmd) => match cmd {
-            BackendCmd::Add {
-                svc,
-                addr,
-                weight,
-                place,
-            } => {
-                let (_ns, pins) = prepare(&place)?;
-                let m = Maps::open(&pins)?;
-                let id = service::backend_add(&m, &svc.service(), addr, weight)?;
-                println!(
-                    "added backend {addr} (id {id}, weight {weight}) to {}",
-                    svc.service()
-                );
+        Command::Backend(cmd) => {
+            let edit = match &cmd {
+                BackendCmd::Add { svc, addr, weight } => {
+                    Edit::AddBackend(svc.service(), *addr, *weight)
+                }
+                BackendCmd::Del { svc, addr } => Edit::DelBackend(svc.service(), *addr),
+                BackendCmd::Set { svc, addr, weight } => {
+                    Edit::SetWeight(svc.service(), *addr, *weight)
+                }
+                BackendCmd::Drain { svc, addr } => Edit::SetWeight(svc.service(), *addr, 0),
+            };
+            let (_ns, pins) = prepare(&place)?;
+            let (changes, done) = edit_instance(&pins, edit.clone())?;
+            if out.json {
+                return out.changes(&changes, &done);
             }
-            BackendCmd::Del { svc, addr, place } => {
-                let (_ns, pins) = prepare(&place)?;
-                let m = Maps::open(&pins)?;
-                service::backend_del(&m, &svc.service(), addr)?;
-                println!(
-                    "removed backend {addr} from {} and ended its flows",
-                    svc.service()
-                );
+            match edit {
+                Edit::AddBackend(svc, addr, weight) => {
+                    let id = done.loaded.backend_id(&svc, addr).unwrap_or_default();
+                    println!("added backend {addr} (id {id}, weight {weight}) to {svc}");
+                }
+                Edit::DelBackend(svc, addr) => {
+                    println!("removed backend {addr} from {svc} and ended its flows")
+                }
+                Edit::SetWeight(svc, addr, weight) => {
+                    println!("backend {addr} of {svc} now has weight {weight}")
+                }
+                _ => unreachable!("a backend edit"),
             }
-            BackendCmd::Set {
-                svc,
-                addr,
-                weight,
-                place,
-            } => {
-                backend_set(&svc, addr, weight, &place)?;
-            }
-            BackendCmd::Drain { svc, addr, place } => {
-                backend_set(&svc, addr, 0, &place)?;
-            }
-        },
-        Command::Apply {
-            file,
-            dry_run,
-            place,
-        } => {
+        }
+        Command::Apply { file, dry_run } => {
             let (_ns, pins) = prepare(&place)?;
             let cfg = config::load(&file)?;
-            let changes = config::plan(&cfg, &pins, &Default::default())?;
-            if changes.is_empty() {
+            let target = cfg.target(&Default::default());
+            // A dry run reads only: no lock, nothing made.
+            let _lock = if dry_run { None } else { Some(lock(&pins)?) };
+            let plan = reconcile::plan(&target, &pins)?;
+            let done = if !dry_run && !plan.changes.is_empty() {
+                Some(reconcile::apply(&plan, &pins)?)
+            } else {
+                None
+            };
+            if out.json {
+                return print_json(&serde_json::json!({
+                    "file": file.display().to_string(),
+                    "dry_run": dry_run,
+                    "applied": done.is_some(),
+                    "changes": output::changes(&plan.changes, done.as_ref().map(|d| &d.loaded)),
+                }));
+            }
+            if plan.changes.is_empty() {
                 println!("no changes");
             }
-            for c in &changes {
+            for c in &plan.changes {
                 println!("{c}");
             }
-            if !dry_run && !changes.is_empty() {
-                config::apply(&changes, cfg.settings.as_ref(), &pins)?;
-                println!("applied {} changes", changes.len());
+            if done.is_some() {
+                println!("applied {} changes", plan.changes.len());
             }
         }
-        Command::Run {
-            file,
-            metrics,
-            place,
-        } => {
+        Command::Run { file, metrics } => {
+            if out.json {
+                bail!("lb run has no JSON output (it logs to stderr)");
+            }
             net::require_root()?;
             bpffs::ensure_mounted(&place.pin_dir)?;
             daemon::run(&daemon::Options {
@@ -491,10 +486,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 metrics,
             })?;
         }
-        Command::List { json, place } => {
+        Command::List => {
             let (_ns, pins) = prepare(&place)?;
             let list = service::list(&Maps::open(&pins)?)?;
-            if json {
+            if out.json {
                 print_json(&list)?;
             } else {
                 for s in &list {
@@ -510,10 +505,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Conntrack { json, place } => {
+        Command::Conntrack => {
             let (_ns, pins) = prepare(&place)?;
             let conns = conntrack::list(&Maps::open(&pins)?)?;
-            if json {
+            if out.json {
                 print_json(&conns)?;
             } else {
                 println!(
@@ -536,11 +531,9 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Stats {
-            json,
             watch,
             interval,
             count,
-            place,
         } => {
             let (_ns, pins) = prepare(&place)?;
             if watch {
@@ -552,7 +545,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 return crate::watch::watch(&m, d, count, &mut std::io::stdout());
             }
             let r = stats::report(&Maps::open(&pins)?)?;
-            if json {
+            if out.json {
                 print_json(&r)?;
             } else {
                 print_report(&r);
@@ -562,7 +555,6 @@ pub fn run(cli: Cli) -> Result<()> {
             iface,
             remove,
             mode,
-            place,
         } => {
             let (_ns, _) = prepare(&place)?;
             if remove {
@@ -575,6 +567,41 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How to print.
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// `{"changes": [...]}`, with the ids given.
+    fn changes(&self, changes: &[Change], done: &Applied) -> Result<()> {
+        print_json(&serde_json::json!({
+            "changes": output::changes(changes, Some(&done.loaded)),
+        }))
+    }
+}
+
+fn print_attachment(a: &loader::Attachment) {
+    let verb = if a.replaced {
+        "replaced the lb program on"
+    } else {
+        "attached to"
+    };
+    println!(
+        "{verb} {} (ifindex {}): program id {}, {} mode",
+        a.iface, a.ifindex, a.prog_id, a.mode
+    );
+    for s in &a.sysctls {
+        println!("set {s}");
+    }
+    let kept = if a.reused_maps {
+        " (existing maps and flows kept)"
+    } else {
+        ""
+    };
+    println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
 }
 
 fn check_one_liner(svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
@@ -593,23 +620,19 @@ fn check_one_liner(svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
     Ok(())
 }
 
-/// Makes the one-liner's service have exactly the given backends.
-fn sync_one_liner(m: &Maps, svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
-    let want: Vec<SocketAddrV4> = backends.iter().map(|b| SocketAddrV4::new(*b, 0)).collect();
-    let have = match service::list(m)?.into_iter().find(|s| s.service == *svc) {
-        Some(s) => s.backends.into_iter().map(|b| b.addr).collect(),
-        None => {
-            service::service_add(m, svc)?;
-            Vec::new()
-        }
-    };
-    for b in want.iter().filter(|b| !have.contains(b)) {
-        service::backend_add(m, svc, *b, 1)?;
-    }
-    for b in have.iter().filter(|b| !want.contains(b)) {
-        service::backend_del(m, svc, *b)?;
-    }
-    Ok(())
+/// Takes the lock of the instance at `pins` for a command that changes it;
+/// says so on stderr if it has to wait.
+fn lock(pins: &PinDir) -> Result<InstanceLock> {
+    InstanceLock::acquire(pins, lock::wait_from_env(), |l| eprintln!("lb: {l}"))
+}
+
+/// One edit of the services of the instance at `pins`, under its lock:
+/// the changes made, and what is loaded after.
+fn edit_instance(pins: &PinDir, edit: Edit) -> Result<(Vec<Change>, Applied)> {
+    let _lock = lock(pins)?;
+    let plan = reconcile::plan(&Target::edits(vec![edit]), pins)?;
+    let done = reconcile::apply(&plan, pins)?;
+    Ok((plan.changes, done))
 }
 
 fn print_status(s: &loader::Status) {
@@ -660,7 +683,11 @@ fn print_report(r: &stats::Report) {
         let t = &s.traffic;
         println!(
             "{:<28} {:>10} {:>12} {:>9} {:>8}",
-            s.service, t.packets, t.bytes, t.new_flows, t.active_flows
+            s.service.to_string(),
+            t.packets,
+            t.bytes,
+            t.new_flows,
+            t.active_flows
         );
         for b in &s.backends {
             let t = &b.traffic;
@@ -675,15 +702,4 @@ fn print_report(r: &stats::Report) {
         }
     }
     print_counters(&r.counters);
-}
-
-fn backend_set(svc: &SvcArg, addr: SocketAddrV4, weight: u32, place: &Place) -> Result<()> {
-    let (_ns, pins) = prepare(place)?;
-    let m = Maps::open(&pins)?;
-    service::backend_set(&m, &svc.service(), addr, weight)?;
-    println!(
-        "backend {addr} of {} now has weight {weight}",
-        svc.service()
-    );
-    Ok(())
 }

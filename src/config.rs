@@ -1,9 +1,10 @@
 //! The declarative configuration: a TOML file describing interfaces,
 //! services, backends (with optional health checks) and datapath settings.
 //! Parsing and validation (errors name `file:line:column` and the field),
-//! the difference to what is loaded, and applying it all or nothing.
+//! and what the file asks for as a target of the reconciler
+//! (crate::reconcile), which takes the difference and applies it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
@@ -14,10 +15,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::bpffs::PinDir;
-use crate::loader;
-use crate::maps::Maps;
-use crate::service::{self, Proto, Service, MAX_WEIGHT};
+use crate::reconcile::{State, Target, Want};
+use crate::service::{Proto, Service, MAX_WEIGHT};
 use crate::settings::{self, Settings};
 use crate::xdp::Mode;
 
@@ -97,7 +96,8 @@ pub struct Iface {
     pub name: String,
     /// XDP mode.
     pub mode: Mode,
-    /// Where it is in the file (`file:line:column`), for errors.
+    /// Where it is in the file (`file:line:column`), for errors; empty
+    /// when it is not from a file (`lb attach`).
     pub at: String,
 }
 
@@ -539,44 +539,22 @@ fn check_of(cx: &Ctx, c: &Spanned<RawCheck>) -> Result<Check> {
     })
 }
 
-// ------------------------------------------------------------------- diff
-
-/// The state wanted (or loaded): service -> backend -> weight.
-pub type State = BTreeMap<Service, BTreeMap<SocketAddrV4, u32>>;
-
-/// One change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// Attach to an interface.
-    Attach(Iface),
-    /// A new service.
-    AddService(Service),
-    /// A new backend.
-    AddBackend(Service, SocketAddrV4, u32),
-    /// A weight changes (old, new).
-    SetWeight(Service, SocketAddrV4, u32, u32),
-    /// A backend goes (with its weight, for rollback).
-    DelBackend(Service, SocketAddrV4, u32),
-    /// A service goes (with its backends, for rollback).
-    DelService(Service, BTreeMap<SocketAddrV4, u32>),
-}
-
-impl fmt::Display for Change {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Change::Attach(i) => write!(f, "+ interface {} ({} mode)", i.name, i.mode),
-            Change::AddService(s) => write!(f, "+ service {s}"),
-            Change::AddBackend(s, a, w) => write!(f, "+ backend {a} weight {w} (service {s})"),
-            Change::SetWeight(s, a, o, n) => {
-                write!(f, "~ backend {a} weight {o} -> {n} (service {s})")
-            }
-            Change::DelBackend(s, a, _) => write!(f, "- backend {a} (service {s})"),
-            Change::DelService(s, _) => write!(f, "- service {s}"),
-        }
-    }
-}
+// ----------------------------------------------------------------- target
 
 impl Config {
+    /// What the file asks of an instance (interfaces attached if they are
+    /// not, settings, exactly its services); backends in `out` get weight 0.
+    pub fn target(&self, out: &HashSet<(Service, SocketAddrV4)>) -> Target {
+        Target {
+            file: Some(self.path.display().to_string()),
+            settings: self.settings.clone(),
+            settings_at: self.settings_at.clone(),
+            interfaces: self.interfaces.clone(),
+            reattach: false,
+            services: Want::Exactly(self.state(out)),
+        }
+    }
+
     /// The services and weights the file asks for; backends in `out` get
     /// weight 0.
     pub fn state(&self, out: &HashSet<(Service, SocketAddrV4)>) -> State {
@@ -599,190 +577,4 @@ impl Config {
             })
             .collect()
     }
-}
-
-/// What is loaded in the maps.
-pub fn loaded(m: &Maps) -> Result<State> {
-    Ok(service::list(m)?
-        .into_iter()
-        .map(|s| {
-            (
-                s.service,
-                s.backends.into_iter().map(|b| (b.addr, b.weight)).collect(),
-            )
-        })
-        .collect())
-}
-
-/// The changes that take `have` to `want`, in the order they are applied:
-/// additions first, then weights, then removals.
-pub fn diff(have: &State, want: &State) -> Vec<Change> {
-    let mut adds = Vec::new();
-    let mut sets = Vec::new();
-    let mut dels = Vec::new();
-    for (svc, wb) in want {
-        let hb = have.get(svc);
-        if hb.is_none() {
-            adds.push(Change::AddService(*svc));
-        }
-        for (a, w) in wb {
-            match hb.and_then(|h| h.get(a)) {
-                None => adds.push(Change::AddBackend(*svc, *a, *w)),
-                Some(o) if o != w => sets.push(Change::SetWeight(*svc, *a, *o, *w)),
-                Some(_) => {}
-            }
-        }
-        if let Some(hb) = hb {
-            for (a, w) in hb {
-                if !wb.contains_key(a) {
-                    dels.push(Change::DelBackend(*svc, *a, *w));
-                }
-            }
-        }
-    }
-    for (svc, hb) in have {
-        if !want.contains_key(svc) {
-            dels.push(Change::DelService(*svc, hb.clone()));
-        }
-    }
-    adds.extend(sets);
-    adds.extend(dels);
-    adds
-}
-
-// ------------------------------------------------------------------ apply
-
-/// Test hook: with `LB_TEST_FAIL_AFTER=N` set, applying fails after N
-/// changes, so that tests can watch the rollback.
-const FAIL_AFTER_ENV: &str = "LB_TEST_FAIL_AFTER";
-
-fn do_change(
-    m: Option<&Maps>,
-    c: &Change,
-    settings: Option<&Settings>,
-    pins: &PinDir,
-) -> Result<()> {
-    let maps = || m.ok_or_else(|| anyhow!("no lb instance at {}", pins.root.display()));
-    match c {
-        Change::Attach(i) => {
-            loader::attach(&i.name, i.mode, settings, pins)
-                .with_context(|| format!("attaching to {}", i.name))?;
-        }
-        Change::AddService(s) => {
-            service::service_add(maps()?, s)?;
-        }
-        Change::AddBackend(s, a, w) => {
-            service::backend_add(maps()?, s, *a, *w)?;
-        }
-        Change::SetWeight(s, a, _, n) => service::backend_set(maps()?, s, *a, *n)?,
-        Change::DelBackend(s, a, _) => service::backend_del(maps()?, s, *a)?,
-        Change::DelService(s, _) => service::service_del(maps()?, s)?,
-    }
-    Ok(())
-}
-
-fn undo_change(m: Option<&Maps>, c: &Change, pins: &PinDir) -> Result<()> {
-    let maps = || m.ok_or_else(|| anyhow!("no lb instance at {}", pins.root.display()));
-    match c {
-        Change::Attach(i) => {
-            loader::detach(&i.name, pins)?;
-        }
-        Change::AddService(s) => service::service_del(maps()?, s)?,
-        Change::AddBackend(s, a, _) => service::backend_del(maps()?, s, *a)?,
-        Change::SetWeight(s, a, o, _) => service::backend_set(maps()?, s, *a, *o)?,
-        Change::DelBackend(s, a, w) => {
-            service::backend_add(maps()?, s, *a, *w)?;
-        }
-        Change::DelService(s, b) => {
-            service::service_add(maps()?, s)?;
-            for (a, w) in b {
-                service::backend_add(maps()?, s, *a, *w)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The plan for `cfg` against the instance at `pins` (current network
-/// namespace): interfaces to attach, then service and backend changes.
-/// Backends in `out` (health-checked down) are wanted with weight 0.
-pub fn plan(
-    cfg: &Config,
-    pins: &PinDir,
-    out: &HashSet<(Service, SocketAddrV4)>,
-) -> Result<Vec<Change>> {
-    let existing = loader::instance_settings(pins)?;
-    if let (Some(want), Some(have)) = (&cfg.settings, &existing) {
-        if want != have {
-            bail!(
-                "{}: settings: [settings] differ from those of the running instance at {} ({have:?}); detach all its interfaces to change them",
-                cfg.settings_at.as_deref().unwrap_or(&cfg.path.display().to_string()),
-                pins.root.display()
-            );
-        }
-    }
-    let mut changes = Vec::new();
-    for i in &cfg.interfaces {
-        crate::net::ifindex(&i.name)
-            .with_context(|| format!("{}: interfaces.name: interface {}", i.at, i.name))?;
-        if !pins.link(&i.name).exists() {
-            changes.push(Change::Attach(i.clone()));
-        }
-    }
-    let have = if existing.is_some() {
-        loaded(&Maps::open(pins)?)?
-    } else {
-        if changes.is_empty() {
-            bail!(
-                "no lb instance at {} and no interface to attach in {}",
-                pins.root.display(),
-                cfg.path.display()
-            );
-        }
-        State::new()
-    };
-    changes.extend(diff(&have, &cfg.state(out)));
-    Ok(changes)
-}
-
-/// Applies `changes` (from [`plan`]) all or nothing: on a failure, what was
-/// applied is undone in reverse order and the error returned. (A backend
-/// removed and put back by a rollback has lost its flows.)
-pub fn apply(changes: &[Change], settings: Option<&Settings>, pins: &PinDir) -> Result<()> {
-    let fail_after: Option<usize> = std::env::var(FAIL_AFTER_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let mut maps: Option<Maps> = Maps::open(pins).ok();
-    let mut done: Vec<&Change> = Vec::new();
-    let mut result = Ok(());
-    for c in changes {
-        if fail_after == Some(done.len()) {
-            result = Err(anyhow!(
-                "{FAIL_AFTER_ENV}: failing after {} changes",
-                done.len()
-            ));
-            break;
-        }
-        if let Err(e) = do_change(maps.as_ref(), c, settings, pins) {
-            result = Err(e.context(format!("applying '{c}'")));
-            break;
-        }
-        done.push(c);
-        if maps.is_none() {
-            maps = Maps::open(pins).ok();
-        }
-    }
-    if let Err(e) = result {
-        let mut failed = Vec::new();
-        for c in done.iter().rev() {
-            if let Err(u) = undo_change(maps.as_ref(), c, pins) {
-                failed.push(format!("undoing '{c}': {u:#}"));
-            }
-        }
-        if failed.is_empty() {
-            return Err(e.context("nothing changed (rolled back)"));
-        }
-        return Err(e.context(format!("rollback incomplete: {}", failed.join("; "))));
-    }
-    Ok(())
 }

@@ -19,9 +19,11 @@ use tracing::{error, info, warn};
 use crate::bpffs::PinDir;
 use crate::config::{self, Check, Config};
 use crate::health::{self, Health};
+use crate::lock::{self, InstanceLock};
 use crate::maps::Maps;
 use crate::metrics::{self, HealthInfo, HealthView};
-use crate::service::{self, Service};
+use crate::reconcile::{self, Edit, Target};
+use crate::service::Service;
 use crate::{conntrack, netns};
 
 /// How `lb run` was started.
@@ -107,6 +109,8 @@ struct State {
     /// Backends out of new-flow selection now.
     out: HashSet<Key>,
     view: HealthView,
+    /// The last health change failed to apply.
+    retry: bool,
 }
 
 impl State {
@@ -140,28 +144,41 @@ impl State {
         out
     }
 
-    /// Makes the maps match the file and the health state; ends the flows
-    /// of backends newly taken out.
-    fn sync(&mut self, why: &str) -> Result<()> {
-        let out = self.wanted_out();
-        let changes = config::plan(&self.cfg, &self.pins, &out)?;
-        if !changes.is_empty() {
-            config::apply(&changes, self.cfg.settings.as_ref(), &self.pins)?;
-            for c in &changes {
-                info!(change = %c, reason = why, "applied");
+    /// What the daemon wants: with `whole`, the file (weight 0 for the
+    /// backends out); else only the weights of the checked backends it owns,
+    /// leaving everything else as it is loaded (a health change).
+    fn target(&self, out: &HashSet<Key>, whole: bool) -> Target {
+        if whole {
+            return self.cfg.target(out);
+        }
+        let mut edits = Vec::new();
+        for s in &self.cfg.services {
+            for b in &s.backends {
+                let k = (s.service, b.addr);
+                if self.checks.contains_key(&k) {
+                    let w = if out.contains(&k) { 0 } else { b.weight };
+                    edits.push(Edit::WeightIfPresent(s.service, b.addr, w));
+                }
             }
+        }
+        Target::edits(edits)
+    }
+
+    /// Under the instance's lock, makes the maps match the file (`whole`) or
+    /// the health state, and ends the flows of backends newly taken out.
+    fn sync(&mut self, why: &str, whole: bool) -> Result<()> {
+        let out = self.wanted_out();
+        let _lock = InstanceLock::acquire(&self.pins, lock::wait_from_env(), |l| warn!("{l}"))?;
+        let plan = reconcile::plan(&self.target(&out, whole), &self.pins)?;
+        let done = reconcile::apply(&plan, &self.pins)?;
+        for c in &plan.changes {
+            info!(change = %c, reason = why, "applied");
         }
         let newly: Vec<Key> = out.difference(&self.out).copied().collect();
         if !newly.is_empty() {
             let m = Maps::open(&self.pins)?;
-            let list = service::list(&m)?;
             for (svc, addr) in newly {
-                let id = list
-                    .iter()
-                    .find(|s| s.service == svc)
-                    .and_then(|s| s.backends.iter().find(|b| b.addr == addr))
-                    .map(|b| b.id);
-                if let Some(id) = id {
+                if let Some(id) = done.loaded.backend_id(&svc, addr) {
                     let n = conntrack::end_flows(&m, |f| f.backend == id)?;
                     info!(service = %svc, backend = %addr, entries = n, "ended the flows of a backend taken out");
                 }
@@ -230,16 +247,17 @@ pub fn run(o: &Options) -> Result<()> {
         checks: BTreeMap::new(),
         out: HashSet::new(),
         view: Arc::clone(&view),
+        retry: false,
     };
     st.set_config(cfg);
-    st.sync("start")?;
+    st.sync("start", true)?;
     info!(file = %o.file.display(), services = st.cfg.services.len(), "config applied");
 
     let (tx, rx) = channel();
     let mut generation = 1;
     let mut checkers = start_checkers(&st.cfg, generation, &tx)?;
     if let Some(addr) = o.metrics {
-        metrics::serve(addr, o.pin_dir.clone(), Arc::clone(&view))?;
+        let addr = metrics::serve(addr, o.pin_dir.clone(), Arc::clone(&view))?;
         info!(%addr, "serving metrics at /metrics");
     }
     {
@@ -279,7 +297,7 @@ pub fn run(o: &Options) -> Result<()> {
                         let old_health = st.health.clone();
                         let old_checks = st.checks.clone();
                         st.set_config(new);
-                        match st.sync("reload") {
+                        match st.sync("reload", true) {
                             Ok(()) => {
                                 generation += 1;
                                 drop(checkers);
@@ -322,13 +340,17 @@ pub fn run(o: &Options) -> Result<()> {
                     Some(true) => {
                         info!(service = %key.0, backend = %key.1, rise = check.rise, "backend up");
                     }
-                    None => {
+                    None if !st.retry => {
                         st.publish();
                         continue;
                     }
+                    // A change that failed to apply is tried again.
+                    None => {}
                 }
-                if let Err(e) = st.sync("health") {
-                    error!(error = %format!("{e:#}"), "applying a health change failed");
+                st.retry = false;
+                if let Err(e) = st.sync("health", false) {
+                    error!(error = %format!("{e:#}"), "applying a health change failed (tried again at the next check)");
+                    st.retry = true;
                 }
             }
         }

@@ -380,7 +380,8 @@ pub struct Status {
     pub settings: Option<Settings>,
     /// Services with their backends.
     pub services: Vec<crate::service::ServiceInfo>,
-    /// Counters by name, summed over CPUs.
+    /// Counters by name, summed over CPUs (in JSON an object keyed by name).
+    #[serde(serialize_with = "crate::output::by_name")]
     pub counters: Vec<(String, stats::Counter)>,
     /// The SNAT addresses and the ports each uses.
     pub snat: Vec<SnatInfo>,

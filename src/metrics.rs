@@ -1,13 +1,13 @@
 //! Prometheus metrics, read from the maps at scrape time, served over a
-//! minimal HTTP server (`GET /metrics`).
+//! minimal HTTP server (`GET /metrics`), a thread per connection.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use prometheus_client::encoding::text::encode;
@@ -119,14 +119,14 @@ pub fn render(m: &Maps, health: &HealthView) -> Result<String> {
     );
 
     for s in &r.services {
-        let l = vec![("service".to_string(), s.service.clone())];
+        let l = vec![("service".to_string(), s.service.to_string())];
         sp.get_or_create(&l).inc_by(s.traffic.packets);
         sb.get_or_create(&l).inc_by(s.traffic.bytes);
         sn.get_or_create(&l).inc_by(s.traffic.new_flows);
         sa.get_or_create(&l).set(s.traffic.active_flows as i64);
         for b in &s.backends {
             let l = vec![
-                ("service".to_string(), s.service.clone()),
+                ("service".to_string(), s.service.to_string()),
                 ("backend".to_string(), b.backend.addr.to_string()),
             ];
             bp.get_or_create(&l).inc_by(b.traffic.packets);
@@ -165,18 +165,42 @@ pub fn render(m: &Maps, health: &HealthView) -> Result<String> {
     Ok(out)
 }
 
-fn answer(mut s: TcpStream, pins: &PinDir, health: &HealthView) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+/// Connections served at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request (all of it) and to take the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads the request head (up to 8 KiB) before `deadline`.
+fn read_request(s: &mut TcpStream, deadline: Instant) -> std::io::Result<Vec<u8>> {
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
     while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::new(ErrorKind::TimedOut, "request timed out"))?;
+        s.set_read_timeout(Some(left))?;
         let n = s.read(&mut buf)?;
         if n == 0 {
             break;
         }
         req.extend_from_slice(&buf[..n]);
     }
+    Ok(req)
+}
+
+fn reply(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        s,
+        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.flush()
+}
+
+fn answer(mut s: TcpStream, pins: &PinDir, health: &HealthView) -> std::io::Result<()> {
+    s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let req = read_request(&mut s, Instant::now() + CLIENT_TIMEOUT)?;
     let line = String::from_utf8_lossy(&req);
     let line = line.lines().next().unwrap_or("");
     let mut parts = line.split_whitespace();
@@ -197,34 +221,88 @@ fn answer(mut s: TcpStream, pins: &PinDir, health: &HealthView) -> std::io::Resu
         }
         _ => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
     };
-    write!(
-        s,
-        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    s.flush()
+    reply(&mut s, status, ctype, &body)
+}
+
+/// Takes one of the [`MAX_CONNECTIONS`] slots until dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Option<Self> {
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CONNECTIONS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(active)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Binds `addr` (in the calling thread's network namespace) and serves
-/// `/metrics` for the instance at `pin_dir` from a thread, one request at
-/// a time.
-pub fn serve(addr: SocketAddr, pin_dir: PathBuf, health: HealthView) -> Result<()> {
+/// `/metrics` for the instance at `pin_dir`: a thread accepts, each
+/// connection is answered by a thread of its own (at most
+/// [`MAX_CONNECTIONS`] at once, each given [`CLIENT_TIMEOUT`] to send its
+/// request), so a slow or idle client never delays another scrape. Returns
+/// the address bound.
+pub fn serve(addr: SocketAddr, pin_dir: PathBuf, health: HealthView) -> Result<SocketAddr> {
     let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr} for metrics"))?;
+    let bound = l.local_addr().context("reading the metrics address")?;
+    let pins = Arc::new(PinDir::new(pin_dir));
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            let pins = PinDir::new(pin_dir);
             for s in l.incoming() {
-                match s {
-                    Ok(s) => {
-                        if let Err(e) = answer(s, &pins, &health) {
-                            tracing::warn!(error = %e, "metrics request failed");
-                        }
+                let mut s = match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a metrics connection");
+                        continue;
                     }
-                    Err(e) => tracing::warn!(error = %e, "accepting a metrics connection"),
+                };
+                let Some(slot) = Slot::take(&active) else {
+                    let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = reply(&mut s, "503 Service Unavailable", "text/plain", "busy\n");
+                    continue;
+                };
+                let (pins, health) = (Arc::clone(&pins), Arc::clone(&health));
+                let spawned = std::thread::Builder::new()
+                    .name("metrics conn".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        if let Err(e) = answer(s, &pins, &health) {
+                            tracing::debug!(error = %e, "metrics request failed");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "starting a metrics connection thread");
                 }
             }
         })
         .context("starting the metrics thread")?;
-    Ok(())
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_bounded() {
+        let active = Arc::new(AtomicUsize::new(0));
+        let mut held: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|_| Slot::take(&active).expect("a free slot"))
+            .collect();
+        assert!(Slot::take(&active).is_none(), "more than the bound");
+        held.pop();
+        assert!(Slot::take(&active).is_some(), "a freed slot is reused");
+        drop(held);
+        assert_eq!(active.load(Ordering::Acquire), 0);
+    }
 }

@@ -1,15 +1,18 @@
-//! Services and backends: validated changes to the maps, and the Maglev
-//! table of each service rebuilt and swapped in atomically after every change.
+//! Services and backends: the model, reading them from the maps, and the
+//! map writes the reconciler (crate::reconcile) makes, each by id; the
+//! Maglev table of a service is rebuilt and swapped in atomically after
+//! every change.
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
 use crate::maglev;
 use crate::maps::{self, bytes, from_bytes, BackendEntry, Maps, SvcKey, SvcValue};
+use crate::reconcile::{self, Edit};
 use crate::{conntrack, stats};
 
 /// Largest backend weight.
@@ -128,7 +131,11 @@ pub struct ServiceInfo {
 
 /// Every service with its backends, sorted.
 pub fn list(m: &Maps) -> Result<Vec<ServiceInfo>> {
-    let bes = backends(m)?;
+    services_of(m, &backends(m)?)
+}
+
+/// Every service with its backends among `bes`, sorted.
+pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>> {
     let mut out = Vec::new();
     for k in m.services.keys() {
         let key: SvcKey = from_bytes(&k);
@@ -180,75 +187,100 @@ pub fn backends(m: &Maps) -> Result<Vec<Backend>> {
     Ok(out)
 }
 
-fn find(m: &Maps, svc: &Service) -> Result<ServiceInfo> {
-    list(m)?
-        .into_iter()
-        .find(|s| s.service == *svc)
-        .ok_or_else(|| anyhow!("no such service: {svc}"))
-}
+// The changes below go through the reconciler (crate::reconcile), like
+// every command's: kept for tests and benchmarks that drive the maps
+// directly. They take no lock: a caller sharing the instance with other
+// writers takes crate::lock::InstanceLock first.
 
-/// Adds a service; it takes no flows until it has a backend.
+/// Adds a service; it takes no flows until it has a backend. Returns its id.
 pub fn service_add(m: &Maps, svc: &Service) -> Result<u32> {
-    if svc.vip.is_unspecified() || svc.vip.is_broadcast() || svc.vip.is_multicast() {
-        bail!("{} is not a unicast address", svc.vip);
-    }
-    let all = list(m)?;
-    if all.iter().any(|s| s.service == *svc) {
-        bail!("service {svc} already exists");
-    }
-    let id = (0..maps::MAX_SERVICES)
-        .find(|i| all.iter().all(|s| s.id != *i))
-        .ok_or_else(|| anyhow!("service table full ({} services)", maps::MAX_SERVICES))?;
-    let settings = m.settings()?;
-    install_table(m, id, &[], settings.maglev_size)?;
-    let v = SvcValue { id };
-    m.services
-        .update(bytes(&svc.key()), bytes(&v), MapFlags::NO_EXIST)
-        .with_context(|| format!("adding service {svc}"))?;
-    Ok(id)
+    let after = reconcile::edit_maps(m, &[Edit::AddService(*svc)])?;
+    Ok(after.services[svc].id)
 }
 
 /// Removes a service, its backends and their flows.
 pub fn service_del(m: &Maps, svc: &Service) -> Result<()> {
-    let info = find(m, svc)?;
-    m.services
-        .delete(bytes(&svc.key()))
-        .with_context(|| format!("removing service {svc}"))?;
-    let _ = m.maglev.delete(&info.id.to_ne_bytes());
-    for b in &info.backends {
-        clear_backend(m, b.id)?;
-    }
-    conntrack::end_flows(m, |f| f.svc == info.id)?;
-    Ok(())
+    reconcile::edit_maps(m, &[Edit::DelService(*svc)]).map(drop)
 }
 
-fn check_weight(w: u32) -> Result<()> {
+/// Adds a backend to a service and rebuilds the service's table. Returns
+/// the backend's id.
+pub fn backend_add(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> Result<u32> {
+    let after = reconcile::edit_maps(m, &[Edit::AddBackend(*svc, addr, weight)])?;
+    Ok(after.services[svc].backends[&addr].id)
+}
+
+/// Removes a backend: no new flows reach it, then its flows are ended.
+/// Other backends' flows are untouched.
+pub fn backend_del(m: &Maps, svc: &Service, addr: SocketAddrV4) -> Result<()> {
+    reconcile::edit_maps(m, &[Edit::DelBackend(*svc, addr)]).map(drop)
+}
+
+/// Changes a backend's weight; 0 drains it (existing flows continue).
+pub fn backend_set(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> Result<()> {
+    reconcile::edit_maps(m, &[Edit::SetWeight(*svc, addr, weight)]).map(drop)
+}
+
+/// Checks a weight.
+pub fn check_weight(w: u32) -> Result<()> {
     if w > MAX_WEIGHT {
         bail!("weight {w} out of range 0..={MAX_WEIGHT}");
     }
     Ok(())
 }
 
-/// Adds a backend to a service and rebuilds the service's table.
-pub fn backend_add(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> Result<u32> {
-    check_weight(weight)?;
-    if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
-        bail!("{} is not a unicast address", addr.ip());
+/// Checks that a service's or backend's address is unicast.
+pub fn check_unicast(ip: Ipv4Addr) -> Result<()> {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        bail!("{ip} is not a unicast address");
     }
-    let info = find(m, svc)?;
-    if info.backends.iter().any(|b| b.addr == addr) {
-        bail!("backend {addr} already belongs to service {svc}");
+    Ok(())
+}
+
+// ------------------------------------------------------------ map writes
+//
+// The only writers of the services, backends and maglev maps; called by
+// the reconciler with ids it allocated from the state it read, so none of
+// them reads the service list.
+
+/// Creates service `id` with an empty table.
+pub(crate) fn create_service(m: &Maps, svc: &Service, id: u32, size: u32) -> Result<()> {
+    install_table(m, id, &[], size)?;
+    let v = SvcValue { id };
+    if let Err(e) = m
+        .services
+        .update(bytes(&svc.key()), bytes(&v), MapFlags::NO_EXIST)
+    {
+        let _ = m.maglev.delete(&id.to_ne_bytes());
+        return Err(e).with_context(|| format!("adding service {svc}"));
     }
-    let used = backends(m)?;
-    let id = (0..maps::MAX_BACKENDS)
-        .find(|i| used.iter().all(|b| b.id != *i))
-        .ok_or_else(|| anyhow!("backend table full ({} backends)", maps::MAX_BACKENDS))?;
+    Ok(())
+}
+
+/// Removes service `id`, its backends `backend_ids` and their flows.
+pub(crate) fn remove_service(m: &Maps, svc: &Service, id: u32, backend_ids: &[u32]) -> Result<()> {
+    m.services
+        .delete(bytes(&svc.key()))
+        .with_context(|| format!("removing service {svc}"))?;
+    let _ = m.maglev.delete(&id.to_ne_bytes());
+    for b in backend_ids {
+        clear_backend(m, *b)?;
+    }
+    conntrack::end_flows(m, |f| f.svc == id)?;
+    Ok(())
+}
+
+/// Writes backend `b` (a new id) and installs `table` (the service's
+/// backends, `b` included).
+pub(crate) fn create_backend(m: &Maps, b: &Backend, table: &[Backend], size: u32) -> Result<()> {
+    check_weight(b.weight)?;
+    let (id, addr) = (b.id, b.addr);
     let entry = BackendEntry {
         ip: maps::ip_to_be(*addr.ip()),
         port: addr.port().to_be(),
         flags: maps::BACKEND_USED,
-        svc: info.id,
-        weight,
+        svc: b.svc_id,
+        weight: b.weight,
     };
     stats::reset_backend(m, id)?;
     // The id may have served another backend: forget its next hop.
@@ -262,66 +294,38 @@ pub fn backend_add(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> 
     m.backends
         .update(&id.to_ne_bytes(), bytes(&entry), MapFlags::ANY)
         .with_context(|| format!("adding backend {addr}"))?;
-    let mut all = info.backends.clone();
-    all.push(Backend {
-        id,
-        addr,
-        weight,
-        svc_id: info.id,
-    });
-    if let Err(e) = install_table(m, info.id, &all, m.settings()?.maglev_size) {
+    if let Err(e) = install_table(m, b.svc_id, table, size) {
         clear_backend(m, id)?;
         return Err(e);
     }
-    Ok(id)
+    Ok(())
 }
 
-fn find_backend(m: &Maps, svc: &Service, addr: SocketAddrV4) -> Result<(ServiceInfo, Backend)> {
-    let info = find(m, svc)?;
-    let b = info
-        .backends
-        .iter()
-        .find(|b| b.addr == addr)
-        .cloned()
-        .ok_or_else(|| anyhow!("service {svc} has no backend {addr}"))?;
-    Ok((info, b))
-}
-
-/// Removes a backend: no new flows reach it, then its flows are ended.
-/// Other backends' flows are untouched.
-pub fn backend_del(m: &Maps, svc: &Service, addr: SocketAddrV4) -> Result<()> {
-    let (info, b) = find_backend(m, svc, addr)?;
-    let rest: Vec<Backend> = info.backends.into_iter().filter(|x| x.id != b.id).collect();
-    install_table(m, info.id, &rest, m.settings()?.maglev_size)?;
+/// Removes backend `b` of service `svc_id`: `rest` (its other backends)
+/// get the table first, then `b`'s entry and flows go.
+pub(crate) fn remove_backend(m: &Maps, b: &Backend, rest: &[Backend], size: u32) -> Result<()> {
+    install_table(m, b.svc_id, rest, size)?;
     clear_backend(m, b.id)?;
     conntrack::end_flows(m, |f| f.backend == b.id)?;
     Ok(())
 }
 
-/// Changes a backend's weight; 0 drains it (existing flows continue).
-pub fn backend_set(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> Result<()> {
-    check_weight(weight)?;
-    let (info, b) = find_backend(m, svc, addr)?;
-    let all: Vec<Backend> = info
-        .backends
-        .into_iter()
-        .map(|x| {
-            if x.id == b.id {
-                Backend { weight, ..x }
-            } else {
-                x
-            }
-        })
-        .collect();
+/// Sets the weight of backend `b` (its new weight in `b`) and installs
+/// `table` (the service's backends with that weight).
+pub(crate) fn set_weight(m: &Maps, b: &Backend, table: &[Backend], size: u32) -> Result<()> {
+    check_weight(b.weight)?;
     let key = b.id.to_ne_bytes();
     let old: BackendEntry =
         from_bytes(&m.backends.lookup(&key, MapFlags::ANY)?.unwrap_or_default());
-    let entry = BackendEntry { weight, ..old };
+    let entry = BackendEntry {
+        weight: b.weight,
+        ..old
+    };
     m.backends
         .update(&key, bytes(&entry), MapFlags::ANY)
-        .with_context(|| format!("setting the weight of {addr}"))?;
+        .with_context(|| format!("setting the weight of {}", b.addr))?;
     // The table last: on failure the entry goes back, and both agree.
-    if let Err(e) = install_table(m, info.id, &all, m.settings()?.maglev_size) {
+    if let Err(e) = install_table(m, b.svc_id, table, size) {
         let _ = m.backends.update(&key, bytes(&old), MapFlags::ANY);
         return Err(e);
     }

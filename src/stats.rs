@@ -130,7 +130,10 @@ pub struct BackendStats {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ServiceStats {
     /// The service.
-    pub service: String,
+    #[serde(flatten)]
+    pub service: service::Service,
+    /// Its id.
+    pub id: u32,
     /// Sum of its backends.
     #[serde(flatten)]
     pub traffic: Traffic,
@@ -143,7 +146,8 @@ pub struct ServiceStats {
 pub struct Report {
     /// Per service and backend.
     pub services: Vec<ServiceStats>,
-    /// Verdict counters by name.
+    /// Verdict counters by name (in JSON an object keyed by name).
+    #[serde(serialize_with = "crate::output::by_name")]
     pub counters: Vec<(String, Counter)>,
 }
 
@@ -169,7 +173,8 @@ pub fn report(m: &Maps) -> Result<Report> {
             });
         }
         services.push(ServiceStats {
-            service: s.service.to_string(),
+            service: s.service,
+            id: s.id,
             traffic: total,
             backends,
         });

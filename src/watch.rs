@@ -16,7 +16,7 @@ pub fn render(prev: &Report, cur: &Report, secs: f64) -> String {
     let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
     let mut old: HashMap<String, stats::Traffic> = HashMap::new();
     for s in &prev.services {
-        old.insert(s.service.clone(), s.traffic);
+        old.insert(s.service.to_string(), s.traffic);
         for b in &s.backends {
             old.insert(format!("{} {}", s.service, b.backend.addr), b.traffic);
         }
@@ -36,7 +36,7 @@ pub fn render(prev: &Report, cur: &Report, secs: f64) -> String {
         );
     };
     for s in &cur.services {
-        line(s.service.clone(), s.service.clone(), &s.traffic);
+        line(s.service.to_string(), s.service.to_string(), &s.traffic);
         for b in &s.backends {
             line(
                 format!("  {}", b.backend.addr),

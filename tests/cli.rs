@@ -516,3 +516,258 @@ fn snat_addresses_are_checked() {
     assert_eq!(snat[1]["ports"], "1024-65535", "{st:#}");
     lb_ok(&detach_args(&ns.name, pins.arg()));
 }
+
+/// A writer finding the instance's lock held says it waits (one line
+/// naming the holder), then gives up after LB_LOCK_WAIT with one error line
+/// and changes nothing; one that gets the lock within the wait goes on.
+/// Readers never wait.
+#[test]
+fn second_writer_waits_then_gives_up() {
+    if !root_or_skip("second_writer_waits_then_gives_up") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let place = |a: &[&str]| {
+        let mut a = strings(a);
+        a.extend(strings(&["--netns", &ns.name, "--pin-dir", pins.arg()]));
+        a
+    };
+    lb_ok(&place(&["attach", "eth0", "--max-flows", "4096"]));
+    lb_ok(&place(&["service", "add", "10.200.0.2:80"]));
+    let list = || text(&lb_ok(&place(&["list", "--json"])).stdout);
+    let before = list();
+
+    let held = lb::lock::InstanceLock::acquire(
+        &lb::bpffs::PinDir::new(&pins.path),
+        std::time::Duration::from_secs(1),
+        |l| panic!("the lock is not free: {l}"),
+    )
+    .expect("taking the lock");
+    let add = place(&["backend", "add", "10.200.0.2:80", "10.200.0.11:80"]);
+    let t0 = std::time::Instant::now();
+    let out = Command::new(lb_bin())
+        .args(&add)
+        .env("LB_LOCK_WAIT", "0.5")
+        .output()
+        .expect("lb");
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(500));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(out.stdout.is_empty(), "{}", show(&out));
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    let me = format!("pid {}", std::process::id());
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].starts_with("lb: waiting for another lb command")
+            && lines[0].contains(&me)
+            && lines[0].contains(pins.arg()),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("lb: error: ")
+            && lines[1].contains(&me)
+            && lines[1].contains("gave up, nothing changed"),
+        "{err}"
+    );
+    // Readers do not take the lock.
+    assert_eq!(list(), before, "a writer that gave up changed the services");
+
+    // Within the wait: it goes on once the lock is released.
+    let mut child = Command::new(lb_bin())
+        .args(&add)
+        .env("LB_LOCK_WAIT", "20")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lb");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stderr.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("lb: waiting for"), "{first}");
+    drop(held);
+    let out = child.wait_with_output().expect("lb");
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(list().contains("10.200.0.11:80"), "{}", list());
+    lb_ok(&place(&["detach", "eth0"]));
+    assert_no_pins(&pins);
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", show(out)))
+}
+
+/// The service part of a JSON object: the same `vip`, `port`, `proto` (and
+/// `id`) keys wherever a service appears.
+fn svc_of(v: &serde_json::Value) -> (String, u64, String, u64) {
+    (
+        v["vip"].as_str().expect("vip").to_string(),
+        v["port"].as_u64().expect("port"),
+        v["proto"].as_str().expect("proto").to_string(),
+        v["id"].as_u64().expect("id"),
+    )
+}
+
+/// `--json` shapes scripts rely on (README, "JSON output"), and
+/// `--netns`/`--pin-dir`/`--json` accepted before or after the subcommand.
+#[test]
+fn json_shapes() {
+    if !root_or_skip("json_shapes") {
+        return;
+    }
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let global = strings(&["--netns", &ns.name, "--pin-dir", pins.arg(), "--json"]);
+    let before = |a: &[&str]| {
+        let mut v = global.clone();
+        v.extend(strings(a));
+        v
+    };
+    let after = |a: &[&str]| {
+        let mut v = strings(a);
+        v.extend(global.clone());
+        v
+    };
+
+    // attach: what it did, the one-liner's service and backends with ids.
+    let a = json_of(&lb_ok(&before(&[
+        "attach",
+        "eth0",
+        "--max-flows",
+        "4096",
+        "--lb",
+        LB_IP,
+        "--backend",
+        A_IP,
+        "--backend",
+        B_IP,
+    ])));
+    assert_eq!(a["iface"], "eth0", "{a:#}");
+    assert!(a["prog_id"].as_u64().unwrap() > 0, "{a:#}");
+    assert_eq!(a["replaced"], false, "{a:#}");
+    let ch = a["changes"].as_array().expect("changes");
+    let ops: Vec<&str> = ch.iter().map(|c| c["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["add_service", "add_backend", "add_backend"], "{a:#}");
+    let svc = serde_json::json!({"vip": LB_IP, "port": 0, "proto": "tcp"});
+    assert_eq!(ch[0]["service"], svc, "{a:#}");
+    assert_eq!(ch[1]["service"], svc, "{a:#}");
+    assert_eq!(ch[1]["backend"], format!("{A_IP}:0"), "{a:#}");
+    assert!(ch[0]["id"].is_u64() && ch[1]["id"].is_u64(), "{a:#}");
+
+    // One service shape in list, stats, status.
+    let list = json_of(&lb_ok(&after(&["list"])));
+    let stats = json_of(&lb_ok(&after(&["stats"])));
+    let status = json_of(&lb_ok(&before(&["status"])));
+    let s = svc_of(&list[0]);
+    assert_eq!(
+        s,
+        (
+            LB_IP.to_string(),
+            0,
+            "tcp".to_string(),
+            ch[0]["id"].as_u64().unwrap()
+        )
+    );
+    assert_eq!(svc_of(&stats["services"][0]), s, "{stats:#}");
+    assert_eq!(svc_of(&status["services"][0]), s, "{status:#}");
+    assert_eq!(
+        list[0]["backends"][0]["addr"],
+        stats["services"][0]["backends"][0]["addr"]
+    );
+    assert!(stats["services"][0]["new_flows"].is_u64(), "{stats:#}");
+
+    // Counters: an object keyed by name, every counter present.
+    for v in [&stats, &status] {
+        let c = v["counters"].as_object().expect("counters object");
+        assert_eq!(c.len(), lb::stats::NAMES.len(), "{v:#}");
+        for n in lb::stats::NAMES {
+            assert!(
+                c[*n]["packets"].is_u64() && c[*n]["bytes"].is_u64(),
+                "{n}: {v:#}"
+            );
+        }
+        assert_eq!(v["counters"]["drop_nat_full"]["packets"], 0, "{v:#}");
+    }
+
+    // backend set / service add: the changes made.
+    let set = json_of(&lb_ok(&after(&[
+        "backend",
+        "set",
+        &format!("{LB_IP}:0"),
+        &format!("{B_IP}:0"),
+        "--weight",
+        "3",
+    ])));
+    assert_eq!(
+        set["changes"],
+        serde_json::json!([{"op": "set_weight", "service": svc, "backend": format!("{B_IP}:0"), "from": 1, "to": 3}]),
+        "{set:#}"
+    );
+    let add = json_of(&lb_ok(&before(&[
+        "service",
+        "add",
+        "10.200.0.3:53",
+        "--proto",
+        "udp",
+    ])));
+    assert_eq!(add["changes"][0]["op"], "add_service", "{add:#}");
+    assert_eq!(add["changes"][0]["service"]["proto"], "udp", "{add:#}");
+    assert!(add["changes"][0]["id"].is_u64(), "{add:#}");
+
+    // apply: dry run and the real one.
+    let dir = TempDir::new("lbc");
+    let f = dir.path.join("lb.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[[services]]\nvip = \"{LB_IP}\"\nport = 80\nbackends = [{{ addr = \"{A_IP}:80\" }}]\n"
+        ),
+    )
+    .unwrap();
+    let f = f.to_str().unwrap();
+    let dry = json_of(&lb_ok(&after(&["apply", "-f", f, "--dry-run"])));
+    assert_eq!(dry["dry_run"], true, "{dry:#}");
+    assert_eq!(dry["applied"], false, "{dry:#}");
+    let ops: Vec<&str> = dry["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ops,
+        ["add_service", "add_backend", "del_service", "del_service"],
+        "{dry:#}"
+    );
+    assert!(
+        dry["changes"][0].get("id").is_none(),
+        "a dry run gives no ids: {dry:#}"
+    );
+    let done = json_of(&lb_ok(&before(&["apply", "-f", f])));
+    assert_eq!(done["applied"], true, "{done:#}");
+    assert_eq!(done["file"], f, "{done:#}");
+    assert!(done["changes"][1]["id"].is_u64(), "{done:#}");
+    let again = json_of(&lb_ok(&before(&["apply", "-f", f])));
+    assert_eq!(again["applied"], false, "{again:#}");
+    assert_eq!(again["changes"], serde_json::json!([]), "{again:#}");
+
+    // lb run has no JSON output: refused, nothing started.
+    let out = lb_s(&after(&["run", "-f", f]));
+    assert_error(&out, 1, &["no JSON output"]);
+
+    // detach: what it removed.
+    let d = json_of(&lb_ok(&after(&["detach", "eth0"])));
+    assert_eq!(d["iface"], "eth0", "{d:#}");
+    assert!(
+        d["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_str().unwrap().ends_with("/eth0/link")),
+        "{d:#}"
+    );
+    assert_no_pins(&pins);
+}

@@ -124,7 +124,7 @@ fn validation_messages() {
 
 #[test]
 fn diff_orders_and_names_changes() {
-    use lb::config::{diff, Change, State};
+    use lb::reconcile::{diff, Change, State};
     use lb::service::{Proto, Service};
     let s = |p: u16| Service::new(format!("10.200.0.2:{p}").parse().unwrap(), Proto::Tcp);
     let a = |x: &str| x.parse().unwrap();
@@ -155,6 +155,9 @@ fn diff_orders_and_names_changes() {
     assert!(matches!(d[4], Change::DelService(_, ref b) if b.len() == 1));
     assert!(diff(&want, &want).is_empty());
 }
+
+/// Services with their backends and weights, as `lb list --json` has them.
+type Summary = Vec<(String, Vec<(String, u64)>)>;
 
 /// An lb instance made by `lb apply` in a topology's LB namespace; detached
 /// on drop.
@@ -214,7 +217,7 @@ impl Inst<'_> {
     }
 
     /// (service, [(backend, weight)]) from `lb list --json`.
-    fn summary(&self) -> Vec<(String, Vec<(String, u64)>)> {
+    fn summary(&self) -> Summary {
         self.list()
             .as_array()
             .unwrap()
@@ -439,4 +442,118 @@ fn topo_ip(ns: &str, args: &[&str]) -> String {
     let mut a = vec!["-n", ns];
     a.extend_from_slice(args);
     String::from_utf8_lossy(&common::run("ip", &a).stdout).into_owned()
+}
+
+/// File `i` of the concurrency test: services on one VIP, ports and
+/// backends shifted by `i`, so that any two files share some services and
+/// backends and differ in others.
+fn racing_file(i: u16) -> (String, Summary) {
+    let mut src = String::from(
+        "[settings]\nmax_flows = 4096\nmaglev_size = 1021\n\n[[interfaces]]\nname = \"eth0\"\nmode = \"native\"\n",
+    );
+    let mut want = Vec::new();
+    for port in 8080 + i..8083 + i {
+        src += &format!("\n[[services]]\nvip = \"10.204.0.100\"\nport = {port}\n");
+        let mut bes = Vec::new();
+        for b in 1 + i..3 + i + port % 2 {
+            let w = u64::from((b + port) % 3 + 1);
+            src += &format!("[[services.backends]]\naddr = \"10.204.0.{b}:80\"\nweight = {w}\n");
+            bes.push((format!("10.204.0.{b}:80"), w));
+        }
+        bes.sort();
+        want.push((format!("10.204.0.100:{port}/tcp"), bes));
+    }
+    (src, want)
+}
+
+/// Two, then five `lb apply` of different files started at the same moment,
+/// 20 rounds each: every one succeeds (they take turns), the instance ends
+/// exactly as one of the files says, and no two services or backends share
+/// an id. (Without the instance lock they planned against the same state
+/// and left a mix of files with shared ids.)
+#[test]
+fn concurrent_applies_take_turns() {
+    if !common::root_or_skip("concurrent_applies_take_turns") {
+        return;
+    }
+    let ns = common::Netns::new("lbcfg");
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["link", "set", "eth1", "up"]);
+    let pins = common::PinDir::new("lbcfg");
+    let inst = Inst {
+        ns: ns.name.clone(),
+        pins: &pins,
+        dir: tempdir::Dir::new(),
+    };
+    let files: Vec<_> = (0..5u16)
+        .map(|i| {
+            let (src, want) = racing_file(i);
+            let p = inst.dir.0.join(format!("race{i}.toml"));
+            std::fs::write(&p, src).unwrap();
+            (p, want)
+        })
+        .collect();
+    for n in [2, 5] {
+        for round in 0..20 {
+            // Each round starts from another file's state.
+            let order: Vec<usize> = (0..n).map(|k| (k + round) % n).collect();
+            let children: Vec<_> = order
+                .iter()
+                .map(|&i| {
+                    let mut a = vec![
+                        "apply".to_string(),
+                        "-f".into(),
+                        files[i].0.to_str().unwrap().into(),
+                    ];
+                    a.extend(["--netns".into(), inst.ns.clone()]);
+                    a.extend(["--pin-dir".into(), pins.arg().to_string()]);
+                    std::process::Command::new(common::lb_bin())
+                        .args(&a)
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .expect("lb apply")
+                })
+                .collect();
+            for c in children {
+                let out = c.wait_with_output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "{n} at once, round {round}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let got = inst.summary();
+            assert!(
+                files[..n].iter().any(|(_, want)| *want == got),
+                "{n} at once, round {round}: the instance matches no file: {got:?}"
+            );
+            let list = inst.list();
+            let svc_ids: Vec<u64> = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_u64().unwrap())
+                .collect();
+            let be_ids: Vec<u64> = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|s| s["backends"].as_array().unwrap().clone())
+                .map(|b| b["id"].as_u64().unwrap())
+                .collect();
+            for (what, ids) in [("service", svc_ids), ("backend", be_ids)] {
+                let uniq: std::collections::BTreeSet<_> = ids.iter().collect();
+                assert_eq!(
+                    uniq.len(),
+                    ids.len(),
+                    "{n} at once, round {round}: two {what}s share an id: {list:#}"
+                );
+            }
+        }
+    }
 }

@@ -7,9 +7,12 @@
 mod common;
 #[path = "common/services.rs"]
 mod svc;
+#[path = "common/e2e.rs"]
+mod util;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -476,4 +479,177 @@ fn reload_and_metrics() {
     assert_eq!(m[&key("lb_backend_up", "10.200.0.11:80")], 0.0);
     assert_eq!(m[&key("lb_backend_up", "10.200.0.12:80")], 1.0);
     d.stop();
+}
+
+/// A client that connects to the metrics port and sends nothing never
+/// delays another scrape: behind 5 idle connections (still open), a scrape
+/// answers within 3 s (served one at a time with a 2 s read timeout each,
+/// it took 10 s).
+#[test]
+fn idle_metrics_clients_do_not_delay_scrapes() {
+    if !common::root_or_skip("idle_metrics_clients_do_not_delay_scrapes") {
+        return;
+    }
+    let ns = util::veth_ns("lbd");
+    // The LB's own address is reached through lo.
+    ns.ip(&["link", "set", "dev", "lo", "up"]);
+    let pins = common::PinDir::new("lbd");
+    let (file, _tmp) = temp_file(
+        "lb.toml",
+        "[settings]\nmax_flows = 4096\n\n[[interfaces]]\nname = \"eth0\"\nmode = \"native\"\n",
+    );
+    let addr: SocketAddr = format!("{}:9100", common::LB_IP).parse().unwrap();
+    let mut d = Daemon::start(&file, &ns.name, &pins, Some(&addr.to_string()));
+    let _detach = Detach(ns.name.clone(), &pins);
+    let name = ns.name.clone();
+    let (answer, took) = std::thread::spawn(move || {
+        let _in = lb::netns::NetnsGuard::enter(&name).expect("entering the namespace");
+        let idle: Vec<TcpStream> = (0..5)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect"))
+            .collect();
+        // Let the server accept them all before the scrape.
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        let r = s.read_to_string(&mut answer);
+        let took = t0.elapsed();
+        assert!(
+            r.is_ok(),
+            "scrape behind 5 idle clients: {r:?} after {took:?}"
+        );
+        for (i, mut c) in idle.into_iter().enumerate() {
+            c.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 1];
+            match c.read(&mut b) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                other => panic!("idle connection {i} was closed during the scrape: {other:?}"),
+            }
+        }
+        (answer, took)
+    })
+    .join()
+    .expect("scrape thread");
+    assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
+    assert!(answer.ends_with("# EOF\n"), "{answer}");
+    assert!(took < Duration::from_secs(3), "scrape took {took:?}");
+    d.stop();
+}
+
+/// The Maglev table installed for each service of the instance equals the
+/// one built from the weights in its backends map: no writer left a table
+/// of another state behind.
+fn assert_tables_agree(pins: &common::PinDir) {
+    use libbpf_rs::{MapCore, MapFlags, MapHandle};
+    let m = lb::maps::Maps::open(&lb::bpffs::PinDir::new(&pins.path)).expect("maps");
+    let size = m.settings().expect("settings").maglev_size;
+    for s in lb::service::list(&m).expect("list") {
+        let input: Vec<lb::maglev::Backend> = s
+            .backends
+            .iter()
+            .map(|b| lb::maglev::Backend {
+                key: b.addr.to_string(),
+                id: b.id,
+                weight: b.weight,
+            })
+            .collect();
+        let want = lb::maglev::build(&input, size).expect("maglev");
+        let inner = m
+            .maglev
+            .lookup(&s.id.to_ne_bytes(), MapFlags::ANY)
+            .expect("maglev lookup")
+            .expect("a table");
+        let inner = MapHandle::from_map_id(u32::from_ne_bytes(inner[..4].try_into().unwrap()))
+            .expect("inner table");
+        let got: Vec<u32> = (0..size)
+            .map(|i| {
+                let v = inner
+                    .lookup(&i.to_ne_bytes(), MapFlags::ANY)
+                    .unwrap()
+                    .unwrap();
+                u32::from_ne_bytes(v[..4].try_into().unwrap())
+            })
+            .collect();
+        assert!(
+            got == want,
+            "the table of {} is not the one of its backends {:?}",
+            s.service,
+            s.backends
+        );
+    }
+}
+
+/// `lb backend set` while `lb run` applies health changes: both take the
+/// instance's lock, so every manual weight stays (a health change sets
+/// only the checked backend's) and every installed table is the one of
+/// the weights in the maps.
+#[test]
+fn backend_set_during_health_changes() {
+    if !common::root_or_skip("backend_set_during_health_changes") {
+        return;
+    }
+    let topo = common::Topo::up("native");
+    let pins = common::PinDir::new("lbd");
+    let lbns = topo.ns("lb");
+    let port = 8080;
+    let src = format!(
+        "[settings]\nmax_flows = 65536\nmaglev_size = 1021\n\n[[interfaces]]\nname = \"eth0\"\nmode = \"native\"\n\n\
+         [[services]]\nvip = \"10.200.0.2\"\nport = {port}\n\n\
+         [[services.backends]]\naddr = \"10.200.0.11:{port}\"\n\
+         check = {{ kind = \"tcp\", interval_ms = 50, timeout_ms = 40, rise = 1, fall = 1 }}\n\n\
+         [[services.backends]]\naddr = \"10.200.0.12:{port}\"\n"
+    );
+    let (file, _tmp) = temp_file("lb.toml", &src);
+    let mut a = Some(http_server(&topo.ns("a"), "a", common::A_IP, port));
+    let mut d = Daemon::start(&file, &lbns, &pins, None);
+    let _detach = Detach(lbns.clone(), &pins);
+    let b = format!("{}:{port}", common::B_IP);
+    let set = |w: u32| {
+        let out = common::lb(&[
+            "backend",
+            "set",
+            &format!("10.200.0.2:{port}"),
+            &b,
+            "--weight",
+            &w.to_string(),
+            "--netns",
+            &lbns,
+            "--pin-dir",
+            pins.arg(),
+        ]);
+        assert!(out.status.success(), "backend set {w}: {out:?}");
+    };
+    let mut weight = 1;
+    for round in 0..6 {
+        // Flip a's health, and set b's weight while the daemon applies it.
+        let changes = d.count("weight ");
+        if a.take().is_none() {
+            a = Some(http_server(&topo.ns("a"), "a", common::A_IP, port));
+        }
+        let t0 = Instant::now();
+        while d.count("weight ") == changes || t0.elapsed() < Duration::from_millis(300) {
+            weight += 1;
+            set(weight);
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "round {round}: no health change"
+            );
+        }
+        let got = list(&lbns, &pins);
+        assert_eq!(
+            got[1],
+            (b.clone(), u64::from(weight)),
+            "round {round}: b's weight was lost: {got:?}"
+        );
+        assert_tables_agree(&pins);
+    }
+    drop(a);
+    d.stop();
+    assert!(
+        d.count("failed") == 0,
+        "{}",
+        d.logs.lock().unwrap().join("\n")
+    );
 }

@@ -73,7 +73,7 @@ fn detach_and_check(ns: &str, pins: &PinDir, prog_id: u64) {
     assert!(!bpftool_lists_lb_xdp(prog_id));
     let st = status(ns, pins);
     assert_eq!(st["interfaces"], serde_json::json!([]), "{st:#}");
-    assert_eq!(st["counters"], serde_json::json!([]), "{st:#}");
+    assert_eq!(st["counters"], serde_json::json!({}), "{st:#}");
     assert!(
         !pins.path.exists(),
         "status created {}",

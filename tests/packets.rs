@@ -2183,7 +2183,7 @@ fn snat_pool_spreads_flows_over_its_addresses() {
     );
     for conn in &got {
         must(
-            lb.back(&conn, &conn.reply().data(HTTP_OK), c),
+            lb.back(conn, &conn.reply().data(HTTP_OK), c),
             "replies to each address reach their client",
         );
     }

@@ -127,8 +127,10 @@ def rows_of(results, name):
 def counters(path):
     """{name: packets} from `lb status --json` (or `lb stats --json`)."""
     try:
-        c = json.load(open(path)).get("counters", [])
-        return {name: v.get("packets", 0) for name, v in c}
+        c = json.load(open(path)).get("counters", {})
+        # An object keyed by name (a list of [name, {...}] pairs before).
+        pairs = c.items() if isinstance(c, dict) else c
+        return {name: v.get("packets", 0) for name, v in pairs}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}
 

@@ -97,14 +97,9 @@ pub fn only_iface(st: &Value) -> &Value {
 
 /// Packets of counter `name` in a status.
 pub fn packets(st: &Value, name: &str) -> u64 {
-    st["counters"]
-        .as_array()
-        .expect("counters")
-        .iter()
-        .find(|c| c[0] == name)
-        .unwrap_or_else(|| panic!("no counter {name} in {st:#}"))[1]["packets"]
+    st["counters"][name]["packets"]
         .as_u64()
-        .expect("packets")
+        .unwrap_or_else(|| panic!("no counter {name} in {st:#}"))
 }
 
 /// The XDP program on `iface` of namespace `ns` as (id, name), from

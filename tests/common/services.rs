@@ -253,7 +253,14 @@ pub fn service_stats<'a>(stats: &'a Value, service: &str) -> &'a Value {
         .as_array()
         .expect("services")
         .iter()
-        .find(|s| s["service"] == service)
+        .find(|s| {
+            format!(
+                "{}:{}/{}",
+                s["vip"].as_str().unwrap_or(""),
+                s["port"],
+                s["proto"].as_str().unwrap_or("")
+            ) == service
+        })
         .unwrap_or_else(|| panic!("no service {service} in {stats:#}"))
 }
 
@@ -274,14 +281,9 @@ pub fn new_flows(stats: &Value, service: &str) -> Vec<(String, u64)> {
 
 /// Packets of verdict counter `name` in `lb stats --json`.
 pub fn counter(stats: &Value, name: &str) -> u64 {
-    stats["counters"]
-        .as_array()
-        .expect("counters")
-        .iter()
-        .find(|c| c[0] == name)
-        .unwrap_or_else(|| panic!("no counter {name} in {stats:#}"))[1]["packets"]
+    stats["counters"][name]["packets"]
         .as_u64()
-        .expect("packets")
+        .unwrap_or_else(|| panic!("no counter {name} in {stats:#}"))
 }
 
 /// A Python script running in a namespace: its stdout as lines, its stderr

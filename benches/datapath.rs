@@ -279,7 +279,7 @@ fn main() -> Result<()> {
         new_repeat,
     )?;
     rows.push(Row {
-        path: "empty, 1 run a call".into(),
+        path: "empty (1 run a call)".into(),
         backends: 0,
         flows: 0,
         ns: empty_one,

@@ -92,22 +92,31 @@ static __always_inline void ct_tcp_end(struct flow *o, __u8 dir, __u8 tcp_flags)
  * even the same client address on another port), the backend would reject
  * it (PAWS) and the client would stall for a second. Only the same client
  * tuple reopens it earlier (see nat_claim and process). A half-open flow
- * never reached TIME_WAIT, and gives up its tuple to any new flow while the
- * backend has not answered its SYN (a SYN flood cannot hold the ports: the
- * cursor takes the oldest first), or once it has been idle for a second (an
- * answer not confirmed within a second; a one-way UDP stream that paused).
+ * never reached TIME_WAIT. A TCP one gives up its tuple to any new flow once
+ * its SYN has waited a tenth of a second unanswered, or the backend's
+ * SYN-ACK a quarter of a second unconfirmed: a SYN flood cannot hold the
+ * ports (the cursor takes the oldest first; backends answering the spoofed
+ * SYNs do not hold them for long either), while a real handshake completes
+ * well within that. A UDP one gives it up once idle for a second (a one-way
+ * stream that paused, an answer not confirmed).
  */
 static __always_inline int ct_reusable(const struct flow *o, __u32 state,
 				       __u8 proto, int est, __u64 now)
 {
 	if (state & LB_CT_RECLAIMED)
 		return 0;
-	if (!est && ((proto == IPPROTO_TCP && !(state & LB_CT_REPLIED)) ||
-		     now - o->seen > hz))
-		return 1;
+	if (!est) {
+		__u64 idle = now - o->seen;
+
+		if (state & LB_CT_CLOSING)
+			return 1;
+		if (proto != IPPROTO_TCP)
+			return idle > hz;
+		return idle > ((state & LB_CT_REPLIED) ? hz / 4 : hz / 10);
+	}
 	if (!(state & LB_CT_CLOSING) && !ct_expired(o, state, proto, est, now))
 		return 0;
-	if (!est || proto != IPPROTO_TCP)
+	if (proto != IPPROTO_TCP)
 		return 1;
 	return now - o->seen > tw_timeout;
 }

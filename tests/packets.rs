@@ -3107,6 +3107,13 @@ fn syn_flood_cannot_hold_nat_ports() {
     let spoofed = Seg::syn(STRANGER, 40000, VIP, 80);
     let s1 = must(lb.open(&spoofed, &a80, c), "unanswered SYN takes the port");
     let real = Seg::syn(CLIENT, 40000, VIP, 80);
+    // For a tenth of a second the tuple waits for its answer (a real
+    // handshake's SYN-ACK is on its way), then anyone may take it.
+    must(
+        lb.drops(&real.frame(), "drop_nat_full"),
+        "a fresh unanswered SYN's tuple is not taken over",
+    );
+    lb.time_passes(1);
     let c2 = must(lb.open(&real, &a80, c), "a real client's SYN takes it over");
     assert_eq!(c2.nat, s1.nat);
     must(

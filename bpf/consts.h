@@ -5,6 +5,7 @@
 
 #define ETH_ALEN 6
 #define ETH_P_IP 0x0800
+#define IPPROTO_ICMP 1
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define AF_INET 2

@@ -6,8 +6,9 @@
  *   backend -> LB:natport    becomes  VIP:port -> client
  *
  * A connection table remembers both directions of every flow; a new flow
- * picks its backend from the service's Maglev table. Everything else passes
- * to the kernel untouched.
+ * picks its backend from the service's Maglev table. ICMP errors about a
+ * tracked flow go to its other end, translated (icmp.h). Everything else
+ * passes to the kernel untouched.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -40,6 +41,7 @@ const volatile __u32 nh_ttl = 250;	 /* a cached next hop is fresh, ticks */
 #include "maps.h"
 #include "nat.h"
 #include "conntrack.h"
+#include "icmp.h"
 
 /* Parse up to the ports; a reason counter on failure, 0 on success. */
 static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
@@ -116,6 +118,14 @@ static __always_inline int process(struct xdp_md *ctx)
 	int why, est = 1, new_flow = 0, routed = 0;
 
 	why = parse(ctx, &p);
+	if (why == LB_PASS_NOT_L4 && p.ip->protocol == IPPROTO_ICMP &&
+	    !ipv4_is_fragment(p.ip)) {
+		int act = icmp_error(ctx, &p, (void *)p.ip + p.ip->ihl * 4,
+				     (void *)(long)ctx->data_end);
+
+		if (act >= 0)
+			return count(ctx, LB_ICMP_ERROR, act);
+	}
 	if (why)
 		return count(ctx, why, XDP_PASS);
 

@@ -38,6 +38,8 @@ enum lb_stat {
 	LB_STALE,    /* client entry whose owner is gone (evicted, reused) */
 	LB_DROP_CT_RACE, /* a SYN lost a race with its own copy on another CPU
 			  */
+	LB_ICMP_ERROR,	 /* an ICMP error about a tracked flow, translated and
+			    sent to the flow's other end */
 	LB_STAT_MAX,
 };
 

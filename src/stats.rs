@@ -29,6 +29,7 @@ pub const NAMES: &[&str] = &[
     "est_full",
     "stale",
     "drop_ct_race",
+    "icmp_error",
 ];
 
 /// Index of a counter by name (for tests and tools).

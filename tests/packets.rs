@@ -17,8 +17,9 @@ use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IpFragOffset, IpHeaders,
-    IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, TcpHeader, TcpOptionElement, VlanId,
+    icmpv4, ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, Icmpv4Type,
+    IpFragOffset, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, TcpHeader,
+    TcpOptionElement, VlanId,
 };
 use libbpf_rs::{MapCore, MapFlags, OpenObject, ProgramInput};
 
@@ -2237,6 +2238,245 @@ fn closed_flow_of_a_drained_or_deleted_backend_is_not_reopened() {
         "the same 4-tuple after B was deleted",
     );
     assert_eq!(again2.backend, sa(BACKEND_A, 80));
+}
+
+// ---------------------------------------------------------------------------
+// ICMP errors about tracked flows.
+
+/// An ICMP error from `src` to `dst` quoting `quoted` (an IP packet, as
+/// much of it as the sender quotes), built by etherparse.
+fn icmp_error(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: Icmpv4Type,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src.octets(), dst.octets(), 61)
+        .icmpv4(kind)
+        .write(&mut out, quoted)
+        .expect("building an ICMP error");
+    out
+}
+
+fn frag_needed(mtu: u16) -> Icmpv4Type {
+    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::FragmentationNeeded {
+        next_hop_mtu: mtu,
+    })
+}
+
+/// The first `n` bytes of `seg`'s IP packet (what an ICMP error quotes).
+fn quote(seg: &Seg, n: usize) -> Vec<u8> {
+    let f = seg.frame();
+    f[ETH_HLEN..(ETH_HLEN + n).min(f.len())].to_vec()
+}
+
+/// Checks an ICMP error frame's checksums with the RFC 1071 code above:
+/// outer IP header, ICMP message, the quoted IP header, and the quoted TCP
+/// or UDP checksum when the whole quoted datagram is there.
+fn verify_icmp_error(frame: &[u8]) -> Result<(), String> {
+    let ip = &frame[ETH_HLEN..];
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    if fold(sum16(&ip[..ihl])) != 0xffff {
+        return Err("outer IP header checksum".into());
+    }
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let icmp = &ip[ihl..tot];
+    if fold(sum16(icmp)) != 0xffff {
+        return Err("ICMP checksum".into());
+    }
+    let inner = &icmp[8..];
+    let iihl = usize::from(inner[0] & 0xf) * 4;
+    if fold(sum16(&inner[..iihl])) != 0xffff {
+        return Err("quoted IP header checksum".into());
+    }
+    let itot = usize::from(u16::from_be_bytes([inner[2], inner[3]]));
+    if itot == inner.len() {
+        let l4 = &inner[iihl..];
+        let proto = inner[9];
+        let zero_udp = proto == UDP && l4[6..8] == [0, 0];
+        let pseudo = sum16(&inner[12..20]) + u32::from(proto) + l4.len() as u32;
+        if !zero_udp && fold(pseudo + sum16(l4)) != 0xffff {
+            return Err("quoted L4 checksum".into());
+        }
+    }
+    Ok(())
+}
+
+/// A router on the backend's path cannot forward the LB's packet towards
+/// the backend (fragmentation needed, the path MTU message) or its TTL ran
+/// out: the client gets the error as if about its own packet to the VIP
+/// (addresses, ports and every checksum translated, the MTU kept). A router
+/// on the client's path reports about the LB's packet to the client: the
+/// backend gets it as about its own packet to the LB. Errors about no
+/// tracked flow, or quoting too little, pass untouched.
+#[test]
+fn icmp_errors_reach_the_flows_other_end() {
+    instance!(
+        "icmp_errors_reach_the_flows_other_end",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let c = Csum::Complete;
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &[sa(BACKEND_A, 80)], c), "SYN");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    let router = OTHER_HOST;
+    let tx = |egress: u32| {
+        if egress == lb.ifs.eth0 {
+            XDP_TX
+        } else {
+            XDP_REDIRECT
+        }
+    };
+
+    // The client's big segment, as lb sent it to the backend, bounced by a
+    // router on the way: quoted whole, and quoted with only 8 bytes of TCP.
+    let big = syn.clone().data(&[0x5a; 1200]);
+    let sent = big.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
+    for n in [sent.frame().len() - ETH_HLEN, 28] {
+        let input = icmp_error(
+            PEER2_MAC,
+            conn.lb_mac,
+            router,
+            *conn.nat.ip(),
+            frag_needed(1000),
+            &quote(&sent, n),
+        );
+        let want = icmp_error(
+            conn.client.dmac,
+            conn.client.smac,
+            VIP,
+            CLIENT,
+            frag_needed(1000),
+            &quote(&big, n),
+        );
+        verify_icmp_error(&want).expect("the expected frame's checksums");
+        must(
+            lb.expect(
+                conn.egress,
+                &input,
+                tx(ifindex_to_client(&lb)),
+                &want,
+                c,
+                &["icmp_error"],
+            ),
+            &format!("frag needed from the backend's path, {n} bytes quoted"),
+        );
+    }
+
+    // The backend's answer, as lb sent it to the client, bounced on the
+    // client's path (TTL exceeded).
+    let answer = conn.reply().data(HTTP_OK);
+    let delivered = answer.nat(
+        conn.vip(),
+        conn.client_addr(),
+        conn.client.dmac,
+        conn.client.smac,
+    );
+    let exceeded = Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit);
+    let input = icmp_error(
+        PEER_MAC,
+        ETH0_MAC,
+        STRANGER,
+        VIP,
+        exceeded.clone(),
+        &quote(&delivered, delivered.frame().len() - ETH_HLEN),
+    );
+    let want = icmp_error(
+        conn.lb_mac,
+        mac_of(BACKEND_A),
+        *conn.nat.ip(),
+        BACKEND_A,
+        exceeded.clone(),
+        &quote(&answer, answer.frame().len() - ETH_HLEN),
+    );
+    verify_icmp_error(&want).expect("the expected frame's checksums");
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &input,
+            tx(conn.egress),
+            &want,
+            c,
+            &["icmp_error"],
+        ),
+        "time exceeded from the client's path",
+    );
+
+    // About no tracked flow (a NAT port nobody holds), or quoting less than
+    // 8 bytes past the IP header: passed untouched.
+    let free = sa(*conn.nat.ip(), conn.nat.port() + 1);
+    let stray = syn
+        .clone()
+        .data(HTTP_GET)
+        .nat(free, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
+    for (what, quoted) in [
+        ("unknown flow", quote(&stray, 48)),
+        ("short quote", quote(&sent, 24)),
+    ] {
+        let input = icmp_error(
+            PEER2_MAC,
+            conn.lb_mac,
+            router,
+            *conn.nat.ip(),
+            frag_needed(1000),
+            &quoted,
+        );
+        must(
+            lb.expect(conn.egress, &input, XDP_PASS, &input, c, &["pass_not_l4"]),
+            what,
+        );
+    }
+    assert_eq!(lb.conns().len(), 1, "errors create no flows");
+}
+
+/// A UDP flow's backend has no socket on the port: its port unreachable
+/// reaches the client with the quoted UDP checksum translated.
+#[test]
+fn icmp_port_unreachable_for_udp() {
+    instance!("icmp_port_unreachable_for_udp", lb, settings(), false);
+    let svc = lb.service(VIP, 53, Proto::Udp);
+    lb.backend(&svc, BACKEND_A, 53, 1);
+    let c = Csum::Complete;
+    let q = Seg::udp(CLIENT, 40000, VIP, 53, b"query");
+    let conn = must(lb.open(&q, &[sa(BACKEND_A, 53)], c), "UDP query");
+    let sent = q.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
+    let unreachable = Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port);
+    let len = sent.frame().len() - ETH_HLEN;
+    let input = icmp_error(
+        mac_of(BACKEND_A),
+        conn.lb_mac,
+        BACKEND_A,
+        *conn.nat.ip(),
+        unreachable.clone(),
+        &quote(&sent, len),
+    );
+    let want = icmp_error(
+        conn.client.dmac,
+        conn.client.smac,
+        VIP,
+        CLIENT,
+        unreachable,
+        &quote(&q, len),
+    );
+    verify_icmp_error(&want).expect("the expected frame's checksums");
+    must(
+        lb.expect(conn.egress, &input, XDP_TX, &want, c, &["icmp_error"]),
+        "port unreachable from the backend",
+    );
+}
+
+/// The interface lb sends a client's packets out of: the one its frames
+/// came in on (eth0 in these fixtures).
+fn ifindex_to_client(lb: &Lb) -> u32 {
+    lb.ifs.eth0
 }
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,230 @@
+//! Path MTU discovery through lb (ICMP errors about tracked flows, issue
+//! 10): a router between the client and lb forwards at most 1000 bytes
+//! towards the client, while both ends negotiated a 1460-byte MSS. The
+//! backend's full-size segments reach the router, which answers with
+//! "fragmentation needed" addressed to the VIP (their source after lb).
+//! Only if lb hands that error to the backend, as about the backend's own
+//! packet to the LB, does the backend lower its path MTU and resend
+//! smaller; otherwise a large response hangs (a PMTU black hole).
+//!
+//!   C (10.200.9.10, MTU 1500) ── c0 (MTU 1000) R br0 (10.200.8.1) ─┬─ L: lb (10.200.8.2)
+//!                                                                  └─ B: backend (10.200.8.11)
+//!
+//! All traffic stays inside the test's namespaces (prefix lbm).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{lb, root_or_skip, run, Netns, PinDir};
+
+const CLIENT: &str = "10.200.9.10";
+const ROUTER_C: &str = "10.200.9.1";
+const ROUTER_L: &str = "10.200.8.1";
+const LB: &str = "10.200.8.2";
+const BACKEND: &str = "10.200.8.11";
+/// Bytes of the response: many full-size segments.
+const BIG: usize = 300_000;
+
+/// A veth from `a` (named `an`) to `b` (named `bn`).
+fn veth(a: &Netns, an: &str, b: &Netns, bn: &str) {
+    a.ip(&[
+        "link", "add", "name", an, "type", "veth", "peer", "name", bn, "netns", &b.name,
+    ]);
+    a.ip(&["link", "set", "dev", an, "up"]);
+    b.ip(&["link", "set", "dev", bn, "up"]);
+}
+
+fn sysctl(ns: &Netns, kv: &str) {
+    run("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", kv]);
+}
+
+/// `nstat -az` counters of `ns` by name.
+fn nstat(ns: &Netns, names: &[&str]) -> Vec<(String, u64)> {
+    let out = run("ip", &["netns", "exec", &ns.name, "nstat", "-az"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    names
+        .iter()
+        .map(|n| {
+            let v = text
+                .lines()
+                .find_map(|l| {
+                    let mut f = l.split_whitespace();
+                    (f.next() == Some(n)).then(|| f.next().unwrap_or("0").parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            (n.to_string(), v)
+        })
+        .collect()
+}
+
+/// A python HTTP server in the backend namespace serving `big` (BIG bytes),
+/// under `timeout`; killed by PID and its directory removed on drop.
+struct Server {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start(ns: &Netns) -> Self {
+        let dir = std::env::temp_dir().join(common::unique("lbm-www-"));
+        std::fs::create_dir_all(&dir).expect("server directory");
+        std::fs::write(dir.join("big"), vec![b'x'; BIG]).expect("big file");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "timeout", "120"])
+            .args(["python3", "-m", "http.server", "80", "--bind", BACKEND])
+            .arg("--directory")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the HTTP server");
+        let start = Instant::now();
+        let net = format!("--net=/run/netns/{}", ns.name);
+        while start.elapsed() < Duration::from_secs(10) {
+            let out = run("nsenter", &[&net, "ss", "-Htln", "sport = :80"]);
+            if !out.stdout.is_empty() {
+                return Self { child, dir };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the HTTP server in {} does not listen", ns.name);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Detaches lb on drop (the namespaces go with their own guards).
+struct Attached<'a> {
+    ns: &'a Netns,
+    pins: &'a PinDir,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        let _ = lb(&[
+            "detach",
+            "eth0",
+            "--netns",
+            &self.ns.name,
+            "--pin-dir",
+            self.pins.arg(),
+        ]);
+    }
+}
+
+/// Runs curl in the client namespace for the big file: (bytes received,
+/// curl's exit code).
+fn fetch(c: &Netns) -> (usize, i32) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &c.name, "curl", "-s", "-o", "-"])
+        .args(["--max-time", "8", "--connect-timeout", "3"])
+        .arg(format!("http://{LB}/big"))
+        .output()
+        .expect("running curl");
+    (out.stdout.len(), out.status.code().unwrap_or(-1))
+}
+
+#[test]
+fn large_responses_cross_a_smaller_mtu_on_the_clients_path() {
+    if !root_or_skip("large_responses_cross_a_smaller_mtu_on_the_clients_path") {
+        return;
+    }
+    let c = Netns::new("lbm");
+    let r = Netns::new("lbm");
+    let l = Netns::new("lbm");
+    let b = Netns::new("lbm");
+    for ns in [&c, &r, &l, &b] {
+        ns.ip(&["link", "set", "dev", "lo", "up"]);
+    }
+    veth(&r, "c0", &c, "eth0");
+    r.ip(&["link", "add", "name", "br0", "type", "bridge"]);
+    r.ip(&["link", "set", "dev", "br0", "up"]);
+    veth(&r, "l0", &l, "eth0");
+    veth(&r, "b0", &b, "eth0");
+    for p in ["l0", "b0"] {
+        r.ip(&["link", "set", "dev", p, "master", "br0"]);
+    }
+    // The router forwards at most 1000 bytes towards the client; the
+    // client itself (MTU 1500) advertises a 1460-byte MSS.
+    r.ip(&["link", "set", "dev", "c0", "mtu", "1000"]);
+    r.ip(&["addr", "add", &format!("{ROUTER_C}/24"), "dev", "c0"]);
+    r.ip(&["addr", "add", &format!("{ROUTER_L}/24"), "dev", "br0"]);
+    sysctl(&r, "net.ipv4.ip_forward=1");
+    c.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"]);
+    c.ip(&["route", "add", "default", "via", ROUTER_C]);
+    l.ip(&["addr", "add", &format!("{LB}/24"), "dev", "eth0"]);
+    l.ip(&["route", "add", "default", "via", ROUTER_L]);
+    b.ip(&["addr", "add", &format!("{BACKEND}/24"), "dev", "eth0"]);
+    b.ip(&["route", "add", "default", "via", ROUTER_L]);
+    let _server = Server::start(&b);
+
+    let pins = PinDir::new("lbm");
+    let out = lb(&[
+        "attach",
+        "eth0",
+        "--netns",
+        &l.name,
+        "--pin-dir",
+        pins.arg(),
+        "--lb",
+        LB,
+        "--backend",
+        BACKEND,
+        "--port",
+        "80",
+        "--mode",
+        "skb",
+    ]);
+    assert!(
+        out.status.success(),
+        "lb attach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _attached = Attached {
+        ns: &l,
+        pins: &pins,
+    };
+
+    let (got, code) = fetch(&c);
+    let stats = lb(&[
+        "stats",
+        "--json",
+        "--netns",
+        &l.name,
+        "--pin-dir",
+        pins.arg(),
+    ]);
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("lb stats --json");
+    let icmp = stats["counters"]["icmp_error"]["packets"]
+        .as_u64()
+        .expect("icmp_error counter");
+    let csum: Vec<_> = [&c, &b]
+        .iter()
+        .flat_map(|ns| nstat(ns, &["TcpInCsumErrors", "IcmpInCsumErrors"]))
+        .collect();
+    eprintln!(
+        "curl: {got} of {BIG} bytes (exit {code}); lb icmp_error {icmp}; \
+         checksum errors at client and backend {csum:?}"
+    );
+    assert_eq!(code, 0, "curl failed: the response hung ({got} bytes)");
+    assert_eq!(got, BIG, "{got} of {BIG} bytes arrived");
+    assert!(
+        icmp > 0,
+        "no ICMP error was translated (the router sent none?)"
+    );
+    for (n, v) in csum {
+        assert_eq!(v, 0, "{n}");
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use crate::maps::Maps;
+use crate::maps::{self, Maps};
 use crate::{conntrack, service};
 
 /// Counter names, in the order of `enum lb_stat`.
@@ -45,36 +45,17 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-fn u64_at(v: &[u8], i: usize) -> u64 {
-    u64::from_ne_bytes(v[i * 8..i * 8 + 8].try_into().unwrap())
-}
-
-/// Sums the `fields` u64s of a per-CPU value over CPUs.
-fn sum_percpu(map: &dyn MapCore, key: u32, fields: usize) -> Result<Vec<u64>> {
-    let per_cpu = map
-        .lookup_percpu(&key.to_ne_bytes(), MapFlags::ANY)
-        .with_context(|| format!("reading counter {key}"))?
-        .unwrap_or_default();
-    let mut sum = vec![0; fields];
-    for v in per_cpu {
-        for (i, s) in sum.iter_mut().enumerate() {
-            *s += u64_at(&v, i);
-        }
-    }
-    Ok(sum)
-}
-
-/// Reads every verdict counter from a stats map, summed over CPUs.
-pub fn read(map: &dyn MapCore) -> Result<Vec<Counter>> {
-    (0..NAMES.len() as u32)
-        .map(|i| {
-            let s = sum_percpu(map, i, 2)?;
-            Ok(Counter {
-                packets: s[0],
-                bytes: s[1],
-            })
+/// Reads every verdict counter from a stats map, summed over CPUs (one
+/// batch lookup).
+pub fn read(map: &MapHandle) -> Result<Vec<Counter>> {
+    Ok(maps::sum_percpu_u64(map, NAMES.len(), 2)
+        .context("reading the verdict counters")?
+        .into_iter()
+        .map(|s| Counter {
+            packets: s[0],
+            bytes: s[1],
         })
-        .collect()
+        .collect())
 }
 
 /// Reads the verdict counters pinned at `path`.
@@ -154,12 +135,20 @@ pub struct Report {
 /// Reads the whole report from an instance's maps.
 pub fn report(m: &Maps) -> Result<Report> {
     let active = conntrack::active_per_backend(m)?;
+    let list = service::list(m)?;
+    // Backend ids are handed out from 0: one batch up to the highest.
+    let top = list
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.id as usize + 1))
+        .max()
+        .unwrap_or(0);
+    let be = maps::sum_percpu_u64(&m.be_stats, top, 3).context("reading backend counters")?;
     let mut services = Vec::new();
-    for s in service::list(m)? {
+    for s in list {
         let mut total = Traffic::default();
         let mut backends = Vec::new();
         for b in s.backends {
-            let v = sum_percpu(&m.be_stats, b.id, 3)?;
+            let v = be.get(b.id as usize).map_or(&[0, 0, 0][..], Vec::as_slice);
             let t = Traffic {
                 packets: v[0],
                 bytes: v[1],

@@ -1,5 +1,6 @@
 //! Typed access to an instance's pinned maps. The structs are the ones the
-//! skeleton generates from the C program's BTF (bpf/lb.h).
+//! skeleton generates from the C program's BTF (bpf/lb.h), and so are the
+//! constants shared with it (the enums of bpf/lb.h).
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
@@ -11,7 +12,7 @@ use nix::errno::Errno;
 
 use crate::bpffs::PinDir;
 use crate::settings::{PortRange, Settings};
-use crate::skel::lb::types;
+use crate::skel::lb::types::{self, backend_flags, flow_dir, flow_state, lb_limits};
 
 pub use types::{
     backend as BackendEntry, flow as Flow, flow_key as FlowKey, lb_nexthop as NextHop,
@@ -26,26 +27,47 @@ unsafe impl plain::Plain for types::flow_key {}
 unsafe impl plain::Plain for types::flow {}
 unsafe impl plain::Plain for types::rodata {}
 
-/// Capacities of the fixed-size maps (bpf/lb.h).
-pub const MAX_SERVICES: u32 = 1024;
+// The constants shared with the datapath: the enums of bpf/lb.h, from the
+// skeleton's generated types.
+
+/// Capacities of the fixed-size maps: most services.
+pub const MAX_SERVICES: u32 = lb_limits::LB_MAX_SERVICES.0;
 /// Most backends over all services.
-pub const MAX_BACKENDS: u32 = 8192;
-/// `LB_BACKEND_USED`.
-pub const BACKEND_USED: u16 = 1;
-/// `LB_DIR_TO_BACKEND` / `LB_DIR_TO_CLIENT`.
-pub const DIR_TO_BACKEND: u8 = 0;
-/// See [`DIR_TO_BACKEND`].
-pub const DIR_TO_CLIENT: u8 = 1;
+pub const MAX_BACKENDS: u32 = lb_limits::LB_MAX_BACKENDS.0;
+/// `LB_BACKEND_USED` bit of a backend's flags.
+pub const BACKEND_USED: u16 = narrow16(backend_flags::LB_BACKEND_USED.0);
+/// `LB_DIR_TO_BACKEND`: a client's entry.
+pub const DIR_TO_BACKEND: u8 = narrow8(flow_dir::LB_DIR_TO_BACKEND.0);
+/// `LB_DIR_TO_CLIENT`: an owner entry.
+pub const DIR_TO_CLIENT: u8 = narrow8(flow_dir::LB_DIR_TO_CLIENT.0);
 /// `LB_CT_CLOSING` bit of an owner's state: RST, or FIN both ways.
-pub const CT_CLOSING: u32 = 1;
+pub const CT_CLOSING: u32 = flow_state::LB_CT_CLOSING.0;
 /// `LB_CT_FIN_FWD` bit: the client sent FIN.
-pub const CT_FIN_FWD: u32 = 2;
+pub const CT_FIN_FWD: u32 = flow_state::LB_CT_FIN_FWD.0;
 /// `LB_CT_FIN_REV` bit: the backend sent FIN.
-pub const CT_FIN_REV: u32 = 4;
+pub const CT_FIN_REV: u32 = flow_state::LB_CT_FIN_REV.0;
 /// `LB_CT_REPLIED` bit: the backend answered.
-pub const CT_REPLIED: u32 = 8;
+pub const CT_REPLIED: u32 = flow_state::LB_CT_REPLIED.0;
 /// `LB_CT_RECLAIMED` bit: the NAT tuple is being given to a new flow.
-pub const CT_RECLAIMED: u32 = 16;
+pub const CT_RECLAIMED: u32 = flow_state::LB_CT_RECLAIMED.0;
+
+/// `v` as a u8 field holds it; a constant that does not fit fails the build.
+const fn narrow8(v: u32) -> u8 {
+    assert!(
+        v <= u8::MAX as u32,
+        "a shared constant does not fit its field"
+    );
+    v as u8
+}
+
+/// `v` as a u16 field holds it; see [`narrow8`].
+const fn narrow16(v: u32) -> u16 {
+    assert!(
+        v <= u16::MAX as u32,
+        "a shared constant does not fit its field"
+    );
+    v as u16
+}
 
 /// Names of the maps an instance pins, as in the C program.
 pub const PINNED: &[&str] = &[
@@ -446,9 +468,21 @@ fn rodata_of(rodata: &dyn MapCore) -> Result<types::rodata> {
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
         .context("reading the program's settings")?
         .ok_or_else(|| anyhow!("the program's settings map is empty"))?;
+    // The shared enums' anchor comes last and holds no setting: an
+    // instance loaded by a build without it has every setting in front.
+    let settings = std::mem::offset_of!(types::rodata, lb_shared);
+    if b.len() < settings {
+        bail!(
+            "settings map has an unexpected layout ({} bytes, not {})",
+            b.len(),
+            std::mem::size_of::<types::rodata>()
+        );
+    }
     let mut ro: types::rodata = unsafe { std::mem::zeroed() };
-    plain::copy_from_bytes(&mut ro, &b)
-        .map_err(|e| anyhow!("settings map has an unexpected layout: {e:?}"))?;
+    // SAFETY: rodata is plain data: any bytes are a valid value.
+    let dst = unsafe { plain::as_mut_bytes(&mut ro) };
+    let n = b.len().min(dst.len());
+    dst[..n].copy_from_slice(&b[..n]);
     Ok(ro)
 }
 

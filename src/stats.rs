@@ -10,26 +10,10 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use crate::maps::{self, Maps};
 use crate::{conntrack, service};
 
-/// Counter names, in the order of `enum lb_stat`.
-pub const NAMES: &[&str] = &[
-    "to_backend",
-    "to_client",
-    "new_flow",
-    "pass_not_ipv4",
-    "pass_not_l4",
-    "pass_not_ours",
-    "pass_malformed",
-    "pass_fragment",
-    "pass_no_route",
-    "pass_no_neigh",
-    "drop_no_backend",
-    "drop_nat_full",
-    "reopen",
-    "established",
-    "est_full",
-    "stale",
-    "drop_ct_race",
-];
+/// Counter names, by `enum lb_stat` value: each variant's name without
+/// `LB_`, in lower case (`LB_DROP_NAT_FULL`: `drop_nat_full`), as build.rs
+/// reads them from the program's BTF.
+pub const NAMES: &[&str] = crate::skel::lb_stat::LB_STAT_NAMES;
 
 /// Index of a counter by name (for tests and tools).
 pub fn index(name: &str) -> Option<usize> {
@@ -174,4 +158,72 @@ pub fn report(m: &Maps) -> Result<Report> {
         .zip(read(&m.stats)?)
         .collect();
     Ok(Report { services, counters })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::skel::lb::types::lb_stat;
+    use crate::skel::lb_stat::LB_STAT_VARIANTS;
+
+    /// The counter names users see (`lb stats`, `lb status`, metrics).
+    const TODAY: &[&str] = &[
+        "to_backend",
+        "to_client",
+        "new_flow",
+        "pass_not_ipv4",
+        "pass_not_l4",
+        "pass_not_ours",
+        "pass_malformed",
+        "pass_fragment",
+        "pass_no_route",
+        "pass_no_neigh",
+        "drop_no_backend",
+        "drop_nat_full",
+        "reopen",
+        "established",
+        "est_full",
+        "stale",
+        "drop_ct_race",
+    ];
+
+    #[test]
+    fn every_variant_has_its_counter_name() {
+        assert_eq!(
+            NAMES.len(),
+            lb_stat::LB_STAT_MAX.0 as usize,
+            "one name per variant below LB_STAT_MAX"
+        );
+        assert_eq!(LB_STAT_VARIANTS.len(), NAMES.len());
+        for (v, n) in LB_STAT_VARIANTS.iter().zip(NAMES) {
+            let want = v.strip_prefix("LB_").expect("LB_ prefix").to_lowercase();
+            assert_eq!(*n, want, "{v}");
+        }
+        // Each name sits at its variant's value in the generated types.
+        for (v, n) in [
+            (lb_stat::LB_TO_BACKEND, "to_backend"),
+            (lb_stat::LB_PASS_NO_NEIGH, "pass_no_neigh"),
+            (lb_stat::LB_DROP_NAT_FULL, "drop_nat_full"),
+            (lb_stat::LB_EST_FULL, "est_full"),
+            (lb_stat::LB_DROP_CT_RACE, "drop_ct_race"),
+        ] {
+            assert_eq!(NAMES[v.0 as usize], n);
+            assert_eq!(index(n), Some(v.0 as usize));
+        }
+        // Renaming a variant renames what users see: not by accident.
+        assert_eq!(NAMES, TODAY);
+    }
+
+    /// The stats map has one slot per name (opening reads the object only).
+    #[test]
+    fn stats_map_has_a_slot_per_name() {
+        use libbpf_rs::skel::SkelBuilder;
+        let mut storage = std::mem::MaybeUninit::uninit();
+        let open = crate::skel::lb::LbSkelBuilder::default()
+            .open(&mut storage)
+            .expect("opening the program");
+        assert_eq!(open.maps.stats.max_entries() as usize, NAMES.len());
+        assert_eq!(open.maps.backends.max_entries(), crate::maps::MAX_BACKENDS);
+        assert_eq!(open.maps.services.max_entries(), crate::maps::MAX_SERVICES);
+    }
 }

@@ -36,6 +36,8 @@ const volatile __u32 syn_timeout = 2500;   /* idle half-open TCP flow, ticks */
 const volatile __u32 fin_timeout = 2500; /* after RST or FIN both ways, ticks */
 const volatile __u32 tw_timeout = 15250; /* a backend's TIME_WAIT, ticks */
 const volatile __u32 nh_ttl = 250;	 /* a cached next hop is fresh, ticks */
+/* The shared enums' BTF anchor (see lb.h); last, so no setting moves. */
+const volatile struct lb_shared lb_shared = {};
 
 #include "parse.h"
 #include "maps.h"

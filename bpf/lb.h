@@ -3,21 +3,29 @@
 #ifndef LB_H
 #define LB_H
 
-/* Capacities of the fixed-size maps. */
-#define LB_MAX_SERVICES 1024
-#define LB_MAX_BACKENDS 8192
-#define LB_MAX_IFACES 64
+/*
+ * The enums below are the constants shared with the Rust side: they reach
+ * it through BTF (struct lb_shared, anchored in lb.bpf.c), as the
+ * skeleton's generated types. Add a shared constant here, not a #define.
+ */
+enum lb_limits {
+	/* Capacities of the fixed-size maps. */
+	LB_MAX_SERVICES = 1024,
+	LB_MAX_BACKENDS = 8192,
+	LB_MAX_IFACES = 64,
+	/* Most SNAT source addresses and NAT port ranges an instance has. */
+	LB_MAX_SNAT = 16,
+	LB_MAX_PORT_RANGES = 2,
+};
 
 /* Entry of a Maglev table meaning: no backend takes new flows. */
 #define LB_NO_BACKEND 0xffffffff
 
-/* Most SNAT source addresses and NAT port ranges an instance has. */
-#define LB_MAX_SNAT 16
-#define LB_MAX_PORT_RANGES 2
-
 /*
  * Why a packet got its verdict. Index of the per-CPU `stats` map; the Rust
- * side prints these names (keep src/stats.rs in the same order).
+ * side names each counter after its variant, without LB_ and in lower case
+ * (LB_DROP_NAT_FULL: drop_nat_full). Values from 0 in order, LB_STAT_MAX
+ * last; a renamed variant renames a counter users see.
  */
 enum lb_stat {
 	LB_TO_BACKEND = 0, /* client -> VIP, rewritten to a backend */
@@ -77,7 +85,10 @@ struct backend {
 	__u32 weight;
 };
 
-#define LB_BACKEND_USED 1
+/* Bits of backend.flags. */
+enum backend_flags {
+	LB_BACKEND_USED = 1,
+};
 
 /* Cached next hop towards a backend. */
 struct lb_nexthop {
@@ -142,6 +153,19 @@ struct flow {
 	__u16 pad;
 	__u64 created; /* clock ticks (jiffies, see lb_now) */
 	__u64 seen;    /* owner: clock ticks of the last packet either way */
+};
+
+/*
+ * Never read by the datapath: a global of this type (lb.bpf.c) puts the
+ * enums above into BTF, which clang leaves out for enums only used in
+ * code, so the skeleton generates them for the Rust side.
+ */
+struct lb_shared {
+	enum lb_limits limits;
+	enum lb_stat stat;
+	enum flow_dir dir;
+	enum flow_state state;
+	enum backend_flags backend_flags;
 };
 
 #endif /* LB_H */

@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::net::SocketAddrV4;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use libbpf_rs::{MapCore, MapHandle};
 
 use crate::maps::Timeouts;
-use crate::maps::{self, from_bytes, Flow, FlowKey, Maps};
+use crate::maps::{self, Flow, FlowKey, Maps};
 
 /// One tracked connection.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -53,18 +53,9 @@ fn secs(ticks: u64, t: &Timeouts) -> u64 {
     ticks / u64::from(t.hz.max(1))
 }
 
-/// Every entry of one table, raw.
+/// Every entry of one table, raw, read in batches.
 pub fn table_entries(map: &MapHandle) -> Result<Vec<(FlowKey, Flow)>> {
-    let mut out = Vec::new();
-    for k in map.keys() {
-        if let Some(v) = map
-            .lookup(&k, MapFlags::ANY)
-            .context("reading the connection table")?
-        {
-            out.push((from_bytes(&k), from_bytes(&v)));
-        }
-    }
-    Ok(out)
+    maps::read_all(map).context("reading the connection table")
 }
 
 /// Every entry of both tables, raw: (key, entry, answered).
@@ -112,19 +103,22 @@ fn owner_of(o: &Flow, k: &FlowKey) -> bool {
     o.daddr == k.saddr && o.dport == k.sport && o.saddr == k.daddr && o.sport == k.dport
 }
 
+const KEY: usize = std::mem::size_of::<FlowKey>();
+
 /// Client entries with their owners: the live connections' halves.
 fn connections(m: &Maps) -> Result<Vec<(FlowKey, Flow, Flow, bool)>> {
     let all = entries(m)?;
-    let owners: HashMap<(Vec<u8>, bool), Flow> = all
+    let key = |k: &FlowKey| -> [u8; KEY] { maps::bytes(k).try_into().expect("flow key size") };
+    let owners: HashMap<([u8; KEY], bool), Flow> = all
         .iter()
         .filter(|(_, f, _)| f.dir == maps::DIR_TO_CLIENT)
-        .map(|(k, f, a)| ((maps::bytes(k).to_vec(), *a), *f))
+        .map(|(k, f, a)| ((key(k), *a), *f))
         .collect();
     Ok(all
         .into_iter()
         .filter(|(_, f, _)| f.dir == maps::DIR_TO_BACKEND)
         .filter_map(|(k, f, a)| {
-            let o = owners.get(&(maps::bytes(&owner_key(&f, k.proto)).to_vec(), a))?;
+            let o = owners.get(&(key(&owner_key(&f, k.proto)), a))?;
             (owner_of(o, &k) && o.state & maps::CT_RECLAIMED == 0).then_some((k, f, *o, a))
         })
         .collect())

@@ -1,15 +1,18 @@
 //! Typed access to an instance's pinned maps. The structs are the ones the
-//! skeleton generates from the C program's BTF (bpf/lb.h).
+//! skeleton generates from the C program's BTF (bpf/lb.h), and so are the
+//! constants shared with it (the enums of bpf/lb.h).
 
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use anyhow::{anyhow, bail, Context, Result};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+use nix::errno::Errno;
 
 use crate::bpffs::PinDir;
 use crate::settings::{PortRange, Settings};
-use crate::skel::lb::types;
+use crate::skel::lb::types::{self, backend_flags, flow_dir, flow_state, lb_limits};
 
 pub use types::{
     backend as BackendEntry, flow as Flow, flow_key as FlowKey, lb_nexthop as NextHop,
@@ -24,26 +27,47 @@ unsafe impl plain::Plain for types::flow_key {}
 unsafe impl plain::Plain for types::flow {}
 unsafe impl plain::Plain for types::rodata {}
 
-/// Capacities of the fixed-size maps (bpf/lb.h).
-pub const MAX_SERVICES: u32 = 1024;
+// The constants shared with the datapath: the enums of bpf/lb.h, from the
+// skeleton's generated types.
+
+/// Capacities of the fixed-size maps: most services.
+pub const MAX_SERVICES: u32 = lb_limits::LB_MAX_SERVICES.0;
 /// Most backends over all services.
-pub const MAX_BACKENDS: u32 = 8192;
-/// `LB_BACKEND_USED`.
-pub const BACKEND_USED: u16 = 1;
-/// `LB_DIR_TO_BACKEND` / `LB_DIR_TO_CLIENT`.
-pub const DIR_TO_BACKEND: u8 = 0;
-/// See [`DIR_TO_BACKEND`].
-pub const DIR_TO_CLIENT: u8 = 1;
+pub const MAX_BACKENDS: u32 = lb_limits::LB_MAX_BACKENDS.0;
+/// `LB_BACKEND_USED` bit of a backend's flags.
+pub const BACKEND_USED: u16 = narrow16(backend_flags::LB_BACKEND_USED.0);
+/// `LB_DIR_TO_BACKEND`: a client's entry.
+pub const DIR_TO_BACKEND: u8 = narrow8(flow_dir::LB_DIR_TO_BACKEND.0);
+/// `LB_DIR_TO_CLIENT`: an owner entry.
+pub const DIR_TO_CLIENT: u8 = narrow8(flow_dir::LB_DIR_TO_CLIENT.0);
 /// `LB_CT_CLOSING` bit of an owner's state: RST, or FIN both ways.
-pub const CT_CLOSING: u32 = 1;
+pub const CT_CLOSING: u32 = flow_state::LB_CT_CLOSING.0;
 /// `LB_CT_FIN_FWD` bit: the client sent FIN.
-pub const CT_FIN_FWD: u32 = 2;
+pub const CT_FIN_FWD: u32 = flow_state::LB_CT_FIN_FWD.0;
 /// `LB_CT_FIN_REV` bit: the backend sent FIN.
-pub const CT_FIN_REV: u32 = 4;
+pub const CT_FIN_REV: u32 = flow_state::LB_CT_FIN_REV.0;
 /// `LB_CT_REPLIED` bit: the backend answered.
-pub const CT_REPLIED: u32 = 8;
+pub const CT_REPLIED: u32 = flow_state::LB_CT_REPLIED.0;
 /// `LB_CT_RECLAIMED` bit: the NAT tuple is being given to a new flow.
-pub const CT_RECLAIMED: u32 = 16;
+pub const CT_RECLAIMED: u32 = flow_state::LB_CT_RECLAIMED.0;
+
+/// `v` as a u8 field holds it; a constant that does not fit fails the build.
+const fn narrow8(v: u32) -> u8 {
+    assert!(
+        v <= u8::MAX as u32,
+        "a shared constant does not fit its field"
+    );
+    v as u8
+}
+
+/// `v` as a u16 field holds it; see [`narrow8`].
+const fn narrow16(v: u32) -> u16 {
+    assert!(
+        v <= u16::MAX as u32,
+        "a shared constant does not fit its field"
+    );
+    v as u16
+}
 
 /// Names of the maps an instance pins, as in the C program.
 pub const PINNED: &[&str] = &[
@@ -80,6 +104,270 @@ pub fn ip_to_be(ip: Ipv4Addr) -> u32 {
 /// The inverse of [`ip_to_be`].
 pub fn ip_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// Entries asked for in one `BPF_MAP_LOOKUP_BATCH` (grown when a hash
+/// bucket holds more).
+const BATCH: usize = 4096;
+
+/// How [`read_raw`] reads a map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// `BPF_MAP_LOOKUP_BATCH`, falling back to [`ReadMode::ByKey`] if the
+    /// kernel refuses it for this map.
+    Batch,
+    /// Two syscalls an entry: next key, lookup.
+    ByKey,
+}
+
+/// Entries of a map as the kernel copies them out: keys and values packed
+/// one after another (a per-CPU map's value is one 8-byte aligned slot per
+/// possible CPU).
+#[derive(Debug, Default)]
+pub struct RawEntries {
+    /// Bytes of one key.
+    pub key_size: usize,
+    /// Bytes of one value (all CPUs' slots for a per-CPU map).
+    pub value_size: usize,
+    /// The keys.
+    pub keys: Vec<u8>,
+    /// The values, in the keys' order.
+    pub values: Vec<u8>,
+}
+
+impl RawEntries {
+    /// Entries read.
+    pub fn len(&self) -> usize {
+        self.keys.len() / self.key_size.max(1)
+    }
+
+    /// Whether none was read.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (key, value) byte slices.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.keys
+            .chunks_exact(self.key_size.max(1))
+            .zip(self.values.chunks_exact(self.value_size.max(1)))
+    }
+}
+
+fn is_percpu(t: MapType) -> bool {
+    matches!(
+        t,
+        MapType::PercpuArray | MapType::PercpuHash | MapType::LruPercpuHash
+    )
+}
+
+/// Bytes of one value as lookups copy it out: a per-CPU map has one slot
+/// per possible CPU, each rounded up to 8 bytes.
+fn copied_value_size(map: &MapHandle) -> Result<usize> {
+    let v = map.value_size() as usize;
+    if is_percpu(map.map_type()) {
+        let ncpu = libbpf_rs::num_possible_cpus().context("counting CPUs")?;
+        Ok(v.next_multiple_of(8) * ncpu)
+    } else {
+        Ok(v)
+    }
+}
+
+/// Reads up to `limit` entries of a hash or array map (every entry if
+/// `None`; an array's first `limit` indices), the way `mode` says.
+pub fn read_raw(map: &MapHandle, limit: Option<usize>, mode: ReadMode) -> Result<RawEntries> {
+    let key_size = map.key_size() as usize;
+    let value_size = copied_value_size(map)?;
+    let limit = limit.unwrap_or(map.max_entries() as usize);
+    let mut out = RawEntries {
+        key_size,
+        value_size,
+        ..Default::default()
+    };
+    if mode == ReadMode::Batch {
+        match read_batch(map, limit, &mut out) {
+            Ok(()) => return Ok(out),
+            Err(Refused) => {
+                tracing::debug!(
+                    "batch lookup refused on map {}: reading by key",
+                    map.name().to_string_lossy()
+                );
+                out.keys.clear();
+                out.values.clear();
+            }
+        }
+    }
+    read_by_key(map, limit, &mut out)?;
+    Ok(out)
+}
+
+/// The kernel has no batch lookup for this map (or none at all).
+struct Refused;
+
+/// Reads with `BPF_MAP_LOOKUP_BATCH` into `out`; `Err` if the kernel
+/// refuses it (then nothing read counts).
+fn read_batch(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<(), Refused> {
+    let fd = map.as_fd().as_raw_fd();
+    let (ks, vs) = (out.key_size, out.value_size);
+    // The position token: a bucket index for hashes, a key for arrays.
+    let tok_size = ks.max(8);
+    let mut in_tok = vec![0u8; tok_size];
+    let mut out_tok = vec![0u8; tok_size];
+    let mut first = true;
+    let mut chunk = BATCH.min(limit.max(1));
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+    };
+    loop {
+        let want = chunk.min(limit - out.len());
+        if want == 0 {
+            return Ok(());
+        }
+        let n = out.len();
+        out.keys.reserve(want * ks);
+        out.values.reserve(want * vs);
+        let mut count = want as u32;
+        // SAFETY: the spare capacity holds `want` keys and values and the
+        // tokens `tok_size` bytes, as the kernel writes them; the lengths
+        // then cover the `count` entries it wrote (at most `want`).
+        let ret = unsafe {
+            let ret = libbpf_sys::bpf_map_lookup_batch(
+                fd,
+                if first {
+                    std::ptr::null_mut()
+                } else {
+                    in_tok.as_mut_ptr().cast()
+                },
+                out_tok.as_mut_ptr().cast(),
+                out.keys.spare_capacity_mut().as_mut_ptr().cast(),
+                out.values.spare_capacity_mut().as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            );
+            let got = (count as usize).min(want);
+            out.keys.set_len((n + got) * ks);
+            out.values.set_len((n + got) * vs);
+            ret
+        };
+        if ret == 0 {
+            std::mem::swap(&mut in_tok, &mut out_tok);
+            first = false;
+            continue;
+        }
+        match Errno::from_raw(-ret) {
+            Errno::ENOENT => return Ok(()),
+            Errno::EINTR | Errno::EAGAIN => continue,
+            // The next hash bucket holds more entries than asked for: ask
+            // for more, unless that is past the limit.
+            Errno::ENOSPC if out.len() == n => {
+                if want == limit - n {
+                    return Ok(());
+                }
+                chunk = (chunk * 2).min(limit - n);
+            }
+            e => {
+                // First call: no batch lookup here (old kernel, map type).
+                // Later: read it all again by key rather than give up.
+                tracing::debug!("batch lookup: {e}");
+                return Err(Refused);
+            }
+        }
+    }
+}
+
+/// Reads by key into `out`: the next key, then its value.
+fn read_by_key(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<()> {
+    let percpu = is_percpu(map.map_type());
+    let slot = map.value_size() as usize;
+    for k in map.keys() {
+        if out.len() >= limit {
+            break;
+        }
+        if percpu {
+            let Some(v) = map
+                .lookup_percpu(&k, MapFlags::ANY)
+                .with_context(|| format!("reading map {}", map.name().to_string_lossy()))?
+            else {
+                continue;
+            };
+            out.keys.extend_from_slice(&k);
+            for cpu in v {
+                let mut b = cpu;
+                b.resize(slot.next_multiple_of(8), 0);
+                out.values.extend_from_slice(&b);
+            }
+        } else {
+            let Some(v) = map
+                .lookup(&k, MapFlags::ANY)
+                .with_context(|| format!("reading map {}", map.name().to_string_lossy()))?
+            else {
+                continue;
+            };
+            out.keys.extend_from_slice(&k);
+            out.values.extend_from_slice(&v);
+        }
+    }
+    Ok(())
+}
+
+/// Every entry of a hash or array map as (key, value), read a batch of
+/// entries a syscall ([`ReadMode::Batch`]).
+pub fn read_all<K, V>(map: &MapHandle) -> Result<Vec<(K, V)>>
+where
+    K: plain::Plain + Default,
+    V: plain::Plain + Default,
+{
+    read_typed(map, ReadMode::Batch)
+}
+
+/// [`read_all`], the way `mode` says.
+pub fn read_typed<K, V>(map: &MapHandle, mode: ReadMode) -> Result<Vec<(K, V)>>
+where
+    K: plain::Plain + Default,
+    V: plain::Plain + Default,
+{
+    if map.key_size() as usize != std::mem::size_of::<K>()
+        || map.value_size() as usize != std::mem::size_of::<V>()
+        || is_percpu(map.map_type())
+    {
+        bail!(
+            "map {} has an unexpected layout ({}-byte keys, {}-byte values)",
+            map.name().to_string_lossy(),
+            map.key_size(),
+            map.value_size()
+        );
+    }
+    let raw = read_raw(map, None, mode)?;
+    Ok(raw
+        .iter()
+        .map(|(k, v)| (from_bytes(k), from_bytes(v)))
+        .collect())
+}
+
+/// The first `n` entries of a per-CPU array of `fields` u64 counters,
+/// each summed over CPUs: index i of the result is entry i.
+pub fn sum_percpu_u64(map: &MapHandle, n: usize, fields: usize) -> Result<Vec<Vec<u64>>> {
+    if map.map_type() != MapType::PercpuArray || map.value_size() as usize != fields * 8 {
+        bail!(
+            "map {} is not a per-CPU array of {fields} counters",
+            map.name().to_string_lossy()
+        );
+    }
+    let n = n.min(map.max_entries() as usize);
+    let raw = read_raw(map, Some(n), ReadMode::Batch)?;
+    let mut sums = vec![vec![0u64; fields]; n];
+    for (k, v) in raw.iter() {
+        let i = u32::from_ne_bytes(k.try_into().expect("4-byte key")) as usize;
+        let Some(s) = sums.get_mut(i) else { continue };
+        for cpu in v.chunks_exact(fields * 8) {
+            for (f, b) in s.iter_mut().zip(cpu.chunks_exact(8)) {
+                *f += u64::from_ne_bytes(b.try_into().expect("8 bytes"));
+            }
+        }
+    }
+    Ok(sums)
 }
 
 /// An instance's maps, opened from their pins.
@@ -180,9 +468,21 @@ fn rodata_of(rodata: &dyn MapCore) -> Result<types::rodata> {
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
         .context("reading the program's settings")?
         .ok_or_else(|| anyhow!("the program's settings map is empty"))?;
+    // The shared enums' anchor comes last and holds no setting: an
+    // instance loaded by a build without it has every setting in front.
+    let settings = std::mem::offset_of!(types::rodata, lb_shared);
+    if b.len() < settings {
+        bail!(
+            "settings map has an unexpected layout ({} bytes, not {})",
+            b.len(),
+            std::mem::size_of::<types::rodata>()
+        );
+    }
     let mut ro: types::rodata = unsafe { std::mem::zeroed() };
-    plain::copy_from_bytes(&mut ro, &b)
-        .map_err(|e| anyhow!("settings map has an unexpected layout: {e:?}"))?;
+    // SAFETY: rodata is plain data: any bytes are a valid value.
+    let dst = unsafe { plain::as_mut_bytes(&mut ro) };
+    let n = b.len().min(dst.len());
+    dst[..n].copy_from_slice(&b[..n]);
     Ok(ro)
 }
 
@@ -214,4 +514,98 @@ pub fn settings_of(
         udp_timeout: secs(ro.udp_timeout),
         fin_timeout: secs(ro.fin_timeout),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Creating maps needs root: a local run without it skips, CI fails.
+    fn root_or_skip(test: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(std::env::var("CI").is_err(), "{test} needs root under CI");
+        eprintln!("SKIPPED {test}: needs root");
+        false
+    }
+
+    fn create(t: MapType, key: u32, value: u32, max: u32) -> MapHandle {
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            ..Default::default()
+        };
+        MapHandle::create(t, Some("lb_test"), key, value, max, &opts).expect("creating a map")
+    }
+
+    #[test]
+    fn hash_read_in_batches_is_every_entry() {
+        if !root_or_skip("hash_read_in_batches_is_every_entry") {
+            return;
+        }
+        let map = create(MapType::Hash, 4, 8, 3 * BATCH as u32);
+        let none: Vec<(u32, u64)> = read_all(&map).unwrap();
+        assert!(none.is_empty());
+        // More than two batches' worth.
+        let n = 2 * BATCH as u32 + 123;
+        let put: Vec<(u32, u64)> = (0..n)
+            .map(|i| (i * 7 + 1, u64::from(i) << 33 | 5))
+            .collect();
+        let keys: Vec<u8> = put.iter().flat_map(|(k, _)| k.to_ne_bytes()).collect();
+        let values: Vec<u8> = put.iter().flat_map(|(_, v)| v.to_ne_bytes()).collect();
+        map.update_batch(&keys, &values, n, MapFlags::ANY, MapFlags::ANY)
+            .unwrap();
+        for mode in [ReadMode::Batch, ReadMode::ByKey] {
+            let mut got: Vec<(u32, u64)> = read_typed(&map, mode).unwrap();
+            got.sort();
+            assert_eq!(got, put, "{mode:?}");
+        }
+        let raw = read_raw(&map, Some(10), ReadMode::Batch).unwrap();
+        assert_eq!(raw.len(), 10, "a limit is kept");
+        let err = read_typed::<u32, u32>(&map, ReadMode::Batch).unwrap_err();
+        assert!(format!("{err}").contains("unexpected layout"), "{err}");
+    }
+
+    #[test]
+    fn percpu_counters_are_summed_over_cpus() {
+        if !root_or_skip("percpu_counters_are_summed_over_cpus") {
+            return;
+        }
+        let ncpu = libbpf_rs::num_possible_cpus().unwrap() as u64;
+        let map = create(MapType::PercpuArray, 4, 16, 8);
+        let val = |i: u64, cpu: u64| [i * 1000 + cpu + 1, (i + 1) << 20 | cpu];
+        for i in 0..8u32 {
+            let per_cpu: Vec<Vec<u8>> = (0..ncpu)
+                .map(|c| {
+                    val(u64::from(i), c)
+                        .iter()
+                        .flat_map(|x| x.to_ne_bytes())
+                        .collect()
+                })
+                .collect();
+            map.update_percpu(&i.to_ne_bytes(), &per_cpu, MapFlags::ANY)
+                .unwrap();
+        }
+        let sums = sum_percpu_u64(&map, 5, 2).unwrap();
+        assert_eq!(sums.len(), 5);
+        for (i, s) in sums.iter().enumerate() {
+            let want: Vec<u64> = (0..2)
+                .map(|f| (0..ncpu).map(|c| val(i as u64, c)[f]).sum())
+                .collect();
+            assert_eq!(*s, want, "entry {i}");
+        }
+        let batch = read_raw(&map, Some(5), ReadMode::Batch).unwrap();
+        let by_key = read_raw(&map, Some(5), ReadMode::ByKey).unwrap();
+        assert_eq!(batch.len(), 5);
+        assert_eq!(batch.value_size, 16 * ncpu as usize);
+        assert_eq!(
+            (batch.keys, batch.values),
+            (by_key.keys, by_key.values),
+            "both ways read the same"
+        );
+        assert!(
+            sum_percpu_u64(&map, 5, 3).is_err(),
+            "a wrong layout is refused"
+        );
+    }
 }

@@ -137,14 +137,9 @@ pub fn list(m: &Maps) -> Result<Vec<ServiceInfo>> {
 /// Every service with its backends among `bes`, sorted.
 pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>> {
     let mut out = Vec::new();
-    for k in m.services.keys() {
-        let key: SvcKey = from_bytes(&k);
-        let v = m
-            .services
-            .lookup(&k, MapFlags::ANY)
-            .context("reading services")?;
-        let Some(v) = v else { continue };
-        let id = from_bytes::<SvcValue>(&v).id;
+    let all: Vec<(SvcKey, SvcValue)> = maps::read_all(&m.services).context("reading services")?;
+    for (key, v) in all {
+        let id = v.id;
         let Some(proto) = Proto::from_number(key.proto) else {
             continue;
         };
@@ -168,13 +163,8 @@ pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>>
 /// Every used backend.
 pub fn backends(m: &Maps) -> Result<Vec<Backend>> {
     let mut out = Vec::new();
-    let all = m
-        .backends
-        .lookup_batch(1024, MapFlags::ANY, MapFlags::ANY)
-        .context("reading backends")?;
-    for (k, v) in all {
-        let id = u32::from_ne_bytes(k[..4].try_into().expect("4-byte key"));
-        let b: BackendEntry = from_bytes(&v);
+    let all: Vec<(u32, BackendEntry)> = maps::read_all(&m.backends).context("reading backends")?;
+    for (id, b) in all {
         if b.flags & maps::BACKEND_USED != 0 {
             out.push(Backend {
                 id,

@@ -10,11 +10,12 @@ use std::ops::RangeInclusive;
 use anyhow::{bail, Context, Result};
 
 use crate::maglev;
+use crate::skel::lb::types::lb_limits;
 
 /// Most NAT port ranges (bpf/lb.h `LB_MAX_PORT_RANGES`).
-pub const MAX_PORT_RANGES: usize = 2;
+pub const MAX_PORT_RANGES: usize = lb_limits::LB_MAX_PORT_RANGES.0 as usize;
 /// Most SNAT addresses (bpf/lb.h `LB_MAX_SNAT`).
-pub const MAX_SNAT: usize = 16;
+pub const MAX_SNAT: usize = lb_limits::LB_MAX_SNAT.0 as usize;
 /// How long a half-open TCP flow waits for its answer, seconds.
 pub const SYN_TIMEOUT: u32 = 10;
 /// How long a backend keeps a closed connection in TIME_WAIT (Linux:

@@ -10,3 +10,9 @@ pub mod lb {
 pub mod pass {
     include!(concat!(env!("OUT_DIR"), "/pass.skel.rs"));
 }
+
+/// What the skeleton's types cannot list, read from the same BTF by
+/// build.rs: the variants of `enum lb_stat`.
+pub mod lb_stat {
+    include!(concat!(env!("OUT_DIR"), "/lb_stat.rs"));
+}

@@ -7,30 +7,13 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use crate::maps::Maps;
+use crate::maps::{self, Maps};
 use crate::{conntrack, service};
 
-/// Counter names, in the order of `enum lb_stat`.
-pub const NAMES: &[&str] = &[
-    "to_backend",
-    "to_client",
-    "new_flow",
-    "pass_not_ipv4",
-    "pass_not_l4",
-    "pass_not_ours",
-    "pass_malformed",
-    "pass_fragment",
-    "pass_no_route",
-    "pass_no_neigh",
-    "drop_no_backend",
-    "drop_nat_full",
-    "reopen",
-    "established",
-    "est_full",
-    "stale",
-    "drop_ct_race",
-    "icmp_error",
-];
+/// Counter names, by `enum lb_stat` value: each variant's name without
+/// `LB_`, in lower case (`LB_DROP_NAT_FULL`: `drop_nat_full`), as build.rs
+/// reads them from the program's BTF.
+pub const NAMES: &[&str] = crate::skel::lb_stat::LB_STAT_NAMES;
 
 /// Index of a counter by name (for tests and tools).
 pub fn index(name: &str) -> Option<usize> {
@@ -46,36 +29,17 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-fn u64_at(v: &[u8], i: usize) -> u64 {
-    u64::from_ne_bytes(v[i * 8..i * 8 + 8].try_into().unwrap())
-}
-
-/// Sums the `fields` u64s of a per-CPU value over CPUs.
-fn sum_percpu(map: &dyn MapCore, key: u32, fields: usize) -> Result<Vec<u64>> {
-    let per_cpu = map
-        .lookup_percpu(&key.to_ne_bytes(), MapFlags::ANY)
-        .with_context(|| format!("reading counter {key}"))?
-        .unwrap_or_default();
-    let mut sum = vec![0; fields];
-    for v in per_cpu {
-        for (i, s) in sum.iter_mut().enumerate() {
-            *s += u64_at(&v, i);
-        }
-    }
-    Ok(sum)
-}
-
-/// Reads every verdict counter from a stats map, summed over CPUs.
-pub fn read(map: &dyn MapCore) -> Result<Vec<Counter>> {
-    (0..NAMES.len() as u32)
-        .map(|i| {
-            let s = sum_percpu(map, i, 2)?;
-            Ok(Counter {
-                packets: s[0],
-                bytes: s[1],
-            })
+/// Reads every verdict counter from a stats map, summed over CPUs (one
+/// batch lookup).
+pub fn read(map: &MapHandle) -> Result<Vec<Counter>> {
+    Ok(maps::sum_percpu_u64(map, NAMES.len(), 2)
+        .context("reading the verdict counters")?
+        .into_iter()
+        .map(|s| Counter {
+            packets: s[0],
+            bytes: s[1],
         })
-        .collect()
+        .collect())
 }
 
 /// Reads the verdict counters pinned at `path`.
@@ -155,12 +119,20 @@ pub struct Report {
 /// Reads the whole report from an instance's maps.
 pub fn report(m: &Maps) -> Result<Report> {
     let active = conntrack::active_per_backend(m)?;
+    let list = service::list(m)?;
+    // Backend ids are handed out from 0: one batch up to the highest.
+    let top = list
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.id as usize + 1))
+        .max()
+        .unwrap_or(0);
+    let be = maps::sum_percpu_u64(&m.be_stats, top, 3).context("reading backend counters")?;
     let mut services = Vec::new();
-    for s in service::list(m)? {
+    for s in list {
         let mut total = Traffic::default();
         let mut backends = Vec::new();
         for b in s.backends {
-            let v = sum_percpu(&m.be_stats, b.id, 3)?;
+            let v = be.get(b.id as usize).map_or(&[0, 0, 0][..], Vec::as_slice);
             let t = Traffic {
                 packets: v[0],
                 bytes: v[1],
@@ -186,4 +158,73 @@ pub fn report(m: &Maps) -> Result<Report> {
         .zip(read(&m.stats)?)
         .collect();
     Ok(Report { services, counters })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::skel::lb::types::lb_stat;
+    use crate::skel::lb_stat::LB_STAT_VARIANTS;
+
+    /// The counter names users see (`lb stats`, `lb status`, metrics).
+    const TODAY: &[&str] = &[
+        "to_backend",
+        "to_client",
+        "new_flow",
+        "pass_not_ipv4",
+        "pass_not_l4",
+        "pass_not_ours",
+        "pass_malformed",
+        "pass_fragment",
+        "pass_no_route",
+        "pass_no_neigh",
+        "drop_no_backend",
+        "drop_nat_full",
+        "reopen",
+        "established",
+        "est_full",
+        "stale",
+        "drop_ct_race",
+        "icmp_error",
+    ];
+
+    #[test]
+    fn every_variant_has_its_counter_name() {
+        assert_eq!(
+            NAMES.len(),
+            lb_stat::LB_STAT_MAX.0 as usize,
+            "one name per variant below LB_STAT_MAX"
+        );
+        assert_eq!(LB_STAT_VARIANTS.len(), NAMES.len());
+        for (v, n) in LB_STAT_VARIANTS.iter().zip(NAMES) {
+            let want = v.strip_prefix("LB_").expect("LB_ prefix").to_lowercase();
+            assert_eq!(*n, want, "{v}");
+        }
+        // Each name sits at its variant's value in the generated types.
+        for (v, n) in [
+            (lb_stat::LB_TO_BACKEND, "to_backend"),
+            (lb_stat::LB_PASS_NO_NEIGH, "pass_no_neigh"),
+            (lb_stat::LB_DROP_NAT_FULL, "drop_nat_full"),
+            (lb_stat::LB_EST_FULL, "est_full"),
+            (lb_stat::LB_DROP_CT_RACE, "drop_ct_race"),
+        ] {
+            assert_eq!(NAMES[v.0 as usize], n);
+            assert_eq!(index(n), Some(v.0 as usize));
+        }
+        // Renaming a variant renames what users see: not by accident.
+        assert_eq!(NAMES, TODAY);
+    }
+
+    /// The stats map has one slot per name (opening reads the object only).
+    #[test]
+    fn stats_map_has_a_slot_per_name() {
+        use libbpf_rs::skel::SkelBuilder;
+        let mut storage = std::mem::MaybeUninit::uninit();
+        let open = crate::skel::lb::LbSkelBuilder::default()
+            .open(&mut storage)
+            .expect("opening the program");
+        assert_eq!(open.maps.stats.max_entries() as usize, NAMES.len());
+        assert_eq!(open.maps.backends.max_entries(), crate::maps::MAX_BACKENDS);
+        assert_eq!(open.maps.services.max_entries(), crate::maps::MAX_SERVICES);
+    }
 }

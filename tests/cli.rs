@@ -771,3 +771,187 @@ fn json_shapes() {
     );
     assert_no_pins(&pins);
 }
+
+/// 100k entries (50k connections, each a client entry and its owner) put
+/// straight into a test instance's pinned conntrack map: `lb conntrack`
+/// lists exactly those connections, the library reads back exactly those
+/// entries, and `lb stats` counts them as active on their backends.
+#[test]
+fn conntrack_lists_every_entry() {
+    use lb::maps::{bytes, ip_to_be, Flow, FlowKey};
+    use std::collections::BTreeSet;
+    use std::net::Ipv4Addr;
+
+    if !root_or_skip("conntrack_lists_every_entry") {
+        return;
+    }
+    const CONNS: u32 = 50_000;
+    let ns = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let place = strings(&["--netns", &ns.name, "--pin-dir", pins.arg()]);
+    let with = |a: &[&str]| {
+        let mut v = strings(a);
+        v.extend(place.clone());
+        v
+    };
+    lb_ok(&attach_args(
+        &ns.name,
+        pins.arg(),
+        &[A_IP, B_IP],
+        &["--max-flows", "100000"],
+    ));
+    let backends: Vec<(u32, Ipv4Addr)> = json_of(&lb_ok(&with(&["list", "--json"])))[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let a: std::net::SocketAddrV4 = b["addr"].as_str().unwrap().parse().unwrap();
+            (b["id"].as_u64().unwrap() as u32, *a.ip())
+        })
+        .collect();
+    assert_eq!(backends.len(), 2);
+
+    let vip: Ipv4Addr = LB_IP.parse().unwrap();
+    let now = lb::clock::now().unwrap();
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    let mut expected = BTreeSet::new();
+    for i in 0..CONNS {
+        let client = Ipv4Addr::from(0x0a64_0000 + (i >> 8));
+        let cport = 1024 + (i & 0xff) as u16;
+        let nport = 1024 + (i % 60_000) as u16;
+        let nat = Ipv4Addr::from(0x0a65_0000 + i / 60_000);
+        let (be_id, be_ip) = backends[(i % 2) as usize];
+        let key = FlowKey {
+            saddr: ip_to_be(client),
+            daddr: ip_to_be(vip),
+            sport: cport.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        };
+        let to_backend = Flow {
+            saddr: ip_to_be(nat),
+            daddr: ip_to_be(be_ip),
+            sport: nport.to_be(),
+            dport: 80u16.to_be(),
+            backend: be_id,
+            svc: 0,
+            dir: 0,
+            created: now,
+            seen: now,
+            ..Default::default()
+        };
+        let owner_key = FlowKey {
+            saddr: to_backend.daddr,
+            daddr: to_backend.saddr,
+            sport: to_backend.dport,
+            dport: to_backend.sport,
+            proto: 6,
+            ..Default::default()
+        };
+        let owner = Flow {
+            saddr: key.daddr,
+            daddr: key.saddr,
+            sport: key.dport,
+            dport: key.sport,
+            backend: be_id,
+            svc: 0,
+            dir: 1,
+            created: now,
+            seen: now,
+            ..Default::default()
+        };
+        for (k, v) in [(key, to_backend), (owner_key, owner)] {
+            keys.extend_from_slice(bytes(&k));
+            values.extend_from_slice(bytes(&v));
+        }
+        expected.insert((
+            format!("{client}:{cport}"),
+            format!("{be_ip}:80"),
+            format!("{nat}:{nport}"),
+        ));
+    }
+    let ct = libbpf_rs::MapHandle::from_pinned_path(pins.path.join("conntrack")).unwrap();
+    libbpf_rs::MapCore::update_batch(
+        &ct,
+        &keys,
+        &values,
+        2 * CONNS,
+        libbpf_rs::MapFlags::ANY,
+        libbpf_rs::MapFlags::ANY,
+    )
+    .unwrap();
+
+    // The library: exactly the entries put.
+    let m = lb::maps::Maps::open(&lb::bpffs::PinDir::new(&pins.path)).unwrap();
+    let t = std::time::Instant::now();
+    let got = lb::conntrack::entries(&m).unwrap();
+    eprintln!("conntrack::entries of {}: {:?}", 2 * CONNS, t.elapsed());
+    let put: BTreeSet<(Vec<u8>, Vec<u8>)> = keys
+        .chunks(std::mem::size_of::<FlowKey>())
+        .zip(values.chunks(std::mem::size_of::<Flow>()))
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    assert_eq!(got.len(), put.len());
+    let read: BTreeSet<(Vec<u8>, Vec<u8>)> = got
+        .iter()
+        .map(|(k, v, answered)| {
+            assert!(answered);
+            (bytes(k).to_vec(), bytes(v).to_vec())
+        })
+        .collect();
+    assert!(read == put, "the entries read are not the entries put");
+    // The fallback where the kernel refuses batches: the same entries.
+    let t = std::time::Instant::now();
+    let by_key: Vec<(FlowKey, Flow)> =
+        lb::maps::read_typed(&m.conntrack, lb::maps::ReadMode::ByKey).unwrap();
+    eprintln!("read by key of {}: {:?}", 2 * CONNS, t.elapsed());
+    let by_key: BTreeSet<(Vec<u8>, Vec<u8>)> = by_key
+        .iter()
+        .map(|(k, v)| (bytes(k).to_vec(), bytes(v).to_vec()))
+        .collect();
+    assert!(
+        by_key == put,
+        "the entries read by key are not the entries put"
+    );
+
+    // The command: every connection once, as put.
+    let t = std::time::Instant::now();
+    let out = lb_ok(&with(&["conntrack", "--json"]));
+    eprintln!(
+        "lb conntrack --json of {CONNS} connections: {:?}",
+        t.elapsed()
+    );
+    let conns = json_of(&out);
+    let conns = conns.as_array().unwrap();
+    assert_eq!(conns.len(), CONNS as usize);
+    let listed: BTreeSet<(String, String, String)> = conns
+        .iter()
+        .map(|c| {
+            assert_eq!(c["state"], "open", "{c}");
+            assert_eq!(c["vip"], format!("{LB_IP}:80"), "{c}");
+            let s = |f: &str| c[f].as_str().unwrap().to_string();
+            (s("client"), s("backend"), s("nat"))
+        })
+        .collect();
+    assert!(
+        listed == expected,
+        "the connections listed are not those put"
+    );
+
+    // Stats: each backend has its half as active connections.
+    let t = std::time::Instant::now();
+    let stats = json_of(&lb_ok(&with(&["stats", "--json"])));
+    eprintln!(
+        "lb stats --json with {CONNS} connections: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(stats["services"][0]["active_flows"], CONNS, "{stats:#}");
+    for b in stats["services"][0]["backends"].as_array().unwrap() {
+        assert_eq!(b["active_flows"], CONNS / 2, "{stats:#}");
+    }
+
+    lb_ok(&detach_args(&ns.name, pins.arg()));
+    assert_no_pins(&pins);
+}

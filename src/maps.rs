@@ -174,7 +174,9 @@ fn copied_value_size(map: &MapHandle) -> Result<usize> {
 }
 
 /// Reads up to `limit` entries of a hash or array map (every entry if
-/// `None`; an array's first `limit` indices), the way `mode` says.
+/// `None`; an array's first `limit` indices; a hash's batches come in
+/// whole buckets, so fewer when the next bucket would pass the limit), the
+/// way `mode` says.
 pub fn read_raw(map: &MapHandle, limit: Option<usize>, mode: ReadMode) -> Result<RawEntries> {
     let key_size = map.key_size() as usize;
     let value_size = copied_value_size(map)?;
@@ -560,8 +562,9 @@ mod tests {
             got.sort();
             assert_eq!(got, put, "{mode:?}");
         }
+        // A hash comes in whole buckets: at most the limit, never more.
         let raw = read_raw(&map, Some(10), ReadMode::Batch).unwrap();
-        assert_eq!(raw.len(), 10, "a limit is kept");
+        assert!((1..=10).contains(&raw.len()), "limit 10: {}", raw.len());
         let err = read_typed::<u32, u32>(&map, ReadMode::Batch).unwrap_err();
         assert!(format!("{err}").contains("unexpected layout"), "{err}");
     }

@@ -43,6 +43,7 @@ const volatile struct lb_shared lb_shared = {};
 #include "maps.h"
 #include "nat.h"
 #include "conntrack.h"
+#include "frag.h"
 #include "icmp.h"
 
 /* Parse up to the ports; a reason counter on failure, 0 on success. */
@@ -63,8 +64,14 @@ static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
 	p->ip = ip;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return LB_PASS_NOT_L4;
-	if (ipv4_is_fragment(ip))
-		return LB_PASS_FRAGMENT;
+	if (ipv4_is_fragment(ip)) {
+		/* Only the first fragment has ports (frag.h). */
+		if (ip->frag_off & bpf_htons(IP_OFFSET)) {
+			p->frag = LB_FRAG_LATER;
+			return LB_PASS_FRAGMENT;
+		}
+		p->frag = LB_FRAG_FIRST;
+	}
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = parse_tcp(&c, ip);
 
@@ -127,6 +134,12 @@ static __always_inline int process(struct xdp_md *ctx)
 
 		if (act >= 0)
 			return count(ctx, LB_ICMP_ERROR, act);
+	}
+	if (why == LB_PASS_FRAGMENT && p.frag == LB_FRAG_LATER) {
+		int act = frag_later(ctx, &p, lb_now());
+
+		if (act >= 0)
+			return count(ctx, LB_FRAGMENT, act);
 	}
 	if (why)
 		return count(ctx, why, XDP_PASS);
@@ -225,6 +238,8 @@ static __always_inline int process(struct xdp_md *ctx)
 		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
 
 xmit:
+	if (p.frag && f->nh_ok)
+		frag_first(&p, f, now);
 	nat_rewrite(ctx, &p, f);
 	count_backend(ctx, f->backend, new_flow);
 	if (new_flow)

@@ -48,6 +48,8 @@ enum lb_stat {
 			  */
 	LB_ICMP_ERROR,	 /* an ICMP error about a tracked flow, translated and
 			    sent to the flow's other end */
+	LB_FRAGMENT,	 /* of LB_TO_BACKEND/LB_TO_CLIENT: a later fragment of a
+			    datagram whose first fragment was forwarded */
 	LB_STAT_MAX,
 };
 
@@ -99,6 +101,15 @@ struct lb_nexthop {
 	__u8 dmac[6];
 	__u32 checked; /* clock ticks of the FIB lookup */
 	__u32 ok;
+};
+
+/* A datagram's fragments: what they share (RFC 791). */
+struct frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
 };
 
 /* Connection table key: a packet's addresses, ports and protocol. */

@@ -91,6 +91,19 @@ struct {
 	__type(value, struct flow);
 } ct_new SEC(".maps");
 
+/*
+ * Datagrams being forwarded in fragments: the first fragment (it alone
+ * carries the ports) was matched to a flow and forwarded; the later ones,
+ * which carry no ports, follow it with the flow's entry (as it was then)
+ * for a second. Few at a time, so small; LRU.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct frag_key);
+	__type(value, struct flow);
+} frags SEC(".maps");
+
 /* Backend id -> where the next NAT port search starts: ports are handed out
  * in order, so a freed tuple is reused as late as possible. */
 struct {

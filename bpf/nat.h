@@ -16,7 +16,12 @@ struct pkt {
 	struct flow_key key;
 	__u16 l4_len;
 	__u8 tcp_flags; /* TCP: FIN/SYN/RST/... byte, 0 for UDP */
+	__u8 frag;	/* LB_FRAG_*: a fragment of a datagram */
 };
+
+#define LB_FRAG_NONE 0
+#define LB_FRAG_FIRST 1 /* offset 0, more to come: carries the ports */
+#define LB_FRAG_LATER 2 /* offset > 0: no ports */
 
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
@@ -27,14 +32,15 @@ struct pkt {
  * Whether the packet's L4 checksum is partial (see l4_csum_rewrite). Only in
  * skb mode, where partial packets exist; there a field equal to the
  * pseudo-header sum is partial unless the whole segment checks out as a
- * complete checksum (which it does once in 65536 packets by chance).
+ * complete checksum (which it does once in 65536 packets by chance). A
+ * fragment's is complete: a sender fragments after checksumming.
  */
 static __always_inline int l4_csum_partial(struct xdp_md *ctx, struct pkt *p)
 {
 	struct iphdr *ip = p->ip;
 	__u16 ps;
 
-	if (!skb_mode)
+	if (!skb_mode || p->frag)
 		return 0;
 	ps = pseudo_sum(ip->saddr, ip->daddr, p->key.proto, p->l4_len);
 	if (*p->l4_check != ps)

@@ -81,6 +81,7 @@ pub const PINNED: &[&str] = &[
     "nat_cursor",
     "tx_ports",
     "nexthops",
+    "frags",
 ];
 
 /// The bytes of a plain struct.

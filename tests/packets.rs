@@ -1580,11 +1580,13 @@ fn pass_fixtures() -> Vec<PassFixture> {
             f
         }),
         // --- fragments ----------------------------------------------------
-        fragment(
-            "first fragment (MF) client -> VIP:80",
+        pass(
+            "first fragment (MF) of a segment of no flow, client -> VIP:80",
             client_syn()
                 .data(HTTP_GET)
-                .with(|t| t.more_fragments = true),
+                .with(|t| t.more_fragments = true)
+                .frame(),
+            "pass_not_ours",
         ),
         fragment(
             "later fragment (offset 185) client -> VIP:80",
@@ -1598,12 +1600,15 @@ fn pass_fixtures() -> Vec<PassFixture> {
                 .with(|t| t.frag_offset = 3),
         ),
         fragment(
-            "first UDP fragment client -> VIP:53",
-            client_udp().with(|t| t.more_fragments = true),
+            "later UDP fragment of no datagram seen, client -> VIP:53",
+            client_udp().with(|t| t.frag_offset = 185),
         ),
-        fragment(
-            "fragment from a stranger to an unknown address (fragment before service)",
-            Seg::syn(STRANGER, 40000, OTHER_HOST, 80).with(|t| t.more_fragments = true),
+        pass(
+            "first fragment from a stranger to an unknown address",
+            Seg::syn(STRANGER, 40000, OTHER_HOST, 80)
+                .with(|t| t.more_fragments = true)
+                .frame(),
+            "pass_not_ours",
         ),
     ]
 }
@@ -2477,6 +2482,147 @@ fn icmp_port_unreachable_for_udp() {
 /// came in on (eth0 in these fixtures).
 fn ifindex_to_client(lb: &Lb) -> u32 {
     lb.ifs.eth0
+}
+
+// ---------------------------------------------------------------------------
+// Fragments of tracked flows.
+
+/// `frame` (a later fragment) as lb forwards it: new addresses and MACs,
+/// the IP checksum recomputed, everything else as it was.
+fn refragment(frame: &[u8], src: Ipv4Addr, dst: Ipv4Addr, smac: [u8; 6], dmac: [u8; 6]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[0..6].copy_from_slice(&dmac);
+    f[6..12].copy_from_slice(&smac);
+    f[ETH_HLEN + 12..ETH_HLEN + 16].copy_from_slice(&src.octets());
+    f[ETH_HLEN + 16..ETH_HLEN + 20].copy_from_slice(&dst.octets());
+    fix_ip_checksum(&mut f);
+    f
+}
+
+fn ip_header_ok(frame: &[u8]) -> bool {
+    let ihl = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
+    fold(sum16(&frame[ETH_HLEN..ETH_HLEN + ihl])) == 0xffff
+}
+
+/// A datagram of a tracked UDP flow sent in fragments, both ways: the
+/// first fragment (it carries the ports) is translated as any packet of the
+/// flow, and the later ones (same source, destination, protocol and IP id,
+/// no ports) follow it: addresses, IP checksum and MACs rewritten, the rest
+/// untouched. A later fragment of a datagram whose first was not seen passes.
+#[test]
+fn fragments_of_a_tracked_flow_follow_their_first() {
+    instance!(
+        "fragments_of_a_tracked_flow_follow_their_first",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 53, Proto::Udp);
+    lb.backend(&svc, BACKEND_A, 53, 1);
+    let c = Csum::Complete;
+    let q = Seg::udp(CLIENT, 40000, VIP, 53, b"query");
+    let conn = must(lb.open(&q, &[sa(BACKEND_A, 53)], c), "the flow");
+    must(
+        lb.back(&conn, &conn.reply().data(b"answer"), c),
+        "its reply",
+    );
+
+    // Client -> backend: first fragment, then the last.
+    let first = q.clone().with(|t| {
+        t.id = 0x7a01;
+        t.more_fragments = true;
+        t.payload = vec![0x11; 1472];
+    });
+    let want = first.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &first.frame(),
+            XDP_TX,
+            &want.frame(),
+            c,
+            // The client's packet after the reply confirms the flow.
+            &["to_backend", "established"],
+        ),
+        "first fragment to the backend",
+    );
+    let last = q.clone().with(|t| {
+        t.id = 0x7a01;
+        t.frag_offset = 185;
+        t.payload = vec![0x22; 300];
+    });
+    let want = refragment(
+        &last.frame(),
+        *conn.nat.ip(),
+        BACKEND_A,
+        conn.lb_mac,
+        mac_of(BACKEND_A),
+    );
+    assert!(ip_header_ok(&want));
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &last.frame(),
+            XDP_TX,
+            &want,
+            c,
+            &["to_backend", "fragment"],
+        ),
+        "later fragment follows its first",
+    );
+
+    // Backend -> client, the same way.
+    let rfirst = conn.reply().data(&[0x33; 1472]).with(|t| {
+        t.id = 0x0b0b;
+        t.more_fragments = true;
+    });
+    let want = rfirst.nat(
+        conn.vip(),
+        conn.client_addr(),
+        conn.client.dmac,
+        conn.client.smac,
+    );
+    must(
+        lb.expect(
+            conn.egress,
+            &rfirst.frame(),
+            XDP_TX,
+            &want.frame(),
+            c,
+            &["to_client"],
+        ),
+        "first fragment to the client",
+    );
+    let rlast = conn.reply().data(&[0x44; 100]).with(|t| {
+        t.id = 0x0b0b;
+        t.frag_offset = 185;
+    });
+    let want = refragment(
+        &rlast.frame(),
+        VIP,
+        CLIENT,
+        conn.client.dmac,
+        conn.client.smac,
+    );
+    must(
+        lb.expect(
+            conn.egress,
+            &rlast.frame(),
+            XDP_TX,
+            &want,
+            c,
+            &["to_client", "fragment"],
+        ),
+        "later fragment to the client",
+    );
+
+    // Another datagram's later fragment (its first never came): passed.
+    let orphan = last.clone().with(|t| t.id = 0x7a02);
+    must(
+        lb.passes(&orphan.frame(), "pass_fragment"),
+        "later fragment without its first",
+    );
+    assert_eq!(lb.conns().len(), 1, "fragments make no flows");
 }
 
 // ---------------------------------------------------------------------------

@@ -170,10 +170,26 @@ static __always_inline int process(struct xdp_md *ctx)
 		ct_owner_key(f, p.key.proto, &ok);
 		o = est ? bpf_map_lookup_elem(&conntrack, &ok)
 			: bpf_map_lookup_elem(&ct_new, &ok);
+		if (!o && !est) {
+			/* Promoted by another CPU meanwhile (ct_promote)? */
+			struct flow *pf =
+			    bpf_map_lookup_elem(&conntrack, &p.key);
+
+			if (pf) {
+				f = pf;
+				est = 1;
+				ct_owner_key(f, p.key.proto, &ok);
+			}
+			/* (or the tuple's owner now: another connection's) */
+			o = bpf_map_lookup_elem(&conntrack, &ok);
+		}
 		state = o ? o->state : 0;
 		if (!o || !ct_owner_of(o, &p.key) ||
 		    (state & LB_CT_RECLAIMED)) {
-			count(ctx, LB_STALE, 0);
+			/* Its owner gone: evicted from a full table (the
+			 * connection is lost); or its tuple given to another
+			 * connection (this one had ended). */
+			count(ctx, o ? LB_STALE : LB_EVICTED, 0);
 			if (est)
 				bpf_map_delete_elem(&conntrack, &p.key);
 			else

@@ -43,13 +43,15 @@ enum lb_stat {
 	LB_REOPEN,	    /* of LB_TO_BACKEND: a SYN reopened a closed flow */
 	LB_ESTABLISHED,	    /* of LB_TO_BACKEND: answered, moved to conntrack */
 	LB_EST_FULL, /* conntrack refused an answered flow: kept half-open */
-	LB_STALE,    /* client entry whose owner is gone (evicted, reused) */
+	LB_STALE,    /* client entry whose NAT tuple another connection has */
 	LB_DROP_CT_RACE, /* a SYN lost a race with its own copy on another CPU
 			  */
 	LB_ICMP_ERROR,	 /* an ICMP error about a tracked flow, translated and
 			    sent to the flow's other end */
 	LB_FRAGMENT,	 /* of LB_TO_BACKEND/LB_TO_CLIENT: a later fragment of a
 			    datagram whose first fragment was forwarded */
+	LB_EVICTED,	 /* client entry whose owner a full table evicted: a
+			    connection lost (--max-flows, --max-half-open) */
 	LB_STAT_MAX,
 };
 

@@ -186,6 +186,8 @@ mod tests {
         "stale",
         "drop_ct_race",
         "icmp_error",
+        "fragment",
+        "evicted",
     ];
 
     #[test]

@@ -2625,6 +2625,38 @@ fn fragments_of_a_tracked_flow_follow_their_first() {
     assert_eq!(lb.conns().len(), 1, "fragments make no flows");
 }
 
+/// An owner evicted from a full table (its connection is lost): the client
+/// entry left behind is dropped at its next packet and counted `evicted`,
+/// unlike one whose tuple another connection took (`stale`); the packet
+/// goes to the kernel, which resets the connection.
+#[test]
+fn an_evicted_owner_is_counted() {
+    instance!("an_evicted_owner_is_counted", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let c = Csum::Complete;
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &[sa(BACKEND_A, 80)], c), "SYN");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK: established");
+    lb.m.conntrack
+        .delete(bytes(&conn.reverse_key()))
+        .expect("evicting the owner");
+    let data = syn.clone().data(HTTP_GET).frame();
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &data,
+            XDP_PASS,
+            &data,
+            c,
+            &["evicted", "pass_not_ours"],
+        ),
+        "the client's next segment",
+    );
+    assert!(lb.entry(&syn.key()).is_none(), "the orphan is gone");
+}
+
 // ---------------------------------------------------------------------------
 // UDP.
 

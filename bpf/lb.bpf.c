@@ -45,6 +45,7 @@ const volatile struct lb_shared lb_shared = {};
 #include "conntrack.h"
 #include "frag.h"
 #include "icmp.h"
+#include "trace.h"
 
 /* Parse up to the ports; a reason counter on failure, 0 on success. */
 static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
@@ -117,7 +118,15 @@ static __always_inline int is_syn(const struct pkt *p)
 	       (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 }
 
-static __always_inline int process(struct xdp_md *ctx)
+/* Counts the packet under `reason` and notes it for the trace. */
+static __always_inline int done(struct xdp_md *ctx, struct verdict_note *n,
+				enum lb_stat reason, int verdict)
+{
+	n->reason = reason;
+	return count(ctx, reason, verdict);
+}
+
+static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
 {
 	struct pkt p = {};
 	struct flow *f, *o, nf; /* nf: a new flow's entry, set by flow_new */
@@ -133,16 +142,16 @@ static __always_inline int process(struct xdp_md *ctx)
 				     (void *)(long)ctx->data_end);
 
 		if (act >= 0)
-			return count(ctx, LB_ICMP_ERROR, act);
+			return done(ctx, n, LB_ICMP_ERROR, act);
 	}
 	if (why == LB_PASS_FRAGMENT && p.frag == LB_FRAG_LATER) {
 		int act = frag_later(ctx, &p, lb_now());
 
 		if (act >= 0)
-			return count(ctx, LB_FRAGMENT, act);
+			return done(ctx, n, LB_FRAGMENT, act);
 	}
 	if (why)
-		return count(ctx, why, XDP_PASS);
+		return done(ctx, n, why, XDP_PASS);
 
 	now = lb_now();
 	f = bpf_map_lookup_elem(&conntrack, &p.key);
@@ -157,7 +166,7 @@ static __always_inline int process(struct xdp_md *ctx)
 		if ((state & LB_CT_RECLAIMED) ||
 		    ct_expired(o, state, p.key.proto, est, now) ||
 		    ((state & LB_CT_CLOSING) && is_syn(&p)))
-			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
+			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		ct_seen(o, now);
 		if (!est && !(state & LB_CT_REPLIED))
 			__sync_fetch_and_or(&o->state, LB_CT_REPLIED);
@@ -219,7 +228,7 @@ static __always_inline int process(struct xdp_md *ctx)
 		} else if (ct_expired(o, state, p.key.proto, est, now)) {
 			/* Dead: the kernel answers (RST) and no state is
 			 * made. */
-			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
+			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		} else {
 			ct_seen(o, now);
 			if (p.tcp_flags & (TCP_FIN | TCP_RST))
@@ -235,15 +244,15 @@ static __always_inline int process(struct xdp_md *ctx)
 		 * flow that ended, or a flood of ACKs) goes to the kernel,
 		 * which answers with a RST, and costs no table entries. */
 		if (p.key.proto == IPPROTO_TCP && !is_syn(&p))
-			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
+			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		svc = service_of(&p.key);
 		if (!svc)
-			return count(ctx, LB_PASS_NOT_OURS, XDP_PASS);
+			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		why = flow_new(ctx, &p, svc->id, now, &nf);
 		if (why && why != LB_PASS_NO_NEIGH)
-			return count(ctx, why,
-				     why == LB_PASS_NO_ROUTE ? XDP_PASS
-							     : XDP_DROP);
+			return done(ctx, n, why,
+				    why == LB_PASS_NO_ROUTE ? XDP_PASS
+							    : XDP_DROP);
 		f = &nf; /* the entry as written: no need to look it up */
 		new_flow = 1;
 		routed = 1;
@@ -251,7 +260,7 @@ static __always_inline int process(struct xdp_md *ctx)
 	/* A flow whose next hop was unresolved: try again (a new flow has
 	 * just tried). */
 	if (!f->nh_ok && !routed && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
-		return count(ctx, LB_PASS_NO_ROUTE, XDP_PASS);
+		return done(ctx, n, LB_PASS_NO_ROUTE, XDP_PASS);
 
 xmit:
 	if (p.frag && f->nh_ok)
@@ -260,17 +269,27 @@ xmit:
 	count_backend(ctx, f->backend, new_flow);
 	if (new_flow)
 		count(ctx, LB_NEW_FLOW, 0);
+	n->new_flow = new_flow;
 	if (!f->nh_ok) /* the kernel forwards it, resolving the neighbour */
-		return count(ctx, LB_PASS_NO_NEIGH, XDP_PASS);
-	return count(ctx,
-		     f->dir == LB_DIR_TO_BACKEND ? LB_TO_BACKEND : LB_TO_CLIENT,
-		     nat_xmit(ctx, &p, f));
+		return done(ctx, n, LB_PASS_NO_NEIGH, XDP_PASS);
+	return done(ctx, n,
+		    f->dir == LB_DIR_TO_BACKEND ? LB_TO_BACKEND : LB_TO_CLIENT,
+		    nat_xmit(ctx, &p, f));
 }
 
 SEC("xdp")
 int lb_xdp(struct xdp_md *ctx)
 {
-	return process(ctx);
+	struct lb_trace_cfg *t = trace_state();
+	struct verdict_note n = {};
+	int verdict;
+
+	if (!t)
+		return XDP_PASS; /* (a one-entry array: never) */
+	trace_begin(ctx, t);
+	verdict = process(ctx, &n);
+	trace_end(ctx, t, &n, verdict);
+	return verdict;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

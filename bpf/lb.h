@@ -55,6 +55,36 @@ enum lb_stat {
 	LB_STAT_MAX,
 };
 
+/* `lb trace`: the headers of a packet as it came and as lb sent it on, and
+ * what lb did, for each packet traced (bpf/trace.h). */
+#define LB_TRACE_HDR 96 /* bytes of each frame kept (headers) */
+
+struct lb_trace_event {
+	__u64 ns;      /* bpf_ktime_get_ns */
+	__u32 ifindex; /* where it came in */
+	__u32 len;     /* its length */
+	__u16 verdict; /* XDP_* */
+	__u16 reason;  /* enum lb_stat: the counter it was counted under */
+	__u8 new_flow; /* it made (or reopened) a flow */
+	__u8 in_len;   /* bytes kept of the frame as it came */
+	__u8 pad[2];
+	__u8 in[LB_TRACE_HDR];
+	__u8 out[LB_TRACE_HDR]; /* the same bytes as lb left them */
+};
+
+/* Whether and how to trace, per CPU: written by `lb trace` (the same for
+ * every CPU), with the CPU's packet being traced kept until it is sent. */
+struct lb_trace_cfg {
+	__u32 on;     /* a tracer is reading the ring buffer */
+	__u32 sample; /* trace 1 packet in `sample` (0, 1: all) */
+	__u64 until;  /* jiffies: stop unless the tracer renews it */
+	__u64 lost;   /* events the full ring buffer refused (this CPU's) */
+	/* The packet in hand (the program's, not the tracer's): */
+	__u32 pending; /* its `in` part is filled */
+	__u32 pad;
+	struct lb_trace_event ev;
+};
+
 /* One per-CPU counter slot. */
 struct lb_counter {
 	__u64 packets;

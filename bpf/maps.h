@@ -122,6 +122,19 @@ struct {
 	__type(value, struct lb_nexthop);
 } nexthops SEC(".maps");
 
+/* `lb trace`: events (struct lb_trace_event) and whether to make them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);
+} trace_rb SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_trace_cfg);
+} trace_cfg SEC(".maps");
+
 /* Interfaces lb is attached to, for XDP_REDIRECT between them. */
 struct {
 	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);

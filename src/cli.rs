@@ -195,6 +195,37 @@ pub enum Command {
         #[arg(long, value_name = "N", requires = "watch")]
         count: Option<u32>,
     },
+    /// Print what the datapath does with each packet, live (one line or
+    /// JSON object a packet; until --count, --duration or Ctrl-C).
+    Trace {
+        /// Only packets to or from this VIP (ADDR or ADDR:PORT).
+        #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_vip)]
+        vip: Option<(std::net::IpAddr, Option<u16>)>,
+        /// Only packets from or to this client address.
+        #[arg(long, value_name = "ADDR")]
+        client: Option<std::net::IpAddr>,
+        /// Only packets to or from this backend address.
+        #[arg(long, value_name = "ADDR")]
+        backend: Option<std::net::IpAddr>,
+        /// Only packets counted under this counter (see `lb stats`).
+        #[arg(long, value_name = "COUNTER")]
+        reason: Option<String>,
+        /// Only packets with this verdict: pass, drop, tx, redirect, aborted.
+        #[arg(long, value_name = "VERDICT")]
+        verdict: Option<String>,
+        /// Only packets that made (or reopened) a flow.
+        #[arg(long)]
+        new_flows_only: bool,
+        /// Trace one packet in N (the datapath samples).
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        sample: u32,
+        /// Stop after printing N packets.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after SECONDS.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+    },
     /// Apply a configuration file (see README, "Configuration file"): print
     /// the changes, then make them all or none.
     Apply {
@@ -301,6 +332,16 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
         serde_json::to_string_pretty(v).context("encoding JSON")?
     );
     Ok(())
+}
+
+/// `ADDR` or `ADDR:PORT` (`[v6]:PORT`).
+fn parse_vip(s: &str) -> Result<(std::net::IpAddr, Option<u16>), String> {
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Ok((a.ip(), Some(a.port())));
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| (ip, None))
+        .map_err(|_| format!("'{s}' is not an address or address:port"))
 }
 
 /// Runs a parsed command, printing its result to stdout.
@@ -549,6 +590,43 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_json(&r)?;
             } else {
                 print_report(&r);
+            }
+        }
+        Command::Trace {
+            vip,
+            client,
+            backend,
+            reason,
+            verdict,
+            new_flows_only,
+            sample,
+            count,
+            duration,
+        } => {
+            let duration = match duration {
+                Some(d) if !(d > 0.0 && d <= 86_400.0) => {
+                    bail!("--duration {d} out of range (0, 86400] seconds")
+                }
+                d => d.map(std::time::Duration::from_secs_f64),
+            };
+            let (_ns, pins) = prepare(&place)?;
+            let filter = crate::trace::Filter {
+                vip,
+                client,
+                backend,
+                reason,
+                verdict,
+                new_flows_only,
+            };
+            let bounds = crate::trace::Bounds {
+                sample,
+                count,
+                duration,
+            };
+            let (_, lost) =
+                crate::trace::run(&pins, &filter, bounds, out.json, &mut std::io::stdout())?;
+            if lost > 0 {
+                eprintln!("lb: {lost} packets not traced: the ring buffer was full (try --sample)");
             }
         }
         Command::PeerPass {

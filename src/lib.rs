@@ -21,5 +21,6 @@ pub mod service;
 pub mod settings;
 pub mod skel;
 pub mod stats;
+pub mod trace;
 pub mod watch;
 pub mod xdp;

@@ -82,6 +82,8 @@ pub const PINNED: &[&str] = &[
     "tx_ports",
     "nexthops",
     "frags",
+    "trace_rb",
+    "trace_cfg",
 ];
 
 /// The bytes of a plain struct.

@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::reconcile::{State, Target, Want};
-use crate::service::{Proto, Service, MAX_WEIGHT};
+use crate::service::{self, Proto, Service, MAX_WEIGHT};
 use crate::settings::{self, Settings};
 use crate::xdp::Mode;
 
@@ -134,7 +134,7 @@ pub struct Check {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendCfg {
     /// IP:PORT (port 0: the client's port).
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Configured weight.
     pub weight: u32,
     /// Optional health check.
@@ -265,20 +265,13 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
     let mut services: Vec<ServiceCfg> = Vec::new();
     for s in &raw.services {
         let rs = s.get_ref();
-        let vip: Ipv4Addr = rs.vip.get_ref().parse().map_err(|_| {
+        let vip: IpAddr = rs.vip.get_ref().parse().map_err(|_| {
             cx.err(
                 rs.vip.span(),
                 "services.vip",
-                format!("'{}' is not an IPv4 address", rs.vip.get_ref()),
+                format!("'{}' is not an IP address", rs.vip.get_ref()),
             )
         })?;
-        if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
-            return Err(cx.err(
-                rs.vip.span(),
-                "services.vip",
-                format!("{vip} is not a unicast address"),
-            ));
-        }
         let proto = match rs.proto.as_ref() {
             None => Proto::Tcp,
             Some(p) => match p.get_ref().as_str() {
@@ -293,7 +286,9 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 }
             },
         };
-        let service = Service::new(SocketAddrV4::new(vip, *rs.port.get_ref()), proto);
+        let service = Service::new(SocketAddr::new(vip, *rs.port.get_ref()), proto);
+        service::check_service(&service)
+            .map_err(|e| cx.err(rs.vip.span(), "services.vip", format!("{e:#}")))?;
         if services.iter().any(|x| x.service == service) {
             return Err(cx.err(s.span(), "services", format!("duplicate service {service}")));
         }
@@ -307,21 +302,18 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
         let mut backends: Vec<BackendCfg> = Vec::new();
         for b in &rs.backends {
             let rb = b.get_ref();
-            let addr: SocketAddrV4 = rb.addr.get_ref().parse().map_err(|_| {
+            let addr: SocketAddr = rb.addr.get_ref().parse().map_err(|_| {
                 cx.err(
                     rb.addr.span(),
                     "services.backends.addr",
-                    format!("'{}' is not IPv4:PORT", rb.addr.get_ref()),
+                    format!(
+                        "'{}' is not IP:PORT (e.g. 10.0.0.1:80, [fd00::1]:80)",
+                        rb.addr.get_ref()
+                    ),
                 )
             })?;
-            let ip = addr.ip();
-            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-                return Err(cx.err(
-                    rb.addr.span(),
-                    "services.backends.addr",
-                    format!("{ip} is not a unicast address"),
-                ));
-            }
+            service::check_backend(&service, addr)
+                .map_err(|e| cx.err(rb.addr.span(), "services.backends.addr", format!("{e:#}")))?;
             if backends.iter().any(|x| x.addr == addr) {
                 return Err(cx.err(
                     rb.addr.span(),
@@ -544,7 +536,7 @@ fn check_of(cx: &Ctx, c: &Spanned<RawCheck>) -> Result<Check> {
 impl Config {
     /// What the file asks of an instance (interfaces attached if they are
     /// not, settings, exactly its services); backends in `out` get weight 0.
-    pub fn target(&self, out: &HashSet<(Service, SocketAddrV4)>) -> Target {
+    pub fn target(&self, out: &HashSet<(Service, SocketAddr)>) -> Target {
         Target {
             file: Some(self.path.display().to_string()),
             settings: self.settings.clone(),
@@ -557,7 +549,7 @@ impl Config {
 
     /// The services and weights the file asks for; backends in `out` get
     /// weight 0.
-    pub fn state(&self, out: &HashSet<(Service, SocketAddrV4)>) -> State {
+    pub fn state(&self, out: &HashSet<(Service, SocketAddr)>) -> State {
         self.services
             .iter()
             .map(|s| {

@@ -55,7 +55,7 @@ pub fn load<'obj>(
     ro.snat_addr = [0; settings::MAX_SNAT];
     ro.snat_full = 0;
     for (i, a) in settings.snat.iter().take(settings::MAX_SNAT).enumerate() {
-        ro.snat_addr[i] = maps::ip_to_be(*a);
+        ro.snat_addr[i] = maps::be32_of(*a)?;
         ro.snat_full |= u32::from(full[i]) << i;
     }
     ro.snat_count = settings.snat.len().min(settings::MAX_SNAT) as u32;
@@ -391,7 +391,7 @@ pub struct Status {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SnatInfo {
     /// The address.
-    pub addr: std::net::Ipv4Addr,
+    pub addr: std::net::IpAddr,
     /// Its ports: the NAT ranges, or "1024-65535" if it is lb's alone.
     pub ports: String,
 }

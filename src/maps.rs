@@ -1,8 +1,11 @@
 //! Typed access to an instance's pinned maps. The structs are the ones the
 //! skeleton generates from the C program's BTF (bpf/lb.h), and so are the
-//! constants shared with it (the enums of bpf/lb.h).
+//! constants shared with it (the enums of bpf/lb.h). The model's addresses
+//! (`IpAddr`, `SocketAddr`) become the maps' `__be32`/`__be16` here and
+//! nowhere else; the datapath has no IPv6 yet, and an IPv6 address is
+//! refused here as a last guard (the model's checks refuse it first).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
@@ -11,6 +14,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 use nix::errno::Errno;
 
 use crate::bpffs::PinDir;
+use crate::model::{Backend, Proto, Service};
 use crate::settings::{PortRange, Settings};
 use crate::skel::lb::types::{self, backend_flags, flow_dir, flow_state, lb_limits};
 
@@ -104,6 +108,60 @@ pub fn ip_to_be(ip: Ipv4Addr) -> u32 {
 /// The inverse of [`ip_to_be`].
 pub fn ip_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// An address as the datapath stores it ([`ip_to_be`]); an IPv6 address,
+/// which it cannot store yet, is an error naming it.
+pub fn be32_of(ip: IpAddr) -> Result<u32> {
+    match ip {
+        IpAddr::V4(v4) => Ok(ip_to_be(v4)),
+        IpAddr::V6(_) => bail!("{ip}: the datapath has no IPv6 yet"),
+    }
+}
+
+/// An address and port as the datapath stores them (network order).
+pub fn sockaddr_from_be(ip: u32, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip_from_be(ip)), u16::from_be(port))
+}
+
+/// The key of a service in the services map.
+pub fn svc_key(svc: &Service) -> Result<SvcKey> {
+    Ok(SvcKey {
+        vip: be32_of(svc.vip)?,
+        port: svc.port.to_be(),
+        proto: svc.proto.number(),
+        pad: 0,
+    })
+}
+
+/// The service of a key of the services map (`None`: not a protocol a
+/// service has).
+pub fn service_of_key(k: &SvcKey) -> Option<Service> {
+    Some(Service::new(
+        sockaddr_from_be(k.vip, k.port),
+        Proto::from_number(k.proto)?,
+    ))
+}
+
+/// The entry of a used backend in the backends map.
+pub fn backend_entry(b: &Backend) -> Result<BackendEntry> {
+    Ok(BackendEntry {
+        ip: be32_of(b.addr.ip())?,
+        port: b.addr.port().to_be(),
+        flags: BACKEND_USED,
+        svc: b.svc_id,
+        weight: b.weight,
+    })
+}
+
+/// The backend of entry `id` of the backends map, if the entry is used.
+pub fn backend_of(id: u32, e: &BackendEntry) -> Option<Backend> {
+    (e.flags & BACKEND_USED != 0).then(|| Backend {
+        id,
+        addr: sockaddr_from_be(e.ip, e.port),
+        weight: e.weight,
+        svc_id: e.svc,
+    })
 }
 
 /// Entries asked for in one `BPF_MAP_LOOKUP_BATCH` (grown when a hash
@@ -505,7 +563,7 @@ pub fn settings_of(
             .collect(),
         snat: ro.snat_addr[..(ro.snat_count as usize).min(ro.snat_addr.len())]
             .iter()
-            .map(|a| ip_from_be(*a))
+            .map(|a| IpAddr::V4(ip_from_be(*a)))
             .collect(),
         maglev_size: ro.maglev_size,
         max_flows: conntrack_entries / 2,

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -23,7 +23,7 @@ use crate::service::{self, Backend, Service};
 use crate::settings::Settings;
 
 /// Services and backends with their weights: wanted, or loaded.
-pub type State = BTreeMap<Service, BTreeMap<SocketAddrV4, u32>>;
+pub type State = BTreeMap<Service, BTreeMap<SocketAddr, u32>>;
 
 /// A loaded backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub struct LoadedService {
     /// Its id.
     pub id: u32,
     /// Its backends by address.
-    pub backends: BTreeMap<SocketAddrV4, LoadedBackend>,
+    pub backends: BTreeMap<SocketAddr, LoadedBackend>,
 }
 
 impl LoadedService {
@@ -105,7 +105,7 @@ impl Loaded {
     }
 
     /// The id of a loaded backend.
-    pub fn backend_id(&self, svc: &Service, addr: SocketAddrV4) -> Option<u32> {
+    pub fn backend_id(&self, svc: &Service, addr: SocketAddr) -> Option<u32> {
         Some(self.services.get(svc)?.backends.get(&addr)?.id)
     }
 
@@ -131,13 +131,13 @@ pub enum Change {
     /// A new service.
     AddService(Service),
     /// A new backend.
-    AddBackend(Service, SocketAddrV4, u32),
+    AddBackend(Service, SocketAddr, u32),
     /// A weight changes (old, new).
-    SetWeight(Service, SocketAddrV4, u32, u32),
+    SetWeight(Service, SocketAddr, u32, u32),
     /// A backend goes (with its weight, for rollback).
-    DelBackend(Service, SocketAddrV4, u32),
+    DelBackend(Service, SocketAddr, u32),
     /// A service goes (with its backends, for rollback).
-    DelService(Service, BTreeMap<SocketAddrV4, u32>),
+    DelService(Service, BTreeMap<SocketAddr, u32>),
 }
 
 impl fmt::Display for Change {
@@ -200,31 +200,53 @@ pub enum Edit {
     /// A service goes (`lb service del`).
     DelService(Service),
     /// A new backend (`lb backend add`).
-    AddBackend(Service, SocketAddrV4, u32),
+    AddBackend(Service, SocketAddr, u32),
     /// A backend goes (`lb backend del`).
-    DelBackend(Service, SocketAddrV4),
+    DelBackend(Service, SocketAddr),
     /// A backend's weight (`lb backend set`, `drain`).
-    SetWeight(Service, SocketAddrV4, u32),
+    SetWeight(Service, SocketAddr, u32),
     /// The service exists with exactly these backends, new ones with
     /// weight 1, the others keeping theirs (the one-liner of `lb attach`).
-    Backends(Service, Vec<SocketAddrV4>),
+    Backends(Service, Vec<SocketAddr>),
     /// A backend's weight if the backend is there (`lb run` at a health
     /// change); nothing otherwise.
-    WeightIfPresent(Service, SocketAddrV4, u32),
+    WeightIfPresent(Service, SocketAddr, u32),
 }
 
 impl Edit {
+    /// Checks what the edit holds on its own (addresses, weights): what
+    /// the datapath can take, before anything is read or made.
+    pub fn check(&self) -> Result<()> {
+        match self {
+            Edit::AddService(s) | Edit::DelService(s) => service::check_service(s),
+            Edit::AddBackend(s, a, w) | Edit::SetWeight(s, a, w) => {
+                service::check_service(s)?;
+                service::check_backend(s, *a)?;
+                service::check_weight(*w)
+            }
+            Edit::DelBackend(s, a) => {
+                service::check_service(s)?;
+                service::check_backend(s, *a)
+            }
+            Edit::Backends(s, addrs) => {
+                service::check_service(s)?;
+                addrs.iter().try_for_each(|a| service::check_backend(s, *a))
+            }
+            Edit::WeightIfPresent(_, _, w) => service::check_weight(*w),
+        }
+    }
+
     /// Applies the edit to `st`, or says why it cannot be.
     pub fn apply_to(&self, st: &mut State) -> Result<()> {
         fn svc_mut<'a>(
             st: &'a mut State,
             s: &Service,
-        ) -> Result<&'a mut BTreeMap<SocketAddrV4, u32>> {
+        ) -> Result<&'a mut BTreeMap<SocketAddr, u32>> {
             st.get_mut(s).ok_or_else(|| anyhow!("no such service: {s}"))
         }
+        self.check()?;
         match self {
             Edit::AddService(s) => {
-                service::check_unicast(s.vip)?;
                 if st.contains_key(s) {
                     bail!("service {s} already exists");
                 }
@@ -235,8 +257,6 @@ impl Edit {
                     .ok_or_else(|| anyhow!("no such service: {s}"))?;
             }
             Edit::AddBackend(s, a, w) => {
-                service::check_weight(*w)?;
-                service::check_unicast(*a.ip())?;
                 let b = svc_mut(st, s)?;
                 if b.contains_key(a) {
                     bail!("backend {a} already belongs to service {s}");
@@ -249,23 +269,19 @@ impl Edit {
                     .ok_or_else(|| anyhow!("service {s} has no backend {a}"))?;
             }
             Edit::SetWeight(s, a, w) => {
-                service::check_weight(*w)?;
                 *svc_mut(st, s)?
                     .get_mut(a)
                     .ok_or_else(|| anyhow!("service {s} has no backend {a}"))? = *w;
             }
             Edit::Backends(s, addrs) => {
-                service::check_unicast(s.vip)?;
                 let have = st.remove(s).unwrap_or_default();
                 let mut b = BTreeMap::new();
                 for a in addrs {
-                    service::check_unicast(*a.ip())?;
                     b.insert(*a, have.get(a).copied().unwrap_or(1));
                 }
                 st.insert(*s, b);
             }
             Edit::WeightIfPresent(s, a, w) => {
-                service::check_weight(*w)?;
                 if let Some(x) = st.get_mut(s).and_then(|b| b.get_mut(a)) {
                     *x = *w;
                 }
@@ -644,11 +660,11 @@ mod tests {
     use crate::service::Proto;
 
     fn svc(port: u16) -> Service {
-        Service::new(SocketAddrV4::new([10, 0, 0, 1].into(), port), Proto::Tcp)
+        Service::new(SocketAddr::from(([10, 0, 0, 1], port)), Proto::Tcp)
     }
 
-    fn be(last: u8) -> SocketAddrV4 {
-        SocketAddrV4::new([10, 0, 1, last].into(), 80)
+    fn be(last: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 1, last], 80))
     }
 
     fn edited(st: &State, e: Edit) -> Result<State> {
@@ -683,7 +699,7 @@ mod tests {
         );
         assert_eq!(
             err(Edit::AddService(Service::new(
-                "255.255.255.255:80".parse().unwrap(),
+                "255.255.255.255:80".parse::<SocketAddr>().unwrap(),
                 Proto::Tcp
             ))),
             "255.255.255.255 is not a unicast address"

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use anyhow::{bail, Context, Result};
@@ -86,12 +86,14 @@ pub fn ports_string(r: &[PortRange]) -> String {
 }
 
 /// SNAT addresses as written: `ADDR[,ADDR...]`.
-pub fn parse_snat(s: &str) -> Result<Vec<Ipv4Addr>> {
+/// Either family parses; [`Settings::validate`] says which the datapath
+/// takes.
+pub fn parse_snat(s: &str) -> Result<Vec<IpAddr>> {
     s.split(',')
         .map(|a| {
             a.trim()
-                .parse::<Ipv4Addr>()
-                .with_context(|| format!("'{}' is not an IPv4 address", a.trim()))
+                .parse::<IpAddr>()
+                .with_context(|| format!("'{}' is not an IP address", a.trim()))
         })
         .collect()
 }
@@ -120,7 +122,7 @@ pub struct Settings {
     pub nat_ports: Vec<PortRange>,
     /// Source addresses towards backends (empty: the LB's address on the
     /// egress interface, from the FIB).
-    pub snat: Vec<Ipv4Addr>,
+    pub snat: Vec<IpAddr>,
     /// Entries of every Maglev table (a prime).
     pub maglev_size: u32,
     /// Answered connections the connection table holds (two entries each).
@@ -221,9 +223,7 @@ impl Settings {
             if self.snat[..i].contains(a) {
                 bail!("SNAT address {a} is given twice");
             }
-            if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
-                bail!("SNAT address {a} cannot be a source address");
-            }
+            crate::model::check_snat(*a)?;
         }
         if !maglev::is_prime(self.maglev_size) || self.maglev_size > 1_000_003 {
             bail!(

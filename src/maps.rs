@@ -273,16 +273,20 @@ fn read_batch(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<(),
     let mut out_tok = vec![0u8; tok_size];
     let mut first = true;
     let mut chunk = BATCH.min(limit.max(1));
+    // A hash bucket comes whole: one that does not fit in what is left of
+    // the limit is read whole and the extra entries dropped.
+    let mut bucket = 0;
     let opts = libbpf_sys::bpf_map_batch_opts {
         sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
         elem_flags: 0,
         flags: 0,
     };
     loop {
-        let want = chunk.min(limit - out.len());
-        if want == 0 {
-            return Ok(());
+        let left = limit.saturating_sub(out.len());
+        if left == 0 {
+            break;
         }
+        let want = chunk.min(left.max(bucket));
         let n = out.len();
         out.keys.reserve(want * ks);
         out.values.reserve(want * vs);
@@ -315,15 +319,13 @@ fn read_batch(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<(),
             continue;
         }
         match Errno::from_raw(-ret) {
-            Errno::ENOENT => return Ok(()),
+            Errno::ENOENT => break,
             Errno::EINTR | Errno::EAGAIN => continue,
             // The next hash bucket holds more entries than asked for: ask
-            // for more, unless that is past the limit.
+            // for more.
             Errno::ENOSPC if out.len() == n => {
-                if want == limit - n {
-                    return Ok(());
-                }
-                chunk = (chunk * 2).min(limit - n);
+                bucket = want * 2;
+                chunk = chunk.max(bucket);
             }
             e => {
                 // First call: no batch lookup here (old kernel, map type).
@@ -333,6 +335,9 @@ fn read_batch(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<(),
             }
         }
     }
+    out.keys.truncate(limit * ks);
+    out.values.truncate(limit * vs);
+    Ok(())
 }
 
 /// Reads by key into `out`: the next key, then its value.

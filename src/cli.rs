@@ -11,7 +11,7 @@ use crate::bpffs::{self, PinDir};
 use crate::lock::{self, InstanceLock};
 use crate::maps::Maps;
 use crate::reconcile::{self, Applied, Change, Edit, Target};
-use crate::service::{self, Proto, Service};
+use crate::service::{self, FwdMode, Proto, Scheduler, Service, SvcConf};
 use crate::settings::{self, PortRange, Settings};
 use crate::xdp::Mode;
 use crate::{config, conntrack, daemon, loader, net, netns, output, stats};
@@ -237,6 +237,12 @@ pub enum ServiceCmd {
     Add {
         #[command(flatten)]
         svc: SvcArg,
+        /// Forwarding mode.
+        #[arg(long, value_enum, default_value_t = FwdMode::Nat)]
+        mode: FwdMode,
+        /// How a backend is picked for a new flow.
+        #[arg(long, value_enum, default_value_t = Scheduler::Maglev)]
+        scheduler: Scheduler,
     },
     /// Remove a service, its backends and their flows.
     Del {
@@ -399,7 +405,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Service(cmd) => {
             let edit = match &cmd {
-                ServiceCmd::Add { svc } => Edit::AddService(svc.service()),
+                ServiceCmd::Add {
+                    svc,
+                    mode,
+                    scheduler,
+                } => Edit::AddService(
+                    svc.service(),
+                    SvcConf {
+                        mode: *mode,
+                        scheduler: *scheduler,
+                    },
+                ),
                 ServiceCmd::Del { svc } => Edit::DelService(svc.service()),
             };
             edit.check()?;
@@ -409,7 +425,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 return out.changes(&changes, &done);
             }
             match edit {
-                Edit::AddService(svc) => {
+                Edit::AddService(svc, _) => {
                     let id = done.loaded.services[&svc].id;
                     println!("added service {svc} (id {id})");
                 }
@@ -498,7 +514,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_json(&list)?;
             } else {
                 for s in &list {
-                    println!("{} (id {})", s.service, s.id);
+                    println!(
+                        "{} (id {}, mode {}, scheduler {})",
+                        s.service, s.id, s.conf.mode, s.conf.scheduler
+                    );
                     for b in &s.backends {
                         println!(
                             "  {:<21} weight {:<5} id {}",

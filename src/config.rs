@@ -15,8 +15,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::reconcile::{State, Target, Want};
-use crate::service::{self, Proto, Service, MAX_WEIGHT};
+use crate::reconcile::{State, SvcState, Target, Want};
+use crate::service::{self, FwdMode, Proto, Scheduler, Service, SvcConf, MAX_WEIGHT};
 use crate::settings::{self, Settings};
 use crate::xdp::Mode;
 
@@ -61,6 +61,10 @@ struct RawService {
     port: Spanned<u16>,
     #[serde(default)]
     proto: Option<Spanned<String>>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    scheduler: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
@@ -146,6 +150,8 @@ pub struct BackendCfg {
 pub struct ServiceCfg {
     /// VIP:PORT/PROTO.
     pub service: Service,
+    /// Forwarding mode and scheduler.
+    pub conf: SvcConf,
     /// Its backends, in file order.
     pub backends: Vec<BackendCfg>,
 }
@@ -289,6 +295,19 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
         let service = Service::new(SocketAddr::new(vip, *rs.port.get_ref()), proto);
         service::check_service(&service)
             .map_err(|e| cx.err(rs.vip.span(), "services.vip", format!("{e:#}")))?;
+        let mut conf = SvcConf::default();
+        if let Some(m) = &rs.mode {
+            conf.mode = m
+                .get_ref()
+                .parse::<FwdMode>()
+                .map_err(|e| cx.err(m.span(), "services.mode", format!("{e:#}")))?;
+        }
+        if let Some(m) = &rs.scheduler {
+            conf.scheduler = m
+                .get_ref()
+                .parse::<Scheduler>()
+                .map_err(|e| cx.err(m.span(), "services.scheduler", format!("{e:#}")))?;
+        }
         if services.iter().any(|x| x.service == service) {
             return Err(cx.err(s.span(), "services", format!("duplicate service {service}")));
         }
@@ -349,7 +368,11 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 check,
             });
         }
-        services.push(ServiceCfg { service, backends });
+        services.push(ServiceCfg {
+            service,
+            conf,
+            backends,
+        });
     }
     let total: usize = services.iter().map(|s| s.backends.len()).sum();
     if total > crate::maps::MAX_BACKENDS as usize {
@@ -553,19 +576,15 @@ impl Config {
         self.services
             .iter()
             .map(|s| {
-                let b = s
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let w = if out.contains(&(s.service, b.addr)) {
-                            0
-                        } else {
-                            b.weight
-                        };
-                        (b.addr, w)
-                    })
-                    .collect();
-                (s.service, b)
+                let b = s.backends.iter().map(|b| {
+                    let w = if out.contains(&(s.service, b.addr)) {
+                        0
+                    } else {
+                        b.weight
+                    };
+                    (b.addr, w)
+                });
+                (s.service, SvcState::new(s.conf, b))
             })
             .collect()
     }

@@ -109,6 +109,97 @@ pub struct Backend {
     pub svc_id: u32,
 }
 
+/// How a service forwards packets to its backends.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FwdMode {
+    /// Full NAT: the destination becomes the backend, the source an SNAT
+    /// address and port, both ways (the only mode of the datapath today).
+    #[default]
+    Nat,
+}
+
+/// How a service picks a backend for a new flow.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Maglev consistent hashing of the flow, by weight (the only
+    /// scheduler of the datapath today).
+    #[default]
+    Maglev,
+}
+
+/// What a service is besides its address: how it forwards and how it picks
+/// backends. In JSON `"mode": "nat", "scheduler": "maglev"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SvcConf {
+    /// Forwarding mode.
+    pub mode: FwdMode,
+    /// Scheduler.
+    pub scheduler: Scheduler,
+}
+
+/// Names of the values of a `clap::ValueEnum`, as they are written.
+fn names<T: clap::ValueEnum>() -> Vec<String> {
+    T::value_variants()
+        .iter()
+        .filter_map(|v| v.to_possible_value())
+        .map(|p| p.get_name().to_string())
+        .collect()
+}
+
+/// The value of a `clap::ValueEnum` named `s`, or an error naming the
+/// allowed values: `'dsr' is not one of nat`.
+fn by_name<T: clap::ValueEnum>(s: &str) -> Result<T> {
+    T::from_str(s, false)
+        .map_err(|_| anyhow::anyhow!("'{s}' is not one of {}", names::<T>().join(", ")))
+}
+
+macro_rules! named {
+    ($t:ty) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                use clap::ValueEnum;
+                let v = self.to_possible_value().expect("no skipped values");
+                f.write_str(v.get_name())
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = anyhow::Error;
+            fn from_str(s: &str) -> Result<Self> {
+                by_name(s)
+            }
+        }
+    };
+}
+named!(FwdMode);
+named!(Scheduler);
+
 // ------------------------------------------------------------ validation
 //
 // The one validation of services and backends: the configuration file
@@ -195,6 +286,30 @@ mod tests {
 
     fn err(r: Result<()>) -> String {
         format!("{:#}", r.unwrap_err())
+    }
+
+    #[test]
+    fn modes_and_schedulers_name_the_allowed_values() {
+        assert_eq!("nat".parse::<FwdMode>().unwrap(), FwdMode::Nat);
+        assert_eq!("maglev".parse::<Scheduler>().unwrap(), Scheduler::Maglev);
+        assert_eq!(FwdMode::Nat.to_string(), "nat");
+        assert_eq!(Scheduler::Maglev.to_string(), "maglev");
+        assert_eq!(
+            format!("{:#}", "dsr".parse::<FwdMode>().unwrap_err()),
+            "'dsr' is not one of nat"
+        );
+        assert_eq!(
+            format!("{:#}", "NAT".parse::<FwdMode>().unwrap_err()),
+            "'NAT' is not one of nat"
+        );
+        assert_eq!(
+            format!("{:#}", "rr".parse::<Scheduler>().unwrap_err()),
+            "'rr' is not one of maglev"
+        );
+        assert_eq!(
+            serde_json::to_value(SvcConf::default()).unwrap(),
+            serde_json::json!({"mode": "nat", "scheduler": "maglev"})
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::reconcile::{self, Edit};
 use crate::{conntrack, stats};
 
 pub use crate::model::{
-    check_backend, check_service, check_unicast, check_weight, Backend, Proto, Service, MAX_WEIGHT,
+    check_backend, check_service, check_unicast, check_weight, Backend, FwdMode, Proto, Scheduler,
+    Service, SvcConf, MAX_WEIGHT,
 };
 
 /// A service with its id and backends.
@@ -26,6 +27,9 @@ pub struct ServiceInfo {
     pub service: Service,
     /// Its id.
     pub id: u32,
+    /// Its forwarding mode and scheduler.
+    #[serde(flatten)]
+    pub conf: SvcConf,
     /// Its backends, by address.
     pub backends: Vec<Backend>,
 }
@@ -49,6 +53,9 @@ pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>>
         out.push(ServiceInfo {
             service,
             id,
+            // The datapath has one mode and one scheduler, and the maps
+            // do not store them: every service has those.
+            conf: SvcConf::default(),
             backends: b,
         });
     }
@@ -72,7 +79,7 @@ pub fn backends(m: &Maps) -> Result<Vec<Backend>> {
 
 /// Adds a service; it takes no flows until it has a backend. Returns its id.
 pub fn service_add(m: &Maps, svc: &Service) -> Result<u32> {
-    let after = reconcile::edit_maps(m, &[Edit::AddService(*svc)])?;
+    let after = reconcile::edit_maps(m, &[Edit::AddService(*svc, SvcConf::default())])?;
     Ok(after.services[svc].id)
 }
 

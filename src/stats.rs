@@ -99,6 +99,9 @@ pub struct ServiceStats {
     pub service: service::Service,
     /// Its id.
     pub id: u32,
+    /// Its forwarding mode and scheduler.
+    #[serde(flatten)]
+    pub conf: service::SvcConf,
     /// Sum of its backends.
     #[serde(flatten)]
     pub traffic: Traffic,
@@ -148,6 +151,7 @@ pub fn report(m: &Maps) -> Result<Report> {
         services.push(ServiceStats {
             service: s.service,
             id: s.id,
+            conf: s.conf,
             traffic: total,
             backends,
         });

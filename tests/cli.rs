@@ -401,6 +401,16 @@ fn service_errors_change_nothing() {
             vec!["not a unicast address"],
         ),
         (
+            vec!["service", "add", "10.200.0.2:82", "--mode", "dsr"],
+            2,
+            vec!["'dsr'", "--mode", "possible values: nat"],
+        ),
+        (
+            vec!["service", "add", "10.200.0.2:82", "--scheduler", "rr"],
+            2,
+            vec!["'rr'", "--scheduler", "possible values: maglev"],
+        ),
+        (
             vec!["service", "add", "[fd00::2]:80"],
             1,
             vec!["IPv6 services are not supported yet: [fd00::2]:80"],
@@ -725,6 +735,29 @@ fn json_shapes() {
     );
     assert_eq!(svc_of(&stats["services"][0]), s, "{stats:#}");
     assert_eq!(svc_of(&status["services"][0]), s, "{status:#}");
+    // Each carries its forwarding mode and scheduler.
+    for v in [&list[0], &stats["services"][0], &status["services"][0]] {
+        assert_eq!(
+            (&v["mode"], &v["scheduler"]),
+            (&"nat".into(), &"maglev".into()),
+            "{v:#}"
+        );
+    }
+    let text_list = lb_ok(&strings(&[
+        "list",
+        "--netns",
+        &ns.name,
+        "--pin-dir",
+        pins.arg(),
+    ]));
+    assert!(
+        text(&text_list.stdout).contains(&format!(
+            "{LB_IP}:0/tcp (id {}, mode nat, scheduler maglev)",
+            s.3
+        )),
+        "{}",
+        show(&text_list)
+    );
     assert_eq!(
         list[0]["backends"][0]["addr"],
         stats["services"][0]["backends"][0]["addr"]
@@ -764,10 +797,26 @@ fn json_shapes() {
         "10.200.0.3:53",
         "--proto",
         "udp",
+        "--mode",
+        "nat",
+        "--scheduler",
+        "maglev",
     ])));
     assert_eq!(add["changes"][0]["op"], "add_service", "{add:#}");
     assert_eq!(add["changes"][0]["service"]["proto"], "udp", "{add:#}");
     assert!(add["changes"][0]["id"].is_u64(), "{add:#}");
+    let list = json_of(&lb_ok(&after(&["list"])));
+    let udp = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["proto"] == "udp")
+        .expect("the UDP service listed");
+    assert_eq!(
+        (&udp["vip"], &udp["mode"], &udp["scheduler"]),
+        (&"10.200.0.3".into(), &"nat".into(), &"maglev".into()),
+        "{list:#}"
+    );
 
     // apply: dry run and the real one.
     let dir = TempDir::new("lbc");
@@ -775,7 +824,7 @@ fn json_shapes() {
     std::fs::write(
         &f,
         format!(
-            "[[services]]\nvip = \"{LB_IP}\"\nport = 80\nbackends = [{{ addr = \"{A_IP}:80\" }}]\n"
+            "[[services]]\nvip = \"{LB_IP}\"\nport = 80\nmode = \"nat\"\nscheduler = \"maglev\"\nbackends = [{{ addr = \"{A_IP}:80\" }}]\n"
         ),
     )
     .unwrap();

@@ -92,6 +92,14 @@ fn validation_messages() {
             "f.toml:7:9: services.proto: 'sctp' is not tcp or udp",
         ),
         (
+            format!("{BASE}mode = \"dsr\"\n"),
+            "f.toml:7:8: services.mode: 'dsr' is not one of nat",
+        ),
+        (
+            format!("{BASE}scheduler = \"rr\"\n"),
+            "f.toml:7:13: services.scheduler: 'rr' is not one of maglev",
+        ),
+        (
             format!("{BASE}[[services.backends]]\naddr = \"10.200.0.11:0\"\ncheck = {{ kind = \"tcp\" }}\n"),
             "f.toml:9:9: services.backends.check: backend 10.200.0.11:0 has port 0",
         ),
@@ -141,6 +149,24 @@ fn validation_messages() {
 }
 
 #[test]
+fn mode_and_scheduler_are_read() {
+    use lb::service::{FwdMode, Scheduler, SvcConf};
+    let c = lb::config::parse(BASE, Path::new("f.toml")).expect("no mode, no scheduler");
+    assert_eq!(c.services[0].conf, SvcConf::default());
+    let src = format!("{BASE}mode = \"nat\"\nscheduler = \"maglev\"\n");
+    let c = lb::config::parse(&src, Path::new("f.toml")).expect("both given");
+    assert_eq!(
+        c.services[0].conf,
+        SvcConf {
+            mode: FwdMode::Nat,
+            scheduler: Scheduler::Maglev
+        }
+    );
+    let st = c.state(&Default::default());
+    assert_eq!(st[&c.services[0].service].conf, c.services[0].conf);
+}
+
+#[test]
 fn diff_orders_and_names_changes() {
     use lb::reconcile::{diff, Change, State};
     use lb::service::{Proto, Service};
@@ -177,7 +203,7 @@ fn diff_orders_and_names_changes() {
             "- service 10.200.0.2:81/tcp",
         ]
     );
-    assert!(matches!(d[4], Change::DelService(_, ref b) if b.len() == 1));
+    assert!(matches!(d[4], Change::DelService(_, ref b) if b.backends.len() == 1));
     assert!(diff(&want, &want).is_empty());
 }
 
@@ -432,6 +458,10 @@ fn apply_end_to_end() {
         (
             file(&[(a, 1)], "\n[[services]]\nvip = \"fd00::2\"\nport = 80\n"),
             "bad8.toml:17:7: services.vip: IPv6 services are not supported yet: [fd00::2]:80",
+        ),
+        (
+            file(&[(a, 1)], "").replace("port = 80\n", "port = 80\nmode = \"dsr\"\n"),
+            "bad9.toml:11:8: services.mode: 'dsr' is not one of nat",
         ),
     ];
     for (i, (src, want)) in bad.iter().enumerate() {

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::reconcile::{State, SvcState, Target, Want};
-use crate::service::{self, FwdMode, Proto, Scheduler, Service, SvcConf, MAX_WEIGHT};
-use crate::settings::{self, Settings};
+use crate::service::{self, FwdMode, Proto, Scheduler, Service, SvcConf};
+use crate::settings::{self, Field, Settings};
 use crate::xdp::Mode;
 
 // ---------------------------------------------------------------- raw file
@@ -342,17 +342,8 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
             }
             let weight = match rb.weight.as_ref() {
                 None => 1,
-                Some(w) => {
-                    let v = *w.get_ref();
-                    if !(0..=i64::from(MAX_WEIGHT)).contains(&v) {
-                        return Err(cx.err(
-                            w.span(),
-                            "services.backends.weight",
-                            format!("weight {v} out of range 0..={MAX_WEIGHT}"),
-                        ));
-                    }
-                    v as u32
-                }
+                Some(w) => service::weight_of(*w.get_ref())
+                    .map_err(|e| cx.err(w.span(), "services.backends.weight", format!("{e:#}")))?,
             };
             let check = rb.check.as_ref().map(|c| check_of(&cx, c)).transpose()?;
             if let (Some(c), 0) = (&rb.check, addr.port()) {
@@ -390,15 +381,13 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
     })
 }
 
+/// The `[settings]` table: each given field read (a syntax error names
+/// it), then the settings validated once by [`Settings::validate`], whose
+/// error names the field that broke a rule: its place in the file, or the
+/// table's if the field was left to its default.
 fn settings_of(cx: &Ctx, s: &Spanned<RawSettings>) -> Result<Settings> {
     let r = s.get_ref();
     let mut out = Settings::default();
-    // Each field is set, then the settings validated (one validation for
-    // the CLI and the file), so an error names the field that broke them.
-    let check = |out: &Settings, span: std::ops::Range<usize>, name: &str| -> Result<()> {
-        out.validate()
-            .map_err(|e| cx.err(span, name, format!("{e:#}")))
-    };
     if let Some(p) = &r.nat_ports {
         out.nat_ports = settings::parse_ports(p.get_ref()).map_err(|e| {
             cx.err(
@@ -407,40 +396,39 @@ fn settings_of(cx: &Ctx, s: &Spanned<RawSettings>) -> Result<Settings> {
                 format!("{e:#} (e.g. \"1024-32767,61000-65535\")"),
             )
         })?;
-        check(&out, p.span(), "settings.nat_ports")?;
     }
     if let Some(a) = &r.snat {
         out.snat = settings::parse_snat(&a.get_ref().join(","))
             .map_err(|e| cx.err(a.span(), "settings.snat", format!("{e:#}")))?;
-        check(&out, a.span(), "settings.snat")?;
-        crate::net::snat_check(&out.snat)
-            .map_err(|e| cx.err(a.span(), "settings.snat", format!("{e:#}")))?;
     }
     type Set = fn(&mut Settings, u32);
-    let fields: [(&str, &Option<Spanned<u32>>, Set); 6] = [
-        ("settings.maglev_size", &r.maglev_size, |s, v| {
-            s.maglev_size = v
-        }),
-        ("settings.max_flows", &r.max_flows, |s, v| s.max_flows = v),
-        ("settings.max_half_open", &r.max_half_open, |s, v| {
+    let numbers: [(Field, &Option<Spanned<u32>>, Set); 6] = [
+        (Field::MaglevSize, &r.maglev_size, |s, v| s.maglev_size = v),
+        (Field::MaxFlows, &r.max_flows, |s, v| s.max_flows = v),
+        (Field::MaxHalfOpen, &r.max_half_open, |s, v| {
             s.max_half_open = v
         }),
-        ("settings.tcp_timeout", &r.tcp_timeout, |s, v| {
-            s.tcp_timeout = v
-        }),
-        ("settings.udp_timeout", &r.udp_timeout, |s, v| {
-            s.udp_timeout = v
-        }),
-        ("settings.fin_timeout", &r.fin_timeout, |s, v| {
-            s.fin_timeout = v
-        }),
+        (Field::TcpTimeout, &r.tcp_timeout, |s, v| s.tcp_timeout = v),
+        (Field::UdpTimeout, &r.udp_timeout, |s, v| s.udp_timeout = v),
+        (Field::FinTimeout, &r.fin_timeout, |s, v| s.fin_timeout = v),
     ];
-    for (name, f, set) in fields {
+    for (_, f, set) in &numbers {
         if let Some(t) = f {
             set(&mut out, *t.get_ref());
-            check(&out, t.span(), name)?;
         }
     }
+    out.validate().map_err(|e| {
+        let given = match e.field {
+            Field::NatPorts => r.nat_ports.as_ref().map(|p| p.span()),
+            Field::Snat => r.snat.as_ref().map(|a| a.span()),
+            f => numbers
+                .iter()
+                .find(|(n, _, _)| *n == f)
+                .and_then(|(_, v, _)| v.as_ref().map(|v| v.span())),
+        };
+        let span = given.unwrap_or_else(|| s.span());
+        cx.err(span, &format!("settings.{}", e.field.name()), &e.msg)
+    })?;
     Ok(out)
 }
 

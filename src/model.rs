@@ -208,10 +208,15 @@ named!(Scheduler);
 
 /// Checks a weight.
 pub fn check_weight(w: u32) -> Result<()> {
-    if w > MAX_WEIGHT {
-        bail!("weight {w} out of range 0..={MAX_WEIGHT}");
+    weight_of(i64::from(w)).map(drop)
+}
+
+/// A weight as written (the file's integers may be negative), checked.
+pub fn weight_of(w: i64) -> Result<u32> {
+    match u32::try_from(w) {
+        Ok(v) if v <= MAX_WEIGHT => Ok(v),
+        _ => bail!("weight {w} out of range 0..={MAX_WEIGHT}"),
     }
-    Ok(())
 }
 
 /// Whether `ip` is a unicast address (not unspecified, multicast or the

@@ -15,8 +15,8 @@ use crate::reconcile::{self, Edit};
 use crate::{conntrack, stats};
 
 pub use crate::model::{
-    check_backend, check_service, check_unicast, check_weight, Backend, FwdMode, Proto, Scheduler,
-    Service, SvcConf, MAX_WEIGHT,
+    check_backend, check_service, check_unicast, check_weight, weight_of, Backend, FwdMode, Proto,
+    Scheduler, Service, SvcConf, MAX_WEIGHT,
 };
 
 /// A service with its id and backends.

@@ -83,6 +83,28 @@ fn validation_messages() {
             "[settings]\nmaglev_size = 100\n".to_string(),
             "f.toml:2:15: settings.maglev_size: Maglev table size 100 must be a prime",
         ),
+        // One validation (Settings::validate, as for the command line);
+        // its error names the field that broke a rule, at its place.
+        (
+            "[settings]\nmaglev_size = 65537\nudp_timeout = 0\n".to_string(),
+            "f.toml:3:15: settings.udp_timeout: udp timeout 0s out of range 1..=86400",
+        ),
+        (
+            "[settings]\nfin_timeout = 0\nmax_half_open = 10\n".to_string(),
+            "f.toml:3:17: settings.max_half_open: max half-open flows 10 out of range 1024..=16777216",
+        ),
+        (
+            "[settings]\nsnat = [\"192.0.2.99\"]\n".to_string(),
+            "f.toml:2:8: settings.snat: SNAT address 192.0.2.99 is not an address of this host",
+        ),
+        (
+            "[settings]\nsnat = [\"10.200.0.2\", \"10.200.0.2\"]\n".to_string(),
+            "f.toml:2:8: settings.snat: SNAT address 10.200.0.2 is given twice",
+        ),
+        (
+            "[settings]\nsnat = [\"10.200.0\"]\n".to_string(),
+            "f.toml:2:8: settings.snat: '10.200.0' is not an IP address",
+        ),
         (
             "[[interfaces]]\nname = \"eth0\"\nmode = \"fast\"\n".to_string(),
             "f.toml:3:8: interfaces.mode: 'fast' is not one of auto, native, skb",

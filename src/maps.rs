@@ -433,6 +433,16 @@ pub fn sum_percpu_u64(map: &MapHandle, n: usize, fields: usize) -> Result<Vec<Ve
     Ok(sums)
 }
 
+/// Zeroes the counters of backend id `id` on every CPU (before the id is
+/// reused).
+pub fn reset_backend_counters(m: &Maps, id: u32) -> Result<()> {
+    let ncpu = libbpf_rs::num_possible_cpus().context("counting CPUs")?;
+    let zero = vec![vec![0u8; m.be_stats.value_size() as usize]; ncpu];
+    m.be_stats
+        .update_percpu(&id.to_ne_bytes(), &zero, MapFlags::ANY)
+        .with_context(|| format!("resetting counters of backend id {id}"))
+}
+
 /// An instance's maps, opened from their pins.
 pub struct Maps {
     /// Verdict counters.

@@ -9,10 +9,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
+use crate::conntrack;
 use crate::maglev;
 use crate::maps::{self, bytes, from_bytes, BackendEntry, Maps, SvcKey, SvcValue};
 use crate::reconcile::{self, Edit};
-use crate::{conntrack, stats};
 
 pub use crate::model::{
     check_backend, check_service, check_unicast, check_weight, weight_of, Backend, FwdMode, Proto,
@@ -156,7 +156,7 @@ pub(crate) fn create_backend(m: &Maps, b: &Backend, table: &[Backend], size: u32
     check_weight(b.weight)?;
     let (id, addr) = (b.id, b.addr);
     let entry = maps::backend_entry(b)?;
-    stats::reset_backend(m, id)?;
+    maps::reset_backend_counters(m, id)?;
     // The id may have served another backend: forget its next hop.
     m.nexthops
         .update(

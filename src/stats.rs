@@ -1,11 +1,13 @@
 //! The datapath's per-CPU counters: verdict reasons (`enum lb_stat` in
 //! bpf/lb.h) and per-backend traffic; per-service numbers are the sums of
-//! their backends'.
+//! their backends'. Reads only: the services it reports on come from
+//! crate::service, which does not depend on this module (a backend's
+//! counters are reset by crate::maps).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use libbpf_rs::MapHandle;
 
 use crate::maps::{self, Maps};
 use crate::{conntrack, service};
@@ -69,15 +71,6 @@ impl std::ops::AddAssign for Traffic {
         self.new_flows += o.new_flows;
         self.active_flows += o.active_flows;
     }
-}
-
-/// Zeroes a backend id's counters (before the id is reused).
-pub fn reset_backend(m: &Maps, id: u32) -> Result<()> {
-    let ncpu = libbpf_rs::num_possible_cpus().context("counting CPUs")?;
-    let zero = vec![vec![0u8; 24]; ncpu];
-    m.be_stats
-        .update_percpu(&id.to_ne_bytes(), &zero, MapFlags::ANY)
-        .with_context(|| format!("resetting counters of backend id {id}"))
 }
 
 /// A backend's line in the report.

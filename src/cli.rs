@@ -322,7 +322,7 @@ pub fn run(cli: Cli) -> Result<()> {
             iface,
             mode,
             lb,
-            client: _,
+            client,
             backends,
             port,
             settings,
@@ -340,7 +340,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 })
                 .collect();
             if let Some((svc, bes)) = &one_liner {
-                check_one_liner(svc, bes)?;
+                check_one_liner(svc, client, bes)?;
             }
             for e in &edits {
                 e.check()?;
@@ -628,9 +628,13 @@ fn print_attachment(a: &loader::Attachment) {
     println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
 }
 
-/// What the one-liner's edit cannot say: a backend twice, or the LB's
-/// address as a backend ([`Edit::check`] checks the addresses).
-fn check_one_liner(svc: &Service, backends: &[IpAddr]) -> Result<()> {
+/// What the one-liner's edit cannot say: a backend twice, the LB's address
+/// as a backend, an IPv6 client ([`Edit::check`] checks the service's and
+/// backends' addresses).
+fn check_one_liner(svc: &Service, client: Option<IpAddr>, backends: &[IpAddr]) -> Result<()> {
+    if let Some(c) = client.filter(IpAddr::is_ipv6) {
+        bail!("IPv6 clients are not supported yet: --client {c}");
+    }
     let mut seen = std::collections::HashSet::new();
     for b in backends {
         if !seen.insert(b) {

@@ -96,6 +96,15 @@ fn inconsistent_configuration_is_refused() {
             },
             vec!["IPv6 services are not supported yet: [fd00::2]:0"],
         ),
+        (
+            {
+                let mut a = attach_args(&ns.name, pins.arg(), &[A_IP], &[]);
+                let i = a.iter().position(|x| x == "--client").unwrap();
+                a[i + 1] = "fd00::10".into();
+                a
+            },
+            vec!["IPv6 clients are not supported yet: --client fd00::10"],
+        ),
     ];
     for (args, needles) in cases {
         let line = assert_error(&lb_s(&args), 1, &needles);

@@ -1,7 +1,7 @@
 //! Command line: argument parsing and output. The work is done by the
 //! library modules; this one only turns results into text or JSON.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +11,7 @@ use crate::bpffs::{self, PinDir};
 use crate::lock::{self, InstanceLock};
 use crate::maps::Maps;
 use crate::reconcile::{self, Applied, Change, Edit, Target};
-use crate::service::{self, Proto, Service};
+use crate::service::{self, FwdMode, Proto, Scheduler, Service, SvcConf};
 use crate::settings::{self, PortRange, Settings};
 use crate::xdp::Mode;
 use crate::{config, conntrack, daemon, loader, net, netns, output, stats};
@@ -110,7 +110,7 @@ pub struct Ports(pub Vec<PortRange>);
 
 /// Addresses as one argument.
 #[derive(Debug, Clone)]
-pub struct Addrs(pub Vec<Ipv4Addr>);
+pub struct Addrs(pub Vec<IpAddr>);
 
 fn parse_ports(s: &str) -> Result<Ports, String> {
     settings::parse_ports(s)
@@ -127,9 +127,9 @@ fn parse_snat(s: &str) -> Result<Addrs, String> {
 /// A service argument: VIP:PORT and protocol.
 #[derive(Debug, Args)]
 pub struct SvcArg {
-    /// The service, VIP:PORT (port 0: every port).
+    /// The service, VIP:PORT (port 0: every port; IPv6 as [VIP]:PORT).
     #[arg(value_name = "VIP:PORT")]
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     /// Protocol.
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     pub proto: Proto,
@@ -153,13 +153,13 @@ pub enum Command {
         mode: Mode,
         /// One-liner: make a TCP service on this address (the talk's LB).
         #[arg(long = "lb", value_name = "IP", requires = "backends")]
-        lb: Option<Ipv4Addr>,
+        lb: Option<IpAddr>,
         /// Accepted for compatibility with the talk's CLI: every client is balanced.
         #[arg(long, value_name = "IP", requires = "lb")]
-        client: Option<Ipv4Addr>,
+        client: Option<IpAddr>,
         /// One-liner: the service's backends (repeat); they take the client's port.
         #[arg(long = "backend", value_name = "IP", requires = "lb")]
-        backends: Vec<Ipv4Addr>,
+        backends: Vec<IpAddr>,
         /// One-liner: the service's port [every port].
         #[arg(long, value_name = "PORT", requires = "lb", value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
@@ -268,6 +268,12 @@ pub enum ServiceCmd {
     Add {
         #[command(flatten)]
         svc: SvcArg,
+        /// Forwarding mode.
+        #[arg(long, value_enum, default_value_t = FwdMode::Nat)]
+        mode: FwdMode,
+        /// How a backend is picked for a new flow.
+        #[arg(long, value_enum, default_value_t = Scheduler::Maglev)]
+        scheduler: Scheduler,
     },
     /// Remove a service, its backends and their flows.
     Del {
@@ -285,7 +291,7 @@ pub enum BackendCmd {
         svc: SvcArg,
         /// The backend, IP:PORT.
         #[arg(value_name = "IP:PORT")]
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         /// Weight, 0..=10000 (0: drain).
         #[arg(long, default_value_t = 1)]
         weight: u32,
@@ -296,7 +302,7 @@ pub enum BackendCmd {
         svc: SvcArg,
         /// The backend, IP:PORT.
         #[arg(value_name = "IP:PORT")]
-        addr: SocketAddrV4,
+        addr: SocketAddr,
     },
     /// Change a backend's weight (0: drain, existing flows continue).
     Set {
@@ -304,7 +310,7 @@ pub enum BackendCmd {
         svc: SvcArg,
         /// The backend, IP:PORT.
         #[arg(value_name = "IP:PORT")]
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         /// Weight, 0..=10000.
         #[arg(long)]
         weight: u32,
@@ -315,7 +321,7 @@ pub enum BackendCmd {
         svc: SvcArg,
         /// The backend, IP:PORT.
         #[arg(value_name = "IP:PORT")]
-        addr: SocketAddrV4,
+        addr: SocketAddr,
     },
 }
 
@@ -357,29 +363,32 @@ pub fn run(cli: Cli) -> Result<()> {
             iface,
             mode,
             lb,
-            client: _,
+            client,
             backends,
             port,
             settings,
         } => {
             let one_liner = lb.map(|lb| {
                 (
-                    Service::new(SocketAddrV4::new(lb, port.unwrap_or(0)), Proto::Tcp),
+                    Service::new(SocketAddr::new(lb, port.unwrap_or(0)), Proto::Tcp),
                     backends,
                 )
             });
+            let edits: Vec<Edit> = one_liner
+                .iter()
+                .map(|(svc, bes)| {
+                    Edit::Backends(*svc, bes.iter().map(|b| SocketAddr::new(*b, 0)).collect())
+                })
+                .collect();
             if let Some((svc, bes)) = &one_liner {
-                check_one_liner(svc, bes)?;
+                check_one_liner(svc, client, bes)?;
+            }
+            for e in &edits {
+                e.check()?;
             }
             let (_ns, pins) = prepare(&place)?;
             let _lock = lock(&pins)?;
             let base = loader::instance_settings(&pins)?.unwrap_or_default();
-            let edits = one_liner
-                .iter()
-                .map(|(svc, bes)| {
-                    Edit::Backends(*svc, bes.iter().map(|b| SocketAddrV4::new(*b, 0)).collect())
-                })
-                .collect();
             let target = Target {
                 settings: settings.apply(base),
                 interfaces: vec![config::Iface {
@@ -437,16 +446,27 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Service(cmd) => {
             let edit = match &cmd {
-                ServiceCmd::Add { svc } => Edit::AddService(svc.service()),
+                ServiceCmd::Add {
+                    svc,
+                    mode,
+                    scheduler,
+                } => Edit::AddService(
+                    svc.service(),
+                    SvcConf {
+                        mode: *mode,
+                        scheduler: *scheduler,
+                    },
+                ),
                 ServiceCmd::Del { svc } => Edit::DelService(svc.service()),
             };
+            edit.check()?;
             let (_ns, pins) = prepare(&place)?;
             let (changes, done) = edit_instance(&pins, edit.clone())?;
             if out.json {
                 return out.changes(&changes, &done);
             }
             match edit {
-                Edit::AddService(svc) => {
+                Edit::AddService(svc, _) => {
                     let id = done.loaded.services[&svc].id;
                     println!("added service {svc} (id {id})");
                 }
@@ -465,6 +485,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 BackendCmd::Drain { svc, addr } => Edit::SetWeight(svc.service(), *addr, 0),
             };
+            edit.check()?;
             let (_ns, pins) = prepare(&place)?;
             let (changes, done) = edit_instance(&pins, edit.clone())?;
             if out.json {
@@ -534,7 +555,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_json(&list)?;
             } else {
                 for s in &list {
-                    println!("{} (id {})", s.service, s.id);
+                    println!(
+                        "{} (id {}, mode {}, scheduler {})",
+                        s.service, s.id, s.conf.mode, s.conf.scheduler
+                    );
                     for b in &s.backends {
                         println!(
                             "  {:<21} weight {:<5} id {}",
@@ -682,7 +706,13 @@ fn print_attachment(a: &loader::Attachment) {
     println!("pinned under {}{kept}: link {}", a.pin_dir, a.link_pin);
 }
 
-fn check_one_liner(svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
+/// What the one-liner's edit cannot say: a backend twice, the LB's address
+/// as a backend, an IPv6 client ([`Edit::check`] checks the service's and
+/// backends' addresses).
+fn check_one_liner(svc: &Service, client: Option<IpAddr>, backends: &[IpAddr]) -> Result<()> {
+    if let Some(c) = client.filter(IpAddr::is_ipv6) {
+        bail!("IPv6 clients are not supported yet: --client {c}");
+    }
     let mut seen = std::collections::HashSet::new();
     for b in backends {
         if !seen.insert(b) {
@@ -691,9 +721,6 @@ fn check_one_liner(svc: &Service, backends: &[Ipv4Addr]) -> Result<()> {
         if *b == svc.vip {
             bail!("backend {b} is also the LB address");
         }
-    }
-    if svc.vip.is_unspecified() || svc.vip.is_broadcast() || svc.vip.is_multicast() {
-        bail!("{} is not a unicast address", svc.vip);
     }
     Ok(())
 }

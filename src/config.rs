@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,9 +15,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::reconcile::{State, Target, Want};
-use crate::service::{Proto, Service, MAX_WEIGHT};
-use crate::settings::{self, Settings};
+use crate::reconcile::{State, SvcState, Target, Want};
+use crate::service::{self, FwdMode, Proto, Scheduler, Service, SvcConf};
+use crate::settings::{self, Field, Settings};
 use crate::xdp::Mode;
 
 // ---------------------------------------------------------------- raw file
@@ -61,6 +61,10 @@ struct RawService {
     port: Spanned<u16>,
     #[serde(default)]
     proto: Option<Spanned<String>>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    scheduler: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
@@ -134,7 +138,7 @@ pub struct Check {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendCfg {
     /// IP:PORT (port 0: the client's port).
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Configured weight.
     pub weight: u32,
     /// Optional health check.
@@ -146,6 +150,8 @@ pub struct BackendCfg {
 pub struct ServiceCfg {
     /// VIP:PORT/PROTO.
     pub service: Service,
+    /// Forwarding mode and scheduler.
+    pub conf: SvcConf,
     /// Its backends, in file order.
     pub backends: Vec<BackendCfg>,
 }
@@ -265,20 +271,13 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
     let mut services: Vec<ServiceCfg> = Vec::new();
     for s in &raw.services {
         let rs = s.get_ref();
-        let vip: Ipv4Addr = rs.vip.get_ref().parse().map_err(|_| {
+        let vip: IpAddr = rs.vip.get_ref().parse().map_err(|_| {
             cx.err(
                 rs.vip.span(),
                 "services.vip",
-                format!("'{}' is not an IPv4 address", rs.vip.get_ref()),
+                format!("'{}' is not an IP address", rs.vip.get_ref()),
             )
         })?;
-        if vip.is_unspecified() || vip.is_broadcast() || vip.is_multicast() {
-            return Err(cx.err(
-                rs.vip.span(),
-                "services.vip",
-                format!("{vip} is not a unicast address"),
-            ));
-        }
         let proto = match rs.proto.as_ref() {
             None => Proto::Tcp,
             Some(p) => match p.get_ref().as_str() {
@@ -293,7 +292,22 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 }
             },
         };
-        let service = Service::new(SocketAddrV4::new(vip, *rs.port.get_ref()), proto);
+        let service = Service::new(SocketAddr::new(vip, *rs.port.get_ref()), proto);
+        service::check_service(&service)
+            .map_err(|e| cx.err(rs.vip.span(), "services.vip", format!("{e:#}")))?;
+        let mut conf = SvcConf::default();
+        if let Some(m) = &rs.mode {
+            conf.mode = m
+                .get_ref()
+                .parse::<FwdMode>()
+                .map_err(|e| cx.err(m.span(), "services.mode", format!("{e:#}")))?;
+        }
+        if let Some(m) = &rs.scheduler {
+            conf.scheduler = m
+                .get_ref()
+                .parse::<Scheduler>()
+                .map_err(|e| cx.err(m.span(), "services.scheduler", format!("{e:#}")))?;
+        }
         if services.iter().any(|x| x.service == service) {
             return Err(cx.err(s.span(), "services", format!("duplicate service {service}")));
         }
@@ -307,21 +321,18 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
         let mut backends: Vec<BackendCfg> = Vec::new();
         for b in &rs.backends {
             let rb = b.get_ref();
-            let addr: SocketAddrV4 = rb.addr.get_ref().parse().map_err(|_| {
+            let addr: SocketAddr = rb.addr.get_ref().parse().map_err(|_| {
                 cx.err(
                     rb.addr.span(),
                     "services.backends.addr",
-                    format!("'{}' is not IPv4:PORT", rb.addr.get_ref()),
+                    format!(
+                        "'{}' is not IP:PORT (e.g. 10.0.0.1:80, [fd00::1]:80)",
+                        rb.addr.get_ref()
+                    ),
                 )
             })?;
-            let ip = addr.ip();
-            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-                return Err(cx.err(
-                    rb.addr.span(),
-                    "services.backends.addr",
-                    format!("{ip} is not a unicast address"),
-                ));
-            }
+            service::check_backend(&service, addr)
+                .map_err(|e| cx.err(rb.addr.span(), "services.backends.addr", format!("{e:#}")))?;
             if backends.iter().any(|x| x.addr == addr) {
                 return Err(cx.err(
                     rb.addr.span(),
@@ -331,17 +342,8 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
             }
             let weight = match rb.weight.as_ref() {
                 None => 1,
-                Some(w) => {
-                    let v = *w.get_ref();
-                    if !(0..=i64::from(MAX_WEIGHT)).contains(&v) {
-                        return Err(cx.err(
-                            w.span(),
-                            "services.backends.weight",
-                            format!("weight {v} out of range 0..={MAX_WEIGHT}"),
-                        ));
-                    }
-                    v as u32
-                }
+                Some(w) => service::weight_of(*w.get_ref())
+                    .map_err(|e| cx.err(w.span(), "services.backends.weight", format!("{e:#}")))?,
             };
             let check = rb.check.as_ref().map(|c| check_of(&cx, c)).transpose()?;
             if let (Some(c), 0) = (&rb.check, addr.port()) {
@@ -357,7 +359,11 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 check,
             });
         }
-        services.push(ServiceCfg { service, backends });
+        services.push(ServiceCfg {
+            service,
+            conf,
+            backends,
+        });
     }
     let total: usize = services.iter().map(|s| s.backends.len()).sum();
     if total > crate::maps::MAX_BACKENDS as usize {
@@ -375,15 +381,13 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
     })
 }
 
+/// The `[settings]` table: each given field read (a syntax error names
+/// it), then the settings validated once by [`Settings::validate`], whose
+/// error names the field that broke a rule: its place in the file, or the
+/// table's if the field was left to its default.
 fn settings_of(cx: &Ctx, s: &Spanned<RawSettings>) -> Result<Settings> {
     let r = s.get_ref();
     let mut out = Settings::default();
-    // Each field is set, then the settings validated (one validation for
-    // the CLI and the file), so an error names the field that broke them.
-    let check = |out: &Settings, span: std::ops::Range<usize>, name: &str| -> Result<()> {
-        out.validate()
-            .map_err(|e| cx.err(span, name, format!("{e:#}")))
-    };
     if let Some(p) = &r.nat_ports {
         out.nat_ports = settings::parse_ports(p.get_ref()).map_err(|e| {
             cx.err(
@@ -392,40 +396,39 @@ fn settings_of(cx: &Ctx, s: &Spanned<RawSettings>) -> Result<Settings> {
                 format!("{e:#} (e.g. \"1024-32767,61000-65535\")"),
             )
         })?;
-        check(&out, p.span(), "settings.nat_ports")?;
     }
     if let Some(a) = &r.snat {
         out.snat = settings::parse_snat(&a.get_ref().join(","))
             .map_err(|e| cx.err(a.span(), "settings.snat", format!("{e:#}")))?;
-        check(&out, a.span(), "settings.snat")?;
-        crate::net::snat_check(&out.snat)
-            .map_err(|e| cx.err(a.span(), "settings.snat", format!("{e:#}")))?;
     }
     type Set = fn(&mut Settings, u32);
-    let fields: [(&str, &Option<Spanned<u32>>, Set); 6] = [
-        ("settings.maglev_size", &r.maglev_size, |s, v| {
-            s.maglev_size = v
-        }),
-        ("settings.max_flows", &r.max_flows, |s, v| s.max_flows = v),
-        ("settings.max_half_open", &r.max_half_open, |s, v| {
+    let numbers: [(Field, &Option<Spanned<u32>>, Set); 6] = [
+        (Field::MaglevSize, &r.maglev_size, |s, v| s.maglev_size = v),
+        (Field::MaxFlows, &r.max_flows, |s, v| s.max_flows = v),
+        (Field::MaxHalfOpen, &r.max_half_open, |s, v| {
             s.max_half_open = v
         }),
-        ("settings.tcp_timeout", &r.tcp_timeout, |s, v| {
-            s.tcp_timeout = v
-        }),
-        ("settings.udp_timeout", &r.udp_timeout, |s, v| {
-            s.udp_timeout = v
-        }),
-        ("settings.fin_timeout", &r.fin_timeout, |s, v| {
-            s.fin_timeout = v
-        }),
+        (Field::TcpTimeout, &r.tcp_timeout, |s, v| s.tcp_timeout = v),
+        (Field::UdpTimeout, &r.udp_timeout, |s, v| s.udp_timeout = v),
+        (Field::FinTimeout, &r.fin_timeout, |s, v| s.fin_timeout = v),
     ];
-    for (name, f, set) in fields {
+    for (_, f, set) in &numbers {
         if let Some(t) = f {
             set(&mut out, *t.get_ref());
-            check(&out, t.span(), name)?;
         }
     }
+    out.validate().map_err(|e| {
+        let given = match e.field {
+            Field::NatPorts => r.nat_ports.as_ref().map(|p| p.span()),
+            Field::Snat => r.snat.as_ref().map(|a| a.span()),
+            f => numbers
+                .iter()
+                .find(|(n, _, _)| *n == f)
+                .and_then(|(_, v, _)| v.as_ref().map(|v| v.span())),
+        };
+        let span = given.unwrap_or_else(|| s.span());
+        cx.err(span, &format!("settings.{}", e.field.name()), &e.msg)
+    })?;
     Ok(out)
 }
 
@@ -544,7 +547,7 @@ fn check_of(cx: &Ctx, c: &Spanned<RawCheck>) -> Result<Check> {
 impl Config {
     /// What the file asks of an instance (interfaces attached if they are
     /// not, settings, exactly its services); backends in `out` get weight 0.
-    pub fn target(&self, out: &HashSet<(Service, SocketAddrV4)>) -> Target {
+    pub fn target(&self, out: &HashSet<(Service, SocketAddr)>) -> Target {
         Target {
             file: Some(self.path.display().to_string()),
             settings: self.settings.clone(),
@@ -557,23 +560,19 @@ impl Config {
 
     /// The services and weights the file asks for; backends in `out` get
     /// weight 0.
-    pub fn state(&self, out: &HashSet<(Service, SocketAddrV4)>) -> State {
+    pub fn state(&self, out: &HashSet<(Service, SocketAddr)>) -> State {
         self.services
             .iter()
             .map(|s| {
-                let b = s
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let w = if out.contains(&(s.service, b.addr)) {
-                            0
-                        } else {
-                            b.weight
-                        };
-                        (b.addr, w)
-                    })
-                    .collect();
-                (s.service, b)
+                let b = s.backends.iter().map(|b| {
+                    let w = if out.contains(&(s.service, b.addr)) {
+                        0
+                    } else {
+                        b.weight
+                    };
+                    (b.addr, w)
+                });
+                (s.service, SvcState::new(s.conf, b))
             })
             .collect()
     }

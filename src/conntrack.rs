@@ -5,7 +5,7 @@
 //! `ct_new` the half-open ones.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapHandle};
@@ -19,13 +19,13 @@ pub struct Conn {
     /// Protocol ("tcp"/"udp").
     pub proto: &'static str,
     /// The client.
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     /// The service address the client used.
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     /// The backend.
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     /// The LB's source address and NAT port towards the backend.
-    pub nat: SocketAddrV4,
+    pub nat: SocketAddr,
     /// "half-open" (not answered yet), "replied" (answered, not confirmed
     /// by the client yet: the UDP query whose answer ended it, or a TCP
     /// handshake without its last ACK), "open", "half-closed" (one side
@@ -128,7 +128,7 @@ fn connections(m: &Maps) -> Result<Vec<(FlowKey, Flow, Flow, bool)>> {
 pub fn list(m: &Maps) -> Result<Vec<Conn>> {
     let s = m.timeouts()?;
     let now = crate::clock::now()?;
-    let sa = |ip: u32, port: u16| SocketAddrV4::new(maps::ip_from_be(ip), u16::from_be(port));
+    let sa = maps::sockaddr_from_be;
     let mut out: Vec<Conn> = connections(m)?
         .into_iter()
         .map(|(k, f, o, answered)| Conn {

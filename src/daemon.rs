@@ -5,7 +5,7 @@
 //! serves Prometheus metrics.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
@@ -39,7 +39,7 @@ pub struct Options {
     pub metrics: Option<SocketAddr>,
 }
 
-type Key = (Service, SocketAddrV4);
+type Key = (Service, SocketAddr);
 
 enum Event {
     Probe {

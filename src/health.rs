@@ -2,14 +2,14 @@
 //! a status), and the rise/fall state of a backend.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::config::{Check, CheckKind};
 
 /// Probes `addr` once; the latency on success, why it failed otherwise.
 /// Never takes (much) longer than the check's timeout.
-pub fn probe(addr: SocketAddrV4, check: &Check) -> Result<Duration, String> {
+pub fn probe(addr: SocketAddr, check: &Check) -> Result<Duration, String> {
     let t0 = Instant::now();
     let deadline = t0 + check.timeout;
     let left = || {
@@ -18,14 +18,17 @@ pub fn probe(addr: SocketAddrV4, check: &Check) -> Result<Duration, String> {
             .filter(|d| !d.is_zero())
             .ok_or_else(|| format!("timed out after {:?}", check.timeout))
     };
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), check.timeout)
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, check.timeout).map_err(|e| format!("connect: {e}"))?;
     match &check.kind {
         CheckKind::Tcp => Ok(t0.elapsed()),
         CheckKind::Http { path, expect } => {
             let req = format!(
                 "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
-                addr.ip()
+                match addr {
+                    SocketAddr::V4(a) => a.ip().to_string(),
+                    SocketAddr::V6(a) => format!("[{}]", a.ip()),
+                }
             );
             s.set_write_timeout(Some(left()?))
                 .map_err(|e| e.to_string())?;

@@ -13,6 +13,7 @@ pub mod lock;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
+pub mod model;
 pub mod net;
 pub mod netns;
 pub mod output;

@@ -55,7 +55,7 @@ pub fn load<'obj>(
     ro.snat_addr = [0; settings::MAX_SNAT];
     ro.snat_full = 0;
     for (i, a) in settings.snat.iter().take(settings::MAX_SNAT).enumerate() {
-        ro.snat_addr[i] = maps::ip_to_be(*a);
+        ro.snat_addr[i] = maps::be32_of(*a)?;
         ro.snat_full |= u32::from(full[i]) << i;
     }
     ro.snat_count = settings.snat.len().min(settings::MAX_SNAT) as u32;
@@ -199,8 +199,7 @@ pub fn attach(
     let link_pin = pins.link(iface);
     let mut effective = mode.effective(ifindex)?;
     let existing = if link_pin.exists() {
-        let fd = xdp::open_pinned(&link_pin)?;
-        let info = xdp::link_info(fd.as_fd())?;
+        let info = xdp::link_info(&xdp::open_link(&link_pin)?)?;
         if !link_is_on(&info, ifindex)? {
             bail!(
                 "{} is pinned for {iface}, but not for the {iface} of this network namespace (another namespace's, or stale: use --netns, or lb detach {iface})",
@@ -241,8 +240,7 @@ pub fn attach(
     rollback.0.extend(pin_maps(&mut skel, pins)?);
 
     if existing {
-        let mut link = libbpf_rs::Link::open(&link_pin)
-            .with_context(|| format!("opening link {}", link_pin.display()))?;
+        let mut link = xdp::open_link(&link_pin)?;
         link.update_prog(&skel.progs.lb_xdp)
             .with_context(|| format!("replacing the program on {iface}"))?;
     } else {
@@ -258,7 +256,7 @@ pub fn attach(
                     _ => anyhow!("attaching to {iface} in {mode} mode: {e}"),
                 }
             })?;
-        xdp::pin(link.as_fd(), &link_pin)?;
+        xdp::pin(link, &link_pin)?;
         rollback.0.push(link_pin.clone());
     }
     skel.maps
@@ -316,12 +314,12 @@ pub fn detach(iface: &str, pins: &PinDir) -> Result<Vec<String>> {
             link_pin.display()
         );
     }
-    let fd = xdp::open_pinned(&link_pin)?;
-    let info = xdp::link_info(fd.as_fd())?;
+    let link = xdp::open_link(&link_pin)?;
+    let info = xdp::link_info(&link)?;
     match ifindex {
-        Some(i) if link_is_on(&info, i)? => {
-            xdp::link_detach(fd.as_fd()).with_context(|| format!("detaching from {iface}"))?
-        }
+        Some(i) if link_is_on(&info, i)? => link
+            .detach()
+            .with_context(|| format!("detaching from {iface}"))?,
         // The interface (or its namespace) went away: the link is defunct,
         // only the pins are left to remove.
         _ if info.ifindex == 0 => {}
@@ -331,7 +329,7 @@ pub fn detach(iface: &str, pins: &PinDir) -> Result<Vec<String>> {
             info.ifindex
         ),
     }
-    drop(fd);
+    drop(link);
     if let (Some(i), Ok(m)) = (ifindex, Maps::open(pins)) {
         let _ = m.tx_ports.delete(&i.to_ne_bytes());
     }
@@ -391,7 +389,7 @@ pub struct Status {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SnatInfo {
     /// The address.
-    pub addr: std::net::Ipv4Addr,
+    pub addr: std::net::IpAddr,
     /// Its ports: the NAT ranges, or "1024-65535" if it is lb's alone.
     pub ports: String,
 }
@@ -401,8 +399,7 @@ pub struct SnatInfo {
 pub fn status(pins: &PinDir) -> Result<Status> {
     let mut interfaces = Vec::new();
     for iface in pins.interfaces()? {
-        let fd = xdp::open_pinned(&pins.link(&iface))?;
-        let info = xdp::link_info(fd.as_fd())?;
+        let info = xdp::link_info(&xdp::open_link(&pins.link(&iface))?)?;
         let mode = if info.ifindex == 0 {
             "gone".to_string()
         } else {
@@ -469,7 +466,7 @@ pub fn pass_attach(iface: &str, mode: Mode) -> Result<u32> {
         .context("opening the pass program")?
         .load()
         .context("loading the pass program")?;
-    xdp::attach_legacy(skel.progs.lb_pass.as_fd(), ifindex, mode)
+    xdp::attach_legacy(&skel.progs.lb_pass, ifindex, mode)
         .with_context(|| format!("attaching the pass program to {iface}"))?;
     Ok(xdp::query(ifindex)?.prog_id)
 }

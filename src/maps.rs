@@ -1,8 +1,11 @@
 //! Typed access to an instance's pinned maps. The structs are the ones the
 //! skeleton generates from the C program's BTF (bpf/lb.h), and so are the
-//! constants shared with it (the enums of bpf/lb.h).
+//! constants shared with it (the enums of bpf/lb.h). The model's addresses
+//! (`IpAddr`, `SocketAddr`) become the maps' `__be32`/`__be16` here and
+//! nowhere else; the datapath has no IPv6 yet, and an IPv6 address is
+//! refused here as a last guard (the model's checks refuse it first).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
@@ -11,6 +14,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 use nix::errno::Errno;
 
 use crate::bpffs::PinDir;
+use crate::model::{Backend, Proto, Service};
 use crate::settings::{PortRange, Settings};
 use crate::skel::lb::types::{self, backend_flags, flow_dir, flow_state, lb_limits};
 
@@ -109,6 +113,60 @@ pub fn ip_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
+/// An address as the datapath stores it ([`ip_to_be`]); an IPv6 address,
+/// which it cannot store yet, is an error naming it.
+pub fn be32_of(ip: IpAddr) -> Result<u32> {
+    match ip {
+        IpAddr::V4(v4) => Ok(ip_to_be(v4)),
+        IpAddr::V6(_) => bail!("{ip}: the datapath has no IPv6 yet"),
+    }
+}
+
+/// An address and port as the datapath stores them (network order).
+pub fn sockaddr_from_be(ip: u32, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip_from_be(ip)), u16::from_be(port))
+}
+
+/// The key of a service in the services map.
+pub fn svc_key(svc: &Service) -> Result<SvcKey> {
+    Ok(SvcKey {
+        vip: be32_of(svc.vip)?,
+        port: svc.port.to_be(),
+        proto: svc.proto.number(),
+        pad: 0,
+    })
+}
+
+/// The service of a key of the services map (`None`: not a protocol a
+/// service has).
+pub fn service_of_key(k: &SvcKey) -> Option<Service> {
+    Some(Service::new(
+        sockaddr_from_be(k.vip, k.port),
+        Proto::from_number(k.proto)?,
+    ))
+}
+
+/// The entry of a used backend in the backends map.
+pub fn backend_entry(b: &Backend) -> Result<BackendEntry> {
+    Ok(BackendEntry {
+        ip: be32_of(b.addr.ip())?,
+        port: b.addr.port().to_be(),
+        flags: BACKEND_USED,
+        svc: b.svc_id,
+        weight: b.weight,
+    })
+}
+
+/// The backend of entry `id` of the backends map, if the entry is used.
+pub fn backend_of(id: u32, e: &BackendEntry) -> Option<Backend> {
+    (e.flags & BACKEND_USED != 0).then(|| Backend {
+        id,
+        addr: sockaddr_from_be(e.ip, e.port),
+        weight: e.weight,
+        svc_id: e.svc,
+    })
+}
+
 /// Entries asked for in one `BPF_MAP_LOOKUP_BATCH` (grown when a hash
 /// bucket holds more).
 const BATCH: usize = 4096;
@@ -177,9 +235,8 @@ fn copied_value_size(map: &MapHandle) -> Result<usize> {
 }
 
 /// Reads up to `limit` entries of a hash or array map (every entry if
-/// `None`; an array's first `limit` indices; a hash's batches come in
-/// whole buckets, so fewer when the next bucket would pass the limit), the
-/// way `mode` says.
+/// `None`; an array's first `limit` indices; of a hash, whose batches come
+/// in whole buckets, the first `limit` read), the way `mode` says.
 pub fn read_raw(map: &MapHandle, limit: Option<usize>, mode: ReadMode) -> Result<RawEntries> {
     let key_size = map.key_size() as usize;
     let value_size = copied_value_size(map)?;
@@ -220,16 +277,20 @@ fn read_batch(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<(),
     let mut out_tok = vec![0u8; tok_size];
     let mut first = true;
     let mut chunk = BATCH.min(limit.max(1));
+    // A hash bucket comes whole: one that does not fit in what is left of
+    // the limit is read whole and the extra entries dropped.
+    let mut bucket = 0;
     let opts = libbpf_sys::bpf_map_batch_opts {
         sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
         elem_flags: 0,
         flags: 0,
     };
     loop {
-        let want = chunk.min(limit - out.len());
-        if want == 0 {
-            return Ok(());
+        let left = limit.saturating_sub(out.len());
+        if left == 0 {
+            break;
         }
+        let want = chunk.min(left.max(bucket));
         let n = out.len();
         out.keys.reserve(want * ks);
         out.values.reserve(want * vs);
@@ -262,15 +323,13 @@ fn read_batch(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<(),
             continue;
         }
         match Errno::from_raw(-ret) {
-            Errno::ENOENT => return Ok(()),
+            Errno::ENOENT => break,
             Errno::EINTR | Errno::EAGAIN => continue,
             // The next hash bucket holds more entries than asked for: ask
-            // for more, unless that is past the limit.
+            // for more.
             Errno::ENOSPC if out.len() == n => {
-                if want == limit - n {
-                    return Ok(());
-                }
-                chunk = (chunk * 2).min(limit - n);
+                bucket = want * 2;
+                chunk = chunk.max(bucket);
             }
             e => {
                 // First call: no batch lookup here (old kernel, map type).
@@ -280,6 +339,9 @@ fn read_batch(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<(),
             }
         }
     }
+    out.keys.truncate(limit * ks);
+    out.values.truncate(limit * vs);
+    Ok(())
 }
 
 /// Reads by key into `out`: the next key, then its value.
@@ -373,6 +435,16 @@ pub fn sum_percpu_u64(map: &MapHandle, n: usize, fields: usize) -> Result<Vec<Ve
         }
     }
     Ok(sums)
+}
+
+/// Zeroes the counters of backend id `id` on every CPU (before the id is
+/// reused).
+pub fn reset_backend_counters(m: &Maps, id: u32) -> Result<()> {
+    let ncpu = libbpf_rs::num_possible_cpus().context("counting CPUs")?;
+    let zero = vec![vec![0u8; m.be_stats.value_size() as usize]; ncpu];
+    m.be_stats
+        .update_percpu(&id.to_ne_bytes(), &zero, MapFlags::ANY)
+        .with_context(|| format!("resetting counters of backend id {id}"))
 }
 
 /// An instance's maps, opened from their pins.
@@ -510,7 +582,7 @@ pub fn settings_of(
             .collect(),
         snat: ro.snat_addr[..(ro.snat_count as usize).min(ro.snat_addr.len())]
             .iter()
-            .map(|a| ip_from_be(*a))
+            .map(|a| IpAddr::V4(ip_from_be(*a)))
             .collect(),
         maglev_size: ro.maglev_size,
         max_flows: conntrack_entries / 2,
@@ -565,9 +637,10 @@ mod tests {
             got.sort();
             assert_eq!(got, put, "{mode:?}");
         }
-        // A hash comes in whole buckets: at most the limit, never more.
+        // A hash comes in whole buckets: the one that straddles the limit
+        // is read whole and cut.
         let raw = read_raw(&map, Some(10), ReadMode::Batch).unwrap();
-        assert!((1..=10).contains(&raw.len()), "limit 10: {}", raw.len());
+        assert_eq!(raw.len(), 10, "a limit is kept");
         let err = read_typed::<u32, u32>(&map, ReadMode::Batch).unwrap_err();
         assert!(format!("{err}").contains("unexpected layout"), "{err}");
     }

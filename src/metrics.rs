@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,7 @@ pub struct HealthInfo {
 }
 
 /// Health of every checked backend, shared with the daemon.
-pub type HealthView = Arc<Mutex<BTreeMap<(Service, SocketAddrV4), HealthInfo>>>;
+pub type HealthView = Arc<Mutex<BTreeMap<(Service, SocketAddr), HealthInfo>>>;
 
 type Labels = Vec<(String, String)>;
 

@@ -44,14 +44,20 @@ pub fn require_root() -> Result<()> {
 /// picks, and gets the NAT port ranges, clear of the host's ephemeral ports.
 /// Fails with one line if an address is not the host's (current network
 /// namespace).
-pub fn snat_check(addrs: &[std::net::Ipv4Addr]) -> Result<Vec<bool>> {
+pub fn snat_check(addrs: &[std::net::IpAddr]) -> Result<Vec<bool>> {
     let mut on = std::collections::HashMap::new();
     for ifa in nix::ifaddrs::getifaddrs().context("listing the host's addresses")? {
-        if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            on.entry(a.ip())
-                .or_insert_with(Vec::new)
-                .push(ifa.interface_name.clone());
-        }
+        let Some(a) = ifa.address.as_ref() else {
+            continue;
+        };
+        let ip = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+            (Some(v4), _) => std::net::IpAddr::V4(v4.ip()),
+            (_, Some(v6)) => std::net::IpAddr::V6(v6.ip()),
+            _ => continue,
+        };
+        on.entry(ip)
+            .or_insert_with(Vec::new)
+            .push(ifa.interface_name.clone());
     }
     addrs
         .iter()

@@ -24,7 +24,7 @@ pub fn change(c: &Change, after: Option<&Loaded>) -> Value {
     let be_id = |s, a| after.and_then(|l| l.backend_id(s, a));
     let mut v = match c {
         Change::Attach(i) => json!({"op": "attach", "iface": i.name, "mode": i.mode.to_string()}),
-        Change::AddService(s) => json!({"op": "add_service", "service": s, "id": id(s)}),
+        Change::AddService(s, _) => json!({"op": "add_service", "service": s, "id": id(s)}),
         Change::AddBackend(s, a, w) => json!({
             "op": "add_backend", "service": s, "backend": a.to_string(), "weight": w,
             "id": be_id(s, *a),

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -19,11 +19,38 @@ use crate::bpffs::PinDir;
 use crate::config::Iface;
 use crate::loader::{self, Attachment};
 use crate::maps::{self, Maps};
-use crate::service::{self, Backend, Service};
+use crate::service::{self, Backend, Service, SvcConf};
 use crate::settings::Settings;
 
-/// Services and backends with their weights: wanted, or loaded.
-pub type State = BTreeMap<Service, BTreeMap<SocketAddrV4, u32>>;
+/// Services (with their mode and scheduler) and backends with their
+/// weights: wanted, or loaded.
+pub type State = BTreeMap<Service, SvcState>;
+
+/// A service as wanted or loaded, without ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SvcState {
+    /// Forwarding mode and scheduler.
+    pub conf: SvcConf,
+    /// Backends and their weights.
+    pub backends: BTreeMap<SocketAddr, u32>,
+}
+
+/// A service of the default mode and scheduler with these backends.
+impl<const N: usize> From<[(SocketAddr, u32); N]> for SvcState {
+    fn from(b: [(SocketAddr, u32); N]) -> Self {
+        Self::new(SvcConf::default(), b)
+    }
+}
+
+impl SvcState {
+    /// A service with `conf` and `backends`.
+    pub fn new(conf: SvcConf, backends: impl IntoIterator<Item = (SocketAddr, u32)>) -> Self {
+        Self {
+            conf,
+            backends: backends.into_iter().collect(),
+        }
+    }
+}
 
 /// A loaded backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +66,10 @@ pub struct LoadedBackend {
 pub struct LoadedService {
     /// Its id.
     pub id: u32,
+    /// Its forwarding mode and scheduler.
+    pub conf: SvcConf,
     /// Its backends by address.
-    pub backends: BTreeMap<SocketAddrV4, LoadedBackend>,
+    pub backends: BTreeMap<SocketAddr, LoadedBackend>,
 }
 
 impl LoadedService {
@@ -87,7 +116,14 @@ impl Loaded {
                         )
                     })
                     .collect();
-                (s.service, LoadedService { id: s.id, backends })
+                (
+                    s.service,
+                    LoadedService {
+                        id: s.id,
+                        conf: s.conf,
+                        backends,
+                    },
+                )
             })
             .collect();
         Ok(Self {
@@ -100,12 +136,15 @@ impl Loaded {
     pub fn state(&self) -> State {
         self.services
             .iter()
-            .map(|(s, l)| (*s, l.backends.iter().map(|(a, b)| (*a, b.weight)).collect()))
+            .map(|(s, l)| {
+                let b = l.backends.iter().map(|(a, b)| (*a, b.weight));
+                (*s, SvcState::new(l.conf, b))
+            })
             .collect()
     }
 
     /// The id of a loaded backend.
-    pub fn backend_id(&self, svc: &Service, addr: SocketAddrV4) -> Option<u32> {
+    pub fn backend_id(&self, svc: &Service, addr: SocketAddr) -> Option<u32> {
         Some(self.services.get(svc)?.backends.get(&addr)?.id)
     }
 
@@ -129,22 +168,22 @@ pub enum Change {
     /// Attach to an interface (or replace the program on it).
     Attach(Iface),
     /// A new service.
-    AddService(Service),
+    AddService(Service, SvcConf),
     /// A new backend.
-    AddBackend(Service, SocketAddrV4, u32),
+    AddBackend(Service, SocketAddr, u32),
     /// A weight changes (old, new).
-    SetWeight(Service, SocketAddrV4, u32, u32),
+    SetWeight(Service, SocketAddr, u32, u32),
     /// A backend goes (with its weight, for rollback).
-    DelBackend(Service, SocketAddrV4, u32),
-    /// A service goes (with its backends, for rollback).
-    DelService(Service, BTreeMap<SocketAddrV4, u32>),
+    DelBackend(Service, SocketAddr, u32),
+    /// A service goes (with what it was, for rollback).
+    DelService(Service, SvcState),
 }
 
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Change::Attach(i) => write!(f, "+ interface {} ({} mode)", i.name, i.mode),
-            Change::AddService(s) => write!(f, "+ service {s}"),
+            Change::AddService(s, _) => write!(f, "+ service {s}"),
             Change::AddBackend(s, a, w) => write!(f, "+ backend {a} weight {w} (service {s})"),
             Change::SetWeight(s, a, o, n) => {
                 write!(f, "~ backend {a} weight {o} -> {n} (service {s})")
@@ -156,16 +195,24 @@ impl fmt::Display for Change {
 }
 
 /// The changes that take `have` to `want`, in the order they are applied:
-/// additions first, then weights, then removals.
+/// additions first, then weights, then removals. A service whose mode or
+/// scheduler changes is replaced (removed, then added with its backends):
+/// its flows were made the old way.
 pub fn diff(have: &State, want: &State) -> Vec<Change> {
     let mut adds = Vec::new();
     let mut sets = Vec::new();
     let mut dels = Vec::new();
-    for (svc, wb) in want {
-        let hb = have.get(svc);
-        if hb.is_none() {
-            adds.push(Change::AddService(*svc));
+    for (svc, ws) in want {
+        let mut hs = have.get(svc);
+        if let Some(h) = hs.filter(|h| h.conf != ws.conf) {
+            adds.push(Change::DelService(*svc, h.clone()));
+            hs = None;
         }
+        if hs.is_none() {
+            adds.push(Change::AddService(*svc, ws.conf));
+        }
+        let hb = hs.map(|h| &h.backends);
+        let wb = &ws.backends;
         for (a, w) in wb {
             match hb.and_then(|h| h.get(a)) {
                 None => adds.push(Change::AddBackend(*svc, *a, *w)),
@@ -181,9 +228,9 @@ pub fn diff(have: &State, want: &State) -> Vec<Change> {
             }
         }
     }
-    for (svc, hb) in have {
+    for (svc, hs) in have {
         if !want.contains_key(svc) {
-            dels.push(Change::DelService(*svc, hb.clone()));
+            dels.push(Change::DelService(*svc, hs.clone()));
         }
     }
     adds.extend(sets);
@@ -196,47 +243,70 @@ pub fn diff(have: &State, want: &State) -> Vec<Change> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Edit {
     /// A new service (`lb service add`).
-    AddService(Service),
+    AddService(Service, SvcConf),
     /// A service goes (`lb service del`).
     DelService(Service),
     /// A new backend (`lb backend add`).
-    AddBackend(Service, SocketAddrV4, u32),
+    AddBackend(Service, SocketAddr, u32),
     /// A backend goes (`lb backend del`).
-    DelBackend(Service, SocketAddrV4),
+    DelBackend(Service, SocketAddr),
     /// A backend's weight (`lb backend set`, `drain`).
-    SetWeight(Service, SocketAddrV4, u32),
+    SetWeight(Service, SocketAddr, u32),
     /// The service exists with exactly these backends, new ones with
-    /// weight 1, the others keeping theirs (the one-liner of `lb attach`).
-    Backends(Service, Vec<SocketAddrV4>),
+    /// weight 1, the others keeping theirs (the one-liner of `lb attach`);
+    /// a new service has the default mode and scheduler.
+    Backends(Service, Vec<SocketAddr>),
     /// A backend's weight if the backend is there (`lb run` at a health
     /// change); nothing otherwise.
-    WeightIfPresent(Service, SocketAddrV4, u32),
+    WeightIfPresent(Service, SocketAddr, u32),
 }
 
 impl Edit {
+    /// Checks what the edit holds on its own (addresses, weights): what
+    /// the datapath can take, before anything is read or made.
+    pub fn check(&self) -> Result<()> {
+        match self {
+            Edit::AddService(s, _) | Edit::DelService(s) => service::check_service(s),
+            Edit::AddBackend(s, a, w) | Edit::SetWeight(s, a, w) => {
+                service::check_service(s)?;
+                service::check_backend(s, *a)?;
+                service::check_weight(*w)
+            }
+            Edit::DelBackend(s, a) => {
+                service::check_service(s)?;
+                service::check_backend(s, *a)
+            }
+            Edit::Backends(s, addrs) => {
+                service::check_service(s)?;
+                addrs.iter().try_for_each(|a| service::check_backend(s, *a))
+            }
+            Edit::WeightIfPresent(_, _, w) => service::check_weight(*w),
+        }
+    }
+
     /// Applies the edit to `st`, or says why it cannot be.
     pub fn apply_to(&self, st: &mut State) -> Result<()> {
         fn svc_mut<'a>(
             st: &'a mut State,
             s: &Service,
-        ) -> Result<&'a mut BTreeMap<SocketAddrV4, u32>> {
-            st.get_mut(s).ok_or_else(|| anyhow!("no such service: {s}"))
+        ) -> Result<&'a mut BTreeMap<SocketAddr, u32>> {
+            st.get_mut(s)
+                .map(|x| &mut x.backends)
+                .ok_or_else(|| anyhow!("no such service: {s}"))
         }
+        self.check()?;
         match self {
-            Edit::AddService(s) => {
-                service::check_unicast(s.vip)?;
+            Edit::AddService(s, conf) => {
                 if st.contains_key(s) {
                     bail!("service {s} already exists");
                 }
-                st.insert(*s, BTreeMap::new());
+                st.insert(*s, SvcState::new(*conf, []));
             }
             Edit::DelService(s) => {
                 st.remove(s)
                     .ok_or_else(|| anyhow!("no such service: {s}"))?;
             }
             Edit::AddBackend(s, a, w) => {
-                service::check_weight(*w)?;
-                service::check_unicast(*a.ip())?;
                 let b = svc_mut(st, s)?;
                 if b.contains_key(a) {
                     bail!("backend {a} already belongs to service {s}");
@@ -249,24 +319,19 @@ impl Edit {
                     .ok_or_else(|| anyhow!("service {s} has no backend {a}"))?;
             }
             Edit::SetWeight(s, a, w) => {
-                service::check_weight(*w)?;
                 *svc_mut(st, s)?
                     .get_mut(a)
                     .ok_or_else(|| anyhow!("service {s} has no backend {a}"))? = *w;
             }
             Edit::Backends(s, addrs) => {
-                service::check_unicast(s.vip)?;
                 let have = st.remove(s).unwrap_or_default();
-                let mut b = BTreeMap::new();
-                for a in addrs {
-                    service::check_unicast(*a.ip())?;
-                    b.insert(*a, have.get(a).copied().unwrap_or(1));
-                }
-                st.insert(*s, b);
+                let b = addrs
+                    .iter()
+                    .map(|a| (*a, have.backends.get(a).copied().unwrap_or(1)));
+                st.insert(*s, SvcState::new(have.conf, b));
             }
             Edit::WeightIfPresent(s, a, w) => {
-                service::check_weight(*w)?;
-                if let Some(x) = st.get_mut(s).and_then(|b| b.get_mut(a)) {
+                if let Some(x) = st.get_mut(s).and_then(|b| b.backends.get_mut(a)) {
                     *x = *w;
                 }
             }
@@ -464,13 +529,16 @@ impl Writer<'_> {
         };
         match c {
             Change::Attach(_) => unreachable!("handled above"),
-            Change::AddService(s) => {
+            Change::AddService(s, conf) => {
                 let id = st.free_service_id()?;
+                // The datapath has one mode and one scheduler: nothing in
+                // the maps says which a service has.
                 service::create_service(m, s, id, size)?;
                 st.services.insert(
                     *s,
                     LoadedService {
                         id,
+                        conf: *conf,
                         backends: BTreeMap::new(),
                     },
                 );
@@ -550,12 +618,16 @@ impl Writer<'_> {
                 }
                 return Ok(());
             }
-            Change::AddService(s) => vec![Change::DelService(*s, BTreeMap::new())],
+            Change::AddService(s, _) => vec![Change::DelService(*s, SvcState::default())],
             Change::AddBackend(s, a, w) => vec![Change::DelBackend(*s, *a, *w)],
             Change::SetWeight(s, a, o, n) => vec![Change::SetWeight(*s, *a, *n, *o)],
             Change::DelBackend(s, a, w) => vec![Change::AddBackend(*s, *a, *w)],
-            Change::DelService(s, b) => std::iter::once(Change::AddService(*s))
-                .chain(b.iter().map(|(a, w)| Change::AddBackend(*s, *a, *w)))
+            Change::DelService(s, was) => std::iter::once(Change::AddService(*s, was.conf))
+                .chain(
+                    was.backends
+                        .iter()
+                        .map(|(a, w)| Change::AddBackend(*s, *a, *w)),
+                )
                 .collect(),
         };
         for c in &inverse {
@@ -644,11 +716,11 @@ mod tests {
     use crate::service::Proto;
 
     fn svc(port: u16) -> Service {
-        Service::new(SocketAddrV4::new([10, 0, 0, 1].into(), port), Proto::Tcp)
+        Service::new(SocketAddr::from(([10, 0, 0, 1], port)), Proto::Tcp)
     }
 
-    fn be(last: u8) -> SocketAddrV4 {
-        SocketAddrV4::new([10, 0, 1, last].into(), 80)
+    fn be(last: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 1, last], 80))
     }
 
     fn edited(st: &State, e: Edit) -> Result<State> {
@@ -662,7 +734,7 @@ mod tests {
         st.insert(svc(80), [(be(1), 1)].into());
         let err = |e: Edit| format!("{:#}", edited(&st, e).unwrap_err());
         assert_eq!(
-            err(Edit::AddService(svc(80))),
+            err(Edit::AddService(svc(80), SvcConf::default())),
             "service 10.0.0.1:80/tcp already exists"
         );
         assert_eq!(
@@ -682,10 +754,13 @@ mod tests {
             "service 10.0.0.1:80/tcp has no backend 10.0.1.2:80"
         );
         assert_eq!(
-            err(Edit::AddService(Service::new(
-                "255.255.255.255:80".parse().unwrap(),
-                Proto::Tcp
-            ))),
+            err(Edit::AddService(
+                Service::new(
+                    "255.255.255.255:80".parse::<SocketAddr>().unwrap(),
+                    Proto::Tcp
+                ),
+                SvcConf::default()
+            )),
             "255.255.255.255 is not a unicast address"
         );
     }

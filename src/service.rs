@@ -3,119 +3,21 @@
 //! Maglev table of a service is rebuilt and swapped in atomically after
 //! every change.
 
-use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
+use crate::conntrack;
 use crate::maglev;
 use crate::maps::{self, bytes, from_bytes, BackendEntry, Maps, SvcKey, SvcValue};
 use crate::reconcile::{self, Edit};
-use crate::{conntrack, stats};
 
-/// Largest backend weight.
-pub const MAX_WEIGHT: u32 = 10_000;
-
-/// Transport protocol of a service.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Proto {
-    /// IP protocol number.
-    pub fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => 6,
-            Proto::Udp => 17,
-        }
-    }
-
-    fn from_number(n: u8) -> Option<Self> {
-        match n {
-            6 => Some(Proto::Tcp),
-            17 => Some(Proto::Udp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
-
-/// A service: VIP:port/proto (port 0: every port of the VIP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub struct Service {
-    /// Virtual IP.
-    pub vip: Ipv4Addr,
-    /// Port, 0 for every port.
-    pub port: u16,
-    /// Protocol.
-    pub proto: Proto,
-}
-
-impl fmt::Display for Service {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.vip, self.port, self.proto)
-    }
-}
-
-impl Service {
-    /// The service at `addr` with `proto`.
-    pub fn new(addr: SocketAddrV4, proto: Proto) -> Self {
-        Self {
-            vip: *addr.ip(),
-            port: addr.port(),
-            proto,
-        }
-    }
-
-    fn key(&self) -> SvcKey {
-        SvcKey {
-            vip: maps::ip_to_be(self.vip),
-            port: self.port.to_be(),
-            proto: self.proto.number(),
-            pad: 0,
-        }
-    }
-}
-
-/// A backend of a service.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Backend {
-    /// Backend id (index in the backends map and counters).
-    pub id: u32,
-    /// Address; port 0 means "the port the client used".
-    pub addr: SocketAddrV4,
-    /// Weight; 0 drains (no new flows).
-    pub weight: u32,
-    /// Service id.
-    pub svc_id: u32,
-}
+pub use crate::model::{
+    check_backend, check_service, check_unicast, check_weight, weight_of, Backend, FwdMode, Proto,
+    Scheduler, Service, SvcConf, MAX_WEIGHT,
+};
 
 /// A service with its id and backends.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -125,6 +27,9 @@ pub struct ServiceInfo {
     pub service: Service,
     /// Its id.
     pub id: u32,
+    /// Its forwarding mode and scheduler.
+    #[serde(flatten)]
+    pub conf: SvcConf,
     /// Its backends, by address.
     pub backends: Vec<Backend>,
 }
@@ -140,19 +45,17 @@ pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>>
     let all: Vec<(SvcKey, SvcValue)> = maps::read_all(&m.services).context("reading services")?;
     for (key, v) in all {
         let id = v.id;
-        let Some(proto) = Proto::from_number(key.proto) else {
+        let Some(service) = maps::service_of_key(&key) else {
             continue;
-        };
-        let service = Service {
-            vip: maps::ip_from_be(key.vip),
-            port: u16::from_be(key.port),
-            proto,
         };
         let mut b: Vec<Backend> = bes.iter().filter(|b| b.svc_id == id).cloned().collect();
         b.sort_by_key(|b| b.addr);
         out.push(ServiceInfo {
             service,
             id,
+            // The datapath has one mode and one scheduler, and the maps
+            // do not store them: every service has those.
+            conf: SvcConf::default(),
             backends: b,
         });
     }
@@ -162,19 +65,11 @@ pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>>
 
 /// Every used backend.
 pub fn backends(m: &Maps) -> Result<Vec<Backend>> {
-    let mut out = Vec::new();
     let all: Vec<(u32, BackendEntry)> = maps::read_all(&m.backends).context("reading backends")?;
-    for (id, b) in all {
-        if b.flags & maps::BACKEND_USED != 0 {
-            out.push(Backend {
-                id,
-                addr: SocketAddrV4::new(maps::ip_from_be(b.ip), u16::from_be(b.port)),
-                weight: b.weight,
-                svc_id: b.svc,
-            });
-        }
-    }
-    Ok(out)
+    Ok(all
+        .into_iter()
+        .filter_map(|(id, b)| maps::backend_of(id, &b))
+        .collect())
 }
 
 // The changes below go through the reconciler (crate::reconcile), like
@@ -184,7 +79,7 @@ pub fn backends(m: &Maps) -> Result<Vec<Backend>> {
 
 /// Adds a service; it takes no flows until it has a backend. Returns its id.
 pub fn service_add(m: &Maps, svc: &Service) -> Result<u32> {
-    let after = reconcile::edit_maps(m, &[Edit::AddService(*svc)])?;
+    let after = reconcile::edit_maps(m, &[Edit::AddService(*svc, SvcConf::default())])?;
     Ok(after.services[svc].id)
 }
 
@@ -195,36 +90,31 @@ pub fn service_del(m: &Maps, svc: &Service) -> Result<()> {
 
 /// Adds a backend to a service and rebuilds the service's table. Returns
 /// the backend's id.
-pub fn backend_add(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> Result<u32> {
+pub fn backend_add(
+    m: &Maps,
+    svc: &Service,
+    addr: impl Into<SocketAddr>,
+    weight: u32,
+) -> Result<u32> {
+    let addr = addr.into();
     let after = reconcile::edit_maps(m, &[Edit::AddBackend(*svc, addr, weight)])?;
     Ok(after.services[svc].backends[&addr].id)
 }
 
 /// Removes a backend: no new flows reach it, then its flows are ended.
 /// Other backends' flows are untouched.
-pub fn backend_del(m: &Maps, svc: &Service, addr: SocketAddrV4) -> Result<()> {
-    reconcile::edit_maps(m, &[Edit::DelBackend(*svc, addr)]).map(drop)
+pub fn backend_del(m: &Maps, svc: &Service, addr: impl Into<SocketAddr>) -> Result<()> {
+    reconcile::edit_maps(m, &[Edit::DelBackend(*svc, addr.into())]).map(drop)
 }
 
 /// Changes a backend's weight; 0 drains it (existing flows continue).
-pub fn backend_set(m: &Maps, svc: &Service, addr: SocketAddrV4, weight: u32) -> Result<()> {
-    reconcile::edit_maps(m, &[Edit::SetWeight(*svc, addr, weight)]).map(drop)
-}
-
-/// Checks a weight.
-pub fn check_weight(w: u32) -> Result<()> {
-    if w > MAX_WEIGHT {
-        bail!("weight {w} out of range 0..={MAX_WEIGHT}");
-    }
-    Ok(())
-}
-
-/// Checks that a service's or backend's address is unicast.
-pub fn check_unicast(ip: Ipv4Addr) -> Result<()> {
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-        bail!("{ip} is not a unicast address");
-    }
-    Ok(())
+pub fn backend_set(
+    m: &Maps,
+    svc: &Service,
+    addr: impl Into<SocketAddr>,
+    weight: u32,
+) -> Result<()> {
+    reconcile::edit_maps(m, &[Edit::SetWeight(*svc, addr.into(), weight)]).map(drop)
 }
 
 // ------------------------------------------------------------ map writes
@@ -239,7 +129,7 @@ pub(crate) fn create_service(m: &Maps, svc: &Service, id: u32, size: u32) -> Res
     let v = SvcValue { id };
     if let Err(e) = m
         .services
-        .update(bytes(&svc.key()), bytes(&v), MapFlags::NO_EXIST)
+        .update(bytes(&maps::svc_key(svc)?), bytes(&v), MapFlags::NO_EXIST)
     {
         let _ = m.maglev.delete(&id.to_ne_bytes());
         return Err(e).with_context(|| format!("adding service {svc}"));
@@ -250,7 +140,7 @@ pub(crate) fn create_service(m: &Maps, svc: &Service, id: u32, size: u32) -> Res
 /// Removes service `id`, its backends `backend_ids` and their flows.
 pub(crate) fn remove_service(m: &Maps, svc: &Service, id: u32, backend_ids: &[u32]) -> Result<()> {
     m.services
-        .delete(bytes(&svc.key()))
+        .delete(bytes(&maps::svc_key(svc)?))
         .with_context(|| format!("removing service {svc}"))?;
     let _ = m.maglev.delete(&id.to_ne_bytes());
     for b in backend_ids {
@@ -265,14 +155,8 @@ pub(crate) fn remove_service(m: &Maps, svc: &Service, id: u32, backend_ids: &[u3
 pub(crate) fn create_backend(m: &Maps, b: &Backend, table: &[Backend], size: u32) -> Result<()> {
     check_weight(b.weight)?;
     let (id, addr) = (b.id, b.addr);
-    let entry = BackendEntry {
-        ip: maps::ip_to_be(*addr.ip()),
-        port: addr.port().to_be(),
-        flags: maps::BACKEND_USED,
-        svc: b.svc_id,
-        weight: b.weight,
-    };
-    stats::reset_backend(m, id)?;
+    let entry = maps::backend_entry(b)?;
+    maps::reset_backend_counters(m, id)?;
     // The id may have served another backend: forget its next hop.
     m.nexthops
         .update(

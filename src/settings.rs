@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use anyhow::{bail, Context, Result};
@@ -86,12 +86,14 @@ pub fn ports_string(r: &[PortRange]) -> String {
 }
 
 /// SNAT addresses as written: `ADDR[,ADDR...]`.
-pub fn parse_snat(s: &str) -> Result<Vec<Ipv4Addr>> {
+/// Either family parses; [`Settings::validate`] says which the datapath
+/// takes.
+pub fn parse_snat(s: &str) -> Result<Vec<IpAddr>> {
     s.split(',')
         .map(|a| {
             a.trim()
-                .parse::<Ipv4Addr>()
-                .with_context(|| format!("'{}' is not an IPv4 address", a.trim()))
+                .parse::<IpAddr>()
+                .with_context(|| format!("'{}' is not an IP address", a.trim()))
         })
         .collect()
 }
@@ -120,7 +122,7 @@ pub struct Settings {
     pub nat_ports: Vec<PortRange>,
     /// Source addresses towards backends (empty: the LB's address on the
     /// egress interface, from the FIB).
-    pub snat: Vec<Ipv4Addr>,
+    pub snat: Vec<IpAddr>,
     /// Entries of every Maglev table (a prime).
     pub maglev_size: u32,
     /// Answered connections the connection table holds (two entries each).
@@ -188,10 +190,55 @@ impl Settings {
         self.nat_ports.iter().map(PortRange::len).sum()
     }
 
-    /// Checks the settings, and that the NAT ports stay clear of the host's
-    /// own ephemeral ports (current network namespace). SNAT addresses are
-    /// checked against the host's addresses by [`crate::net::snat_check`].
-    pub fn validate(&self) -> Result<()> {
+    /// The one validation of settings, for the command line and the file
+    /// (which names the field's place from [`Invalid::field`]): the rules
+    /// of each setting, that the NAT ports stay clear of the host's own
+    /// ephemeral ports and that the SNAT addresses are the host's
+    /// (current network namespace).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        self.check_nat_ports()
+            .map_err(Invalid::of(Field::NatPorts))?;
+        self.check_snat().map_err(Invalid::of(Field::Snat))?;
+        if !maglev::is_prime(self.maglev_size) || self.maglev_size > 1_000_003 {
+            return Err(Invalid::new(
+                Field::MaglevSize,
+                format!(
+                    "Maglev table size {} must be a prime up to 1000003",
+                    self.maglev_size
+                ),
+            ));
+        }
+        if self.max_flows < 1024 || self.max_flows > 64 << 20 {
+            return Err(Invalid::new(
+                Field::MaxFlows,
+                format!("max flows {} out of range 1024..=67108864", self.max_flows),
+            ));
+        }
+        if self.max_half_open < 1024 || self.max_half_open > 16 << 20 {
+            return Err(Invalid::new(
+                Field::MaxHalfOpen,
+                format!(
+                    "max half-open flows {} out of range 1024..=16777216",
+                    self.max_half_open
+                ),
+            ));
+        }
+        for (field, name, v) in [
+            (Field::TcpTimeout, "tcp timeout", self.tcp_timeout),
+            (Field::UdpTimeout, "udp timeout", self.udp_timeout),
+            (Field::FinTimeout, "fin timeout", self.fin_timeout),
+        ] {
+            if v == 0 || v > 86400 {
+                return Err(Invalid::new(
+                    field,
+                    format!("{name} {v}s out of range 1..=86400"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_nat_ports(&self) -> Result<()> {
         let ports = ports_string(&self.nat_ports);
         if self.nat_ports.is_empty() || self.nat_ports.len() > MAX_PORT_RANGES {
             bail!("NAT ports '{ports}': give one or two ranges LO-HI");
@@ -214,6 +261,10 @@ impl Settings {
                 eph.end()
             );
         }
+        Ok(())
+    }
+
+    fn check_snat(&self) -> Result<()> {
         if self.snat.len() > MAX_SNAT {
             bail!("{} SNAT addresses: at most {MAX_SNAT}", self.snat.len());
         }
@@ -221,37 +272,75 @@ impl Settings {
             if self.snat[..i].contains(a) {
                 bail!("SNAT address {a} is given twice");
             }
-            if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
-                bail!("SNAT address {a} cannot be a source address");
-            }
+            crate::model::check_snat(*a)?;
         }
-        if !maglev::is_prime(self.maglev_size) || self.maglev_size > 1_000_003 {
-            bail!(
-                "Maglev table size {} must be a prime up to 1000003",
-                self.maglev_size
-            );
-        }
-        if self.max_flows < 1024 || self.max_flows > 64 << 20 {
-            bail!("max flows {} out of range 1024..=67108864", self.max_flows);
-        }
-        if self.max_half_open < 1024 || self.max_half_open > 16 << 20 {
-            bail!(
-                "max half-open flows {} out of range 1024..=16777216",
-                self.max_half_open
-            );
-        }
-        for (name, v) in [
-            ("tcp timeout", self.tcp_timeout),
-            ("udp timeout", self.udp_timeout),
-            ("fin timeout", self.fin_timeout),
-        ] {
-            if v == 0 || v > 86400 {
-                bail!("{name} {v}s out of range 1..=86400");
-            }
-        }
-        Ok(())
+        crate::net::snat_check(&self.snat).map(drop)
     }
 }
+
+/// A setting, as errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// `nat_ports`, `--nat-ports`.
+    NatPorts,
+    /// `snat`, `--snat`.
+    Snat,
+    /// `maglev_size`, `--maglev-size`.
+    MaglevSize,
+    /// `max_flows`, `--max-flows`.
+    MaxFlows,
+    /// `max_half_open`, `--max-half-open`.
+    MaxHalfOpen,
+    /// `tcp_timeout`, `--tcp-timeout`.
+    TcpTimeout,
+    /// `udp_timeout`, `--udp-timeout`.
+    UdpTimeout,
+    /// `fin_timeout`, `--fin-timeout`.
+    FinTimeout,
+}
+
+impl Field {
+    /// Its name in the configuration file's `[settings]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::NatPorts => "nat_ports",
+            Field::Snat => "snat",
+            Field::MaglevSize => "maglev_size",
+            Field::MaxFlows => "max_flows",
+            Field::MaxHalfOpen => "max_half_open",
+            Field::TcpTimeout => "tcp_timeout",
+            Field::UdpTimeout => "udp_timeout",
+            Field::FinTimeout => "fin_timeout",
+        }
+    }
+}
+
+/// Settings refused: the setting that breaks a rule, and which rule.
+#[derive(Debug)]
+pub struct Invalid {
+    /// The setting.
+    pub field: Field,
+    /// Why (one line, without the setting's place).
+    pub msg: String,
+}
+
+impl Invalid {
+    fn new(field: Field, msg: String) -> Self {
+        Self { field, msg }
+    }
+
+    fn of(field: Field) -> impl FnOnce(anyhow::Error) -> Self {
+        move |e| Self::new(field, format!("{e:#}"))
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Invalid {}
 
 #[cfg(test)]
 mod tests {
@@ -266,6 +355,41 @@ mod tests {
         );
         assert_eq!(ports_outside(&(1024..=60999)), vec![r(61000, 65535)]);
         assert_eq!(ports_outside(&(40000..=65535)), vec![r(1024, 39999)]);
+    }
+
+    #[test]
+    fn validation_names_the_field_that_breaks_a_rule() {
+        let ok = Settings::default();
+        ok.validate().expect("the defaults are valid");
+        let field = |f: fn(&mut Settings)| {
+            let mut s = ok.clone();
+            f(&mut s);
+            let e = s.validate().unwrap_err();
+            (e.field, e.to_string())
+        };
+        assert_eq!(
+            field(|s| s.nat_ports = vec![PortRange { lo: 80, hi: 90 }]),
+            (
+                Field::NatPorts,
+                "NAT port range 80-90 is empty or starts below 1024".into()
+            )
+        );
+        assert_eq!(
+            field(|s| s.snat = vec!["fd00::1".parse().unwrap()]),
+            (
+                Field::Snat,
+                "IPv6 SNAT addresses are not supported yet: fd00::1".into()
+            )
+        );
+        assert_eq!(field(|s| s.max_flows = 5).0, Field::MaxFlows,);
+        assert_eq!(
+            field(|s| s.fin_timeout = 86401),
+            (
+                Field::FinTimeout,
+                "fin timeout 86401s out of range 1..=86400".into()
+            )
+        );
+        assert_eq!(Field::MaxHalfOpen.name(), "max_half_open");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The datapath's per-CPU counters: verdict reasons (`enum lb_stat` in
 //! bpf/lb.h) and per-backend traffic; per-service numbers are the sums of
-//! their backends'.
+//! their backends'. Reads only: the services it reports on come from
+//! crate::service, which does not depend on this module (a backend's
+//! counters are reset by crate::maps).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use libbpf_rs::MapHandle;
 
 use crate::maps::{self, Maps};
 use crate::{conntrack, service};
@@ -71,15 +73,6 @@ impl std::ops::AddAssign for Traffic {
     }
 }
 
-/// Zeroes a backend id's counters (before the id is reused).
-pub fn reset_backend(m: &Maps, id: u32) -> Result<()> {
-    let ncpu = libbpf_rs::num_possible_cpus().context("counting CPUs")?;
-    let zero = vec![vec![0u8; 24]; ncpu];
-    m.be_stats
-        .update_percpu(&id.to_ne_bytes(), &zero, MapFlags::ANY)
-        .with_context(|| format!("resetting counters of backend id {id}"))
-}
-
 /// A backend's line in the report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendStats {
@@ -99,6 +92,9 @@ pub struct ServiceStats {
     pub service: service::Service,
     /// Its id.
     pub id: u32,
+    /// Its forwarding mode and scheduler.
+    #[serde(flatten)]
+    pub conf: service::SvcConf,
     /// Sum of its backends.
     #[serde(flatten)]
     pub traffic: Traffic,
@@ -148,6 +144,7 @@ pub fn report(m: &Maps) -> Result<Report> {
         services.push(ServiceStats {
             service: s.service,
             id: s.id,
+            conf: s.conf,
             traffic: total,
             backends,
         });

@@ -1,13 +1,17 @@
-//! Thin, safe wrappers over the libbpf calls libbpf-rs does not expose:
-//! XDP links with an explicit mode, what is attached to an interface, and
-//! what a pinned link points at.
+//! XDP attachment: libbpf-rs's own `Link` (pinned links: open, pin,
+//! inspect, detach) and `Xdp` (netlink attachment of helper programs),
+//! and thin wrappers over the two libbpf calls it does not cover: creating
+//! an XDP link in an explicit mode (`Program::attach_xdp` takes no flags)
+//! and asking what an interface runs without holding a program
+//! (`Xdp::query` needs a program's fd it does not use).
 
-use std::ffi::CString;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Context, Result};
+use libbpf_rs::query::LinkTypeInfo;
+use libbpf_rs::{Link, Program, Xdp, XdpFlags};
 
 /// How the XDP program is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -22,11 +26,11 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn flags(self) -> u32 {
+    fn flags(self) -> XdpFlags {
         match self {
-            Mode::Auto => 0,
-            Mode::Native => libbpf_sys::XDP_FLAGS_DRV_MODE,
-            Mode::Skb => libbpf_sys::XDP_FLAGS_SKB_MODE,
+            Mode::Auto => XdpFlags::NONE,
+            Mode::Native => XdpFlags::DRV_MODE,
+            Mode::Skb => XdpFlags::SKB_MODE,
         }
     }
 }
@@ -100,11 +104,11 @@ pub fn query(ifindex: u32) -> Result<Attached> {
 }
 
 /// Creates an XDP bpf_link for `prog` on `ifindex` in `mode`. The link lives
-/// as long as the returned fd or a pin of it.
+/// as long as the returned fd or a pin of it ([`pin`]).
 pub fn link_create(prog: BorrowedFd<'_>, ifindex: u32, mode: Mode) -> std::io::Result<OwnedFd> {
     let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
     opts.sz = std::mem::size_of_val(&opts) as _;
-    opts.flags = mode.flags();
+    opts.flags = mode.flags().bits();
     let fd = unsafe {
         libbpf_sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, libbpf_sys::BPF_XDP, &opts)
     };
@@ -114,10 +118,11 @@ pub fn link_create(prog: BorrowedFd<'_>, ifindex: u32, mode: Mode) -> std::io::R
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Pins any BPF object fd at `path`.
-pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
-    let rc = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), c.as_ptr()) };
+/// Pins the link made by [`link_create`] at `path` (a libbpf-rs `Link`
+/// cannot be made from an fd; [`open_link`] opens it from there).
+pub fn pin(link: OwnedFd, path: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let rc = unsafe { libbpf_sys::bpf_obj_pin(link.as_raw_fd(), c.as_ptr()) };
     if rc < 0 {
         bail!(
             "pinning {}: {}",
@@ -128,18 +133,9 @@ pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Opens a pinned object.
-pub fn open_pinned(path: &Path) -> Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
-    let fd = unsafe { libbpf_sys::bpf_obj_get(c.as_ptr()) };
-    if fd < 0 {
-        bail!(
-            "opening pin {}: {}",
-            path.display(),
-            std::io::Error::from_raw_os_error(-fd)
-        );
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// Opens a pinned link.
+pub fn open_link(path: &Path) -> Result<Link> {
+    Link::open(path).with_context(|| format!("opening pin {}", path.display()))
 }
 
 /// What an XDP link points at.
@@ -154,61 +150,35 @@ pub struct LinkInfo {
 }
 
 /// Reads the id, program and interface of an XDP link.
-pub fn link_info(fd: BorrowedFd<'_>) -> Result<LinkInfo> {
-    let mut info: libbpf_sys::bpf_link_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of_val(&info) as u32;
-    let rc = unsafe { libbpf_sys::bpf_link_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
-    if rc < 0 {
-        return Err(anyhow!(
-            "reading link info: {}",
-            std::io::Error::from_raw_os_error(-rc)
-        ));
-    }
+pub fn link_info(link: &Link) -> Result<LinkInfo> {
+    let info = link.info().context("reading link info")?;
+    let LinkTypeInfo::Xdp(x) = info.info else {
+        bail!("link {} is not an XDP link", info.id);
+    };
     Ok(LinkInfo {
         id: info.id,
         prog_id: info.prog_id,
-        ifindex: unsafe { info.__bindgen_anon_1.xdp.ifindex },
+        ifindex: x.ifindex,
     })
-}
-
-/// Detaches a link (the program leaves the interface; the link fd stays
-/// valid but defunct).
-pub fn link_detach(fd: BorrowedFd<'_>) -> Result<()> {
-    let rc = unsafe { libbpf_sys::bpf_link_detach(fd.as_raw_fd()) };
-    if rc < 0 {
-        bail!("detaching link: {}", std::io::Error::from_raw_os_error(-rc));
-    }
-    Ok(())
 }
 
 /// Attaches `prog` to `ifindex` the legacy way (netlink, no link): it stays
 /// until replaced or the interface goes. Used for helper programs only.
-pub fn attach_legacy(prog: impl AsFd, ifindex: u32, mode: Mode) -> Result<()> {
-    let rc = unsafe {
-        libbpf_sys::bpf_xdp_attach(
-            ifindex as i32,
-            prog.as_fd().as_raw_fd(),
-            mode.flags(),
-            std::ptr::null(),
-        )
-    };
-    if rc < 0 {
-        bail!(
-            "attaching XDP to ifindex {ifindex}: {}",
-            std::io::Error::from_raw_os_error(-rc)
-        );
-    }
-    Ok(())
+pub fn attach_legacy(prog: &Program<'_>, ifindex: u32, mode: Mode) -> Result<()> {
+    Xdp::new(prog.as_fd())
+        .attach(ifindex as i32, mode.flags())
+        .with_context(|| format!("attaching XDP to ifindex {ifindex}"))
 }
 
-/// Removes a legacy-attached program.
+/// Removes the program attached to `ifindex` the legacy way in `mode`, if
+/// any.
 pub fn detach_legacy(ifindex: u32, mode: Mode) -> Result<()> {
-    let rc = unsafe { libbpf_sys::bpf_xdp_detach(ifindex as i32, mode.flags(), std::ptr::null()) };
-    if rc < 0 {
-        bail!(
-            "detaching XDP from ifindex {ifindex}: {}",
-            std::io::Error::from_raw_os_error(-rc)
-        );
+    let id = query(ifindex)?.prog_id;
+    if id == 0 {
+        return Ok(());
     }
-    Ok(())
+    let prog = Program::fd_from_id(id).with_context(|| format!("opening XDP program {id}"))?;
+    Xdp::new(prog.as_fd())
+        .detach(ifindex as i32, mode.flags())
+        .with_context(|| format!("detaching XDP from ifindex {ifindex}"))
 }

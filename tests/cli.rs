@@ -82,6 +82,29 @@ fn inconsistent_configuration_is_refused() {
             attach_args(&ns.name, pins.arg(), &[A_IP, LB_IP], &[]),
             vec![LB_IP, "also the LB"],
         ),
+        // IPv6 parses, and is refused by name: the datapath has none yet.
+        (
+            attach_args(&ns.name, pins.arg(), &[A_IP, "fd00::11"], &[]),
+            vec!["backend [fd00::11]:0 is IPv6", LB_IP, "one family"],
+        ),
+        (
+            {
+                let mut a = attach_args(&ns.name, pins.arg(), &["fd00::11"], &[]);
+                let i = a.iter().position(|x| x == "--lb").unwrap();
+                a[i + 1] = "fd00::2".into();
+                a
+            },
+            vec!["IPv6 services are not supported yet: [fd00::2]:0"],
+        ),
+        (
+            {
+                let mut a = attach_args(&ns.name, pins.arg(), &[A_IP], &[]);
+                let i = a.iter().position(|x| x == "--client").unwrap();
+                a[i + 1] = "fd00::10".into();
+                a
+            },
+            vec!["IPv6 clients are not supported yet: --client fd00::10"],
+        ),
     ];
     for (args, needles) in cases {
         let line = assert_error(&lb_s(&args), 1, &needles);
@@ -387,6 +410,46 @@ fn service_errors_change_nothing() {
             vec!["not a unicast address"],
         ),
         (
+            vec!["service", "add", "10.200.0.2:82", "--mode", "dsr"],
+            2,
+            vec!["'dsr'", "--mode", "possible values: nat"],
+        ),
+        (
+            vec!["service", "add", "10.200.0.2:82", "--scheduler", "rr"],
+            2,
+            vec!["'rr'", "--scheduler", "possible values: maglev"],
+        ),
+        (
+            vec!["service", "add", "[fd00::2]:80"],
+            1,
+            vec!["IPv6 services are not supported yet: [fd00::2]:80"],
+        ),
+        (
+            vec!["backend", "add", "[fd00::2]:80", "[fd00::11]:80"],
+            1,
+            vec!["IPv6 services are not supported yet: [fd00::2]:80"],
+        ),
+        (
+            vec!["backend", "add", "10.200.0.2:80", "[fd00::11]:80"],
+            1,
+            vec![
+                "backend [fd00::11]:80 is IPv6, service 10.200.0.2:80/tcp is IPv4",
+                "one family",
+            ],
+        ),
+        (
+            vec![
+                "backend",
+                "set",
+                "10.200.0.2:80",
+                "[fd00::11]:80",
+                "--weight",
+                "2",
+            ],
+            1,
+            vec!["[fd00::11]:80", "one family"],
+        ),
+        (
             vec!["backend", "add", "10.200.0.2:81", "10.200.0.12:80"],
             1,
             vec!["no such service"],
@@ -471,7 +534,7 @@ fn service_errors_change_nothing() {
 }
 
 /// `--snat`: an address that is not the LB's, one given twice, one that is
-/// no source address, or not an IPv4 address: one clear line, nothing
+/// no source address, IPv6 or not an address: one clear line, nothing
 /// attached or pinned. The LB's own addresses are taken, and `lb status`
 /// shows their ports: the NAT ranges on eth0 (the kernel may pick it for
 /// the host's own connections), every port from 1024 on `lo`.
@@ -497,7 +560,15 @@ fn snat_addresses_are_checked() {
         assert_no_xdp(&ns.name, "eth0");
     }
     let args = attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &["--snat", "fd00::1"]);
-    assert_usage_error(&lb_s(&args), &["fd00::1", "--snat", "IPv4"]);
+    assert_error(
+        &lb_s(&args),
+        1,
+        &["IPv6 SNAT addresses are not supported yet: fd00::1"],
+    );
+    assert_no_pins(&pins);
+    assert_no_xdp(&ns.name, "eth0");
+    let args = attach_args(&ns.name, pins.arg(), &[A_IP, B_IP], &["--snat", "10.200.0"]);
+    assert_usage_error(&lb_s(&args), &["10.200.0", "--snat", "not an IP address"]);
     assert_no_pins(&pins);
 
     let args = attach_args(
@@ -673,6 +744,29 @@ fn json_shapes() {
     );
     assert_eq!(svc_of(&stats["services"][0]), s, "{stats:#}");
     assert_eq!(svc_of(&status["services"][0]), s, "{status:#}");
+    // Each carries its forwarding mode and scheduler.
+    for v in [&list[0], &stats["services"][0], &status["services"][0]] {
+        assert_eq!(
+            (&v["mode"], &v["scheduler"]),
+            (&"nat".into(), &"maglev".into()),
+            "{v:#}"
+        );
+    }
+    let text_list = lb_ok(&strings(&[
+        "list",
+        "--netns",
+        &ns.name,
+        "--pin-dir",
+        pins.arg(),
+    ]));
+    assert!(
+        text(&text_list.stdout).contains(&format!(
+            "{LB_IP}:0/tcp (id {}, mode nat, scheduler maglev)",
+            s.3
+        )),
+        "{}",
+        show(&text_list)
+    );
     assert_eq!(
         list[0]["backends"][0]["addr"],
         stats["services"][0]["backends"][0]["addr"]
@@ -712,10 +806,26 @@ fn json_shapes() {
         "10.200.0.3:53",
         "--proto",
         "udp",
+        "--mode",
+        "nat",
+        "--scheduler",
+        "maglev",
     ])));
     assert_eq!(add["changes"][0]["op"], "add_service", "{add:#}");
     assert_eq!(add["changes"][0]["service"]["proto"], "udp", "{add:#}");
     assert!(add["changes"][0]["id"].is_u64(), "{add:#}");
+    let list = json_of(&lb_ok(&after(&["list"])));
+    let udp = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["proto"] == "udp")
+        .expect("the UDP service listed");
+    assert_eq!(
+        (&udp["vip"], &udp["mode"], &udp["scheduler"]),
+        (&"10.200.0.3".into(), &"nat".into(), &"maglev".into()),
+        "{list:#}"
+    );
 
     // apply: dry run and the real one.
     let dir = TempDir::new("lbc");
@@ -723,7 +833,7 @@ fn json_shapes() {
     std::fs::write(
         &f,
         format!(
-            "[[services]]\nvip = \"{LB_IP}\"\nport = 80\nbackends = [{{ addr = \"{A_IP}:80\" }}]\n"
+            "[[services]]\nvip = \"{LB_IP}\"\nport = 80\nmode = \"nat\"\nscheduler = \"maglev\"\nbackends = [{{ addr = \"{A_IP}:80\" }}]\n"
         ),
     )
     .unwrap();

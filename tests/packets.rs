@@ -844,7 +844,7 @@ impl<'obj> Lb<'obj> {
     }
 
     fn service(&self, vip: Ipv4Addr, port: u16, proto: Proto) -> Service {
-        let svc = Service { vip, port, proto };
+        let svc = Service::new(sa(vip, port), proto);
         service::service_add(&self.m, &svc).expect("adding a service");
         svc
     }
@@ -1114,7 +1114,7 @@ impl<'obj> Lb<'obj> {
         if self.settings.snat.is_empty() && *src.ip() != lb_ip {
             return Err(format!("source {src}, expected the LB's address {lb_ip}"));
         }
-        if !self.settings.snat.is_empty() && !self.settings.snat.contains(src.ip()) {
+        if !self.settings.snat.is_empty() && !self.settings.snat.contains(&(*src.ip()).into()) {
             return Err(format!(
                 "source {src}, expected one of the SNAT addresses {:?}",
                 self.settings.snat
@@ -1243,7 +1243,9 @@ impl<'obj> Lb<'obj> {
             .into_iter()
             .find(|b| b.id == f.backend)
             .ok_or_else(|| format!("entry names backend id {}, which is unused", f.backend))?;
-        if *b.addr.ip() != *conn.backend.ip() || (b.addr.port() != 0 && b.addr != conn.backend) {
+        if b.addr.ip() != *conn.backend.ip()
+            || (b.addr.port() != 0 && b.addr != conn.backend.into())
+        {
             return Err(format!(
                 "entry names backend {}, packet went to {}",
                 b.addr, conn.backend
@@ -1686,10 +1688,10 @@ fn tcp_new_flow_established_and_return() {
         (k.proto, k.client, k.vip, k.backend, k.nat, k.state),
         (
             "tcp",
-            sa(CLIENT, 40000),
-            sa(VIP, 80),
-            conn.backend,
-            conn.nat,
+            sa(CLIENT, 40000).into(),
+            sa(VIP, 80).into(),
+            conn.backend.into(),
+            conn.nat.into(),
             "half-open"
         )
     );
@@ -1939,7 +1941,7 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
         let k = lb
             .conns()
             .into_iter()
-            .find(|k| k.nat == conn.nat)
+            .find(|k| k.nat == conn.nat.into())
             .expect("listed");
         assert_eq!(k.state, "closing", "{what}");
     };
@@ -1962,7 +1964,7 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
     let k = lb
         .conns()
         .into_iter()
-        .find(|k| k.nat == conn.nat)
+        .find(|k| k.nat == conn.nat.into())
         .expect("listed");
     assert_eq!(k.state, "half-closed");
     must(
@@ -2168,7 +2170,7 @@ fn snat_pool_spreads_flows_over_its_addresses() {
         lo: 61000,
         hi: 61001,
     }];
-    set.snat = vec![LB, LB2];
+    set.snat = vec![LB.into(), LB2.into()];
     instance!("snat_pool_spreads_flows_over_its_addresses", lb, set, false);
     let svc = lb.service(VIP, 80, Proto::Tcp);
     lb.backend(&svc, BACKEND_A, 80, 1);
@@ -2974,7 +2976,7 @@ fn nat_port_range_exhausted_per_backend() {
     assert_eq!(
         lb.conns()
             .iter()
-            .find(|k| k.nat == c3.nat && k.client == sa(CLIENT, 40002))
+            .find(|k| k.nat == c3.nat.into() && k.client == sa(CLIENT, 40002).into())
             .unwrap()
             .state,
         "expired"
@@ -3015,7 +3017,7 @@ fn backend_del_ends_its_flows_only() {
     assert!(
         listed
             .iter()
-            .all(|k| k.backend_id == b && *k.backend.ip() == BACKEND_B),
+            .all(|k| k.backend_id == b && k.backend.ip() == BACKEND_B),
         "{listed:?}"
     );
     assert_eq!(

@@ -1,0 +1,360 @@
+//! The model of what an instance serves: services and their backends, with
+//! addresses of either family (`IpAddr`, `SocketAddr`), and the checks that
+//! say what the datapath can serve today. Nothing here knows how the maps
+//! store it: that is crate::maps, the datapath-access layer.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{bail, Result};
+
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Transport protocol of a service.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+
+    /// The protocol of an IP protocol number, if a service can have it.
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            6 => Some(Proto::Tcp),
+            17 => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A service: VIP:port/proto (port 0: every port of the VIP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Service {
+    /// Virtual IP.
+    pub vip: IpAddr,
+    /// Port, 0 for every port.
+    pub port: u16,
+    /// Protocol.
+    pub proto: Proto,
+}
+
+impl fmt::Display for Service {
+    /// `10.0.0.1:80/tcp`, `[fd00::1]:80/tcp`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr(), self.proto)
+    }
+}
+
+impl Service {
+    /// The service at `addr` with `proto`.
+    pub fn new(addr: impl Into<SocketAddr>, proto: Proto) -> Self {
+        let addr = addr.into();
+        Self {
+            vip: addr.ip(),
+            port: addr.port(),
+            proto,
+        }
+    }
+
+    /// VIP:port.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.vip, self.port)
+    }
+}
+
+/// A backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Backend {
+    /// Backend id (index in the backends map and counters).
+    pub id: u32,
+    /// Address; port 0 means "the port the client used".
+    pub addr: SocketAddr,
+    /// Weight; 0 drains (no new flows).
+    pub weight: u32,
+    /// Service id.
+    pub svc_id: u32,
+}
+
+/// How a service forwards packets to its backends.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FwdMode {
+    /// Full NAT: the destination becomes the backend, the source an SNAT
+    /// address and port, both ways (the only mode of the datapath today).
+    #[default]
+    Nat,
+}
+
+/// How a service picks a backend for a new flow.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Maglev consistent hashing of the flow, by weight (the only
+    /// scheduler of the datapath today).
+    #[default]
+    Maglev,
+}
+
+/// What a service is besides its address: how it forwards and how it picks
+/// backends. In JSON `"mode": "nat", "scheduler": "maglev"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct SvcConf {
+    /// Forwarding mode.
+    pub mode: FwdMode,
+    /// Scheduler.
+    pub scheduler: Scheduler,
+}
+
+/// Names of the values of a `clap::ValueEnum`, as they are written.
+fn names<T: clap::ValueEnum>() -> Vec<String> {
+    T::value_variants()
+        .iter()
+        .filter_map(|v| v.to_possible_value())
+        .map(|p| p.get_name().to_string())
+        .collect()
+}
+
+/// The value of a `clap::ValueEnum` named `s`, or an error naming the
+/// allowed values: `'dsr' is not one of nat`.
+fn by_name<T: clap::ValueEnum>(s: &str) -> Result<T> {
+    T::from_str(s, false)
+        .map_err(|_| anyhow::anyhow!("'{s}' is not one of {}", names::<T>().join(", ")))
+}
+
+macro_rules! named {
+    ($t:ty) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                use clap::ValueEnum;
+                let v = self.to_possible_value().expect("no skipped values");
+                f.write_str(v.get_name())
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = anyhow::Error;
+            fn from_str(s: &str) -> Result<Self> {
+                by_name(s)
+            }
+        }
+    };
+}
+named!(FwdMode);
+named!(Scheduler);
+
+// ------------------------------------------------------------ validation
+//
+// The one validation of services and backends: the configuration file
+// (crate::config, which adds the place in the file), the commands
+// (crate::reconcile::Edit) and the one-liner of `lb attach` call these.
+
+/// Checks a weight.
+pub fn check_weight(w: u32) -> Result<()> {
+    weight_of(i64::from(w)).map(drop)
+}
+
+/// A weight as written (the file's integers may be negative), checked.
+pub fn weight_of(w: i64) -> Result<u32> {
+    match u32::try_from(w) {
+        Ok(v) if v <= MAX_WEIGHT => Ok(v),
+        _ => bail!("weight {w} out of range 0..={MAX_WEIGHT}"),
+    }
+}
+
+/// Whether `ip` is a unicast address (not unspecified, multicast or the
+/// IPv4 broadcast address).
+pub fn is_unicast(ip: IpAddr) -> bool {
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    !(ip.is_unspecified() || ip.is_multicast() || broadcast)
+}
+
+/// Checks that a service's or backend's address is unicast.
+pub fn check_unicast(ip: IpAddr) -> Result<()> {
+    if !is_unicast(ip) {
+        bail!("{ip} is not a unicast address");
+    }
+    Ok(())
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+/// Checks that the datapath can serve `svc`: a unicast VIP, IPv4 (the
+/// datapath has no IPv6 yet).
+pub fn check_service(svc: &Service) -> Result<()> {
+    check_unicast(svc.vip)?;
+    if svc.vip.is_ipv6() {
+        bail!("IPv6 services are not supported yet: {}", svc.addr());
+    }
+    Ok(())
+}
+
+/// Checks that `addr` can be a backend of `svc`: unicast, of the service's
+/// family (the datapath translates addresses, not families).
+pub fn check_backend(svc: &Service, addr: SocketAddr) -> Result<()> {
+    check_unicast(addr.ip())?;
+    if addr.is_ipv4() != svc.vip.is_ipv4() {
+        bail!(
+            "backend {addr} is {}, service {svc} is {}: a service and its backends must be of one family",
+            family(addr.ip()),
+            family(svc.vip)
+        );
+    }
+    if addr.is_ipv6() {
+        bail!("IPv6 backends are not supported yet: {addr}");
+    }
+    Ok(())
+}
+
+/// Checks that `ip` can be a source address towards backends (SNAT):
+/// unicast, not loopback, IPv4 (the datapath has no IPv6 yet).
+pub fn check_snat(ip: IpAddr) -> Result<()> {
+    if !is_unicast(ip) || ip.is_loopback() {
+        bail!("SNAT address {ip} cannot be a source address");
+    }
+    if ip.is_ipv6() {
+        bail!("IPv6 SNAT addresses are not supported yet: {ip}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(s: &str) -> Service {
+        Service::new(s.parse::<SocketAddr>().unwrap(), Proto::Tcp)
+    }
+
+    fn err(r: Result<()>) -> String {
+        format!("{:#}", r.unwrap_err())
+    }
+
+    #[test]
+    fn modes_and_schedulers_name_the_allowed_values() {
+        assert_eq!("nat".parse::<FwdMode>().unwrap(), FwdMode::Nat);
+        assert_eq!("maglev".parse::<Scheduler>().unwrap(), Scheduler::Maglev);
+        assert_eq!(FwdMode::Nat.to_string(), "nat");
+        assert_eq!(Scheduler::Maglev.to_string(), "maglev");
+        assert_eq!(
+            format!("{:#}", "dsr".parse::<FwdMode>().unwrap_err()),
+            "'dsr' is not one of nat"
+        );
+        assert_eq!(
+            format!("{:#}", "NAT".parse::<FwdMode>().unwrap_err()),
+            "'NAT' is not one of nat"
+        );
+        assert_eq!(
+            format!("{:#}", "rr".parse::<Scheduler>().unwrap_err()),
+            "'rr' is not one of maglev"
+        );
+        assert_eq!(
+            serde_json::to_value(SvcConf::default()).unwrap(),
+            serde_json::json!({"mode": "nat", "scheduler": "maglev"})
+        );
+    }
+
+    #[test]
+    fn services_print_either_family() {
+        assert_eq!(svc("10.0.0.1:80").to_string(), "10.0.0.1:80/tcp");
+        assert_eq!(svc("[fd00::1]:80").to_string(), "[fd00::1]:80/tcp");
+    }
+
+    #[test]
+    fn ipv6_and_mixed_families_are_refused_by_name() {
+        assert!(check_service(&svc("10.0.0.1:80")).is_ok());
+        assert_eq!(
+            err(check_service(&svc("[fd00::1]:80"))),
+            "IPv6 services are not supported yet: [fd00::1]:80"
+        );
+        assert_eq!(
+            err(check_service(&svc("[ff02::1]:80"))),
+            "ff02::1 is not a unicast address"
+        );
+        let v4 = svc("10.0.0.1:80");
+        assert!(check_backend(&v4, "10.0.1.1:80".parse().unwrap()).is_ok());
+        assert_eq!(
+            err(check_backend(&v4, "[fd00::2]:80".parse().unwrap())),
+            "backend [fd00::2]:80 is IPv6, service 10.0.0.1:80/tcp is IPv4: a service and its backends must be of one family"
+        );
+        assert_eq!(
+            err(check_backend(&svc("[fd00::1]:80"), "10.0.1.1:80".parse().unwrap())),
+            "backend 10.0.1.1:80 is IPv4, service [fd00::1]:80/tcp is IPv6: a service and its backends must be of one family"
+        );
+        assert_eq!(
+            err(check_backend(&v4, "255.255.255.255:80".parse().unwrap())),
+            "255.255.255.255 is not a unicast address"
+        );
+        assert_eq!(
+            err(check_snat("fd00::1".parse().unwrap())),
+            "IPv6 SNAT addresses are not supported yet: fd00::1"
+        );
+        assert_eq!(
+            err(check_snat("127.0.0.1".parse().unwrap())),
+            "SNAT address 127.0.0.1 cannot be a source address"
+        );
+    }
+}

@@ -396,6 +396,21 @@ fn main() -> Result<()> {
             if made != 3 * u64::from(new_repeat) {
                 bail!("new flow: {made} of {} runs created a flow", 3 * new_repeat);
             }
+            // DSR: any packet of a DSR service, its flow cached (the
+            // frame is left as it was but for its MACs: every rerun
+            // takes the same path).
+            let dsr = Service::new(SocketAddrV4::new(VIP, 90), Proto::Tcp);
+            let conf = lb::model::SvcConf {
+                mode: lb::model::FwdMode::Dsr,
+                ..Default::default()
+            };
+            service::service_add_conf(&m, &dsr, conf)?;
+            service::backend_add(&m, &dsr, SocketAddrV4::new(BACKEND, 90), 1)?;
+            let before = counter(&m, "to_backend")?;
+            let dsr_ns = time(prog, ifindex, &tcp_frame(CLIENT, 40003, VIP, 90), repeat)?;
+            if counter(&m, "to_backend")? - before != 3 * u64::from(repeat) {
+                bail!("dsr: not every run was forwarded");
+            }
             drop(m);
             drop(skel);
             let _ = std::fs::remove_dir_all(&dir);
@@ -405,6 +420,7 @@ fn main() -> Result<()> {
                 ("new flow", new),
                 ("passed (not ours)", passed),
                 ("passed (not IPv4)", not_ip),
+                ("dsr", dsr_ns),
             ] {
                 rows.push(Row {
                     path: path.into(),

@@ -43,6 +43,7 @@ const volatile struct lb_shared lb_shared = {};
 #include "maps.h"
 #include "nat.h"
 #include "conntrack.h"
+#include "dsr.h"
 #include "frag.h"
 #include "icmp.h"
 #include "trace.h"
@@ -242,11 +243,24 @@ static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
 
 		/* Only a SYN opens a TCP connection: a stray segment (of a
 		 * flow that ended, or a flood of ACKs) goes to the kernel,
-		 * which answers with a RST, and costs no table entries. */
-		if (p.key.proto == IPPROTO_TCP && !is_syn(&p))
+		 * which answers with a RST, and costs no table entries;
+		 * unless it is for a DSR service (any packet there). */
+		if (p.key.proto == IPPROTO_TCP && !is_syn(&p) && !dsr_any())
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		svc = service_of(&p.key);
 		if (!svc)
+			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
+		if (svc->flags & LB_SVC_DSR) {
+			int dsr_why = 0, dsr_new = 0;
+			int act = dsr_forward(ctx, &p, svc->id, now, &dsr_why,
+					      &dsr_new);
+
+			if (dsr_new)
+				count(ctx, LB_NEW_FLOW, 0);
+			n->new_flow = dsr_new;
+			return done(ctx, n, dsr_why, act);
+		}
+		if (p.key.proto == IPPROTO_TCP && !is_syn(&p))
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		why = flow_new(ctx, &p, svc->id, now, &nf);
 		if (why && why != LB_PASS_NO_NEIGH)

@@ -52,6 +52,8 @@ enum lb_stat {
 			    datagram whose first fragment was forwarded */
 	LB_EVICTED,	 /* client entry whose owner a full table evicted: a
 			    connection lost (--max-flows, --max-half-open) */
+	LB_DROP_NO_NEIGH, /* DSR: the backend's MAC is not resolved yet (the
+			     kernel cannot forward for a VIP it holds) */
 	LB_STAT_MAX,
 };
 
@@ -107,7 +109,14 @@ struct svc_key {
 };
 
 struct svc_value {
-	__u32 id; /* index of the service's Maglev table */
+	__u32 id;    /* index of the service's Maglev table */
+	__u32 flags; /* enum svc_flags */
+};
+
+enum svc_flags {
+	/* Direct server return (L2): only the destination MAC changes, the
+	 * backend answers the client itself (bpf/dsr.h). */
+	LB_SVC_DSR = 1,
 };
 
 /* A backend, indexed by its id. */
@@ -209,6 +218,7 @@ struct lb_shared {
 	enum flow_dir dir;
 	enum flow_state state;
 	enum backend_flags backend_flags;
+	enum svc_flags svc_flags;
 };
 
 #endif /* LB_H */

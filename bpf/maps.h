@@ -104,6 +104,34 @@ struct {
 	__type(value, struct flow);
 } frags SEC(".maps");
 
+/*
+ * Direct server return: flow -> backend id, a cache that keeps a flow on
+ * its backend while the Maglev table changes (the table alone gives the
+ * same answer on every lb node, so a flow that moves to another node
+ * keeps its backend too). Sized like conntrack by the CLI.
+ */
+struct dsr_flow {
+	__u32 backend;
+	__u32 pad;
+	__u64 seen; /* clock ticks */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024 * 1024);
+	__type(key, struct flow_key);
+	__type(value, struct dsr_flow);
+} dsr_flows SEC(".maps");
+
+/* How many services are DSR (written by the CLI): only while there are
+ * does a TCP segment of no flow have its service looked up. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} dsr_services SEC(".maps");
+
 /* Backend id -> where the next NAT port search starts: ports are handed out
  * in order, so a freed tuple is reused as late as possible. */
 struct {

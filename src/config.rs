@@ -332,6 +332,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 )
             })?;
             service::check_backend(&service, addr)
+                .and_then(|_| crate::model::check_mode_backend(&conf, &service, addr))
                 .map_err(|e| cx.err(rb.addr.span(), "services.backends.addr", format!("{e:#}")))?;
             if backends.iter().any(|x| x.addr == addr) {
                 return Err(cx.err(

@@ -76,6 +76,13 @@ pub fn load<'obj>(
         .ct_new
         .set_max_entries(settings.max_half_open * 2)
         .context("sizing the half-open table")?;
+    open.maps
+        .dsr_flows
+        // A cache: an evicted flow falls back to the Maglev choice, the
+        // same unless the table changed meanwhile; a quarter of the
+        // connection table's connections keeps its memory small.
+        .set_max_entries((settings.max_flows / 4).max(1024))
+        .context("sizing the DSR flow cache")?;
     if let Some(pins) = reuse {
         for mut map in open.open_object_mut().maps_mut() {
             let name = map.name().to_string_lossy().into_owned();

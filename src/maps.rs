@@ -73,6 +73,34 @@ const fn narrow16(v: u32) -> u16 {
     v as u16
 }
 
+/// A service's flags (`enum svc_flags`) for its forwarding mode.
+pub fn svc_flags(conf: &crate::model::SvcConf) -> u32 {
+    match conf.mode {
+        crate::model::FwdMode::Nat => 0,
+        crate::model::FwdMode::Dsr => types::svc_flags::LB_SVC_DSR.0,
+    }
+}
+
+/// A service's mode and scheduler, as its map value says (one scheduler).
+pub fn svc_conf(v: &SvcValue) -> crate::model::SvcConf {
+    crate::model::SvcConf {
+        mode: if v.flags & types::svc_flags::LB_SVC_DSR.0 != 0 {
+            crate::model::FwdMode::Dsr
+        } else {
+            crate::model::FwdMode::Nat
+        },
+        ..Default::default()
+    }
+}
+
+/// Tells the datapath how many DSR services there are (it looks a stray
+/// TCP segment's service up only while there are).
+pub fn set_dsr_services(m: &Maps, n: u32) -> Result<()> {
+    m.dsr_services
+        .update(&0u32.to_ne_bytes(), &n.to_ne_bytes(), MapFlags::ANY)
+        .context("writing the DSR service count")
+}
+
 /// Names of the maps an instance pins, as in the C program.
 pub const PINNED: &[&str] = &[
     "stats",
@@ -86,6 +114,8 @@ pub const PINNED: &[&str] = &[
     "tx_ports",
     "nexthops",
     "frags",
+    "dsr_flows",
+    "dsr_services",
     "trace_rb",
     "trace_cfg",
 ];
@@ -467,6 +497,8 @@ pub struct Maps {
     pub tx_ports: MapHandle,
     /// Next hops cached per backend id.
     pub nexthops: MapHandle,
+    /// How many services are DSR (one entry).
+    pub dsr_services: MapHandle,
     /// The program's settings (its .rodata).
     pub config: MapHandle,
 }
@@ -494,6 +526,7 @@ impl Maps {
             ct_new: open(&pins.map("ct_new"))?,
             tx_ports: open(&pins.map("tx_ports"))?,
             nexthops: open(&pins.map("nexthops"))?,
+            dsr_services: open(&pins.map("dsr_services"))?,
             config: open(&pins.config())?,
         })
     }

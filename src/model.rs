@@ -129,6 +129,9 @@ pub enum FwdMode {
     /// address and port, both ways (the only mode of the datapath today).
     #[default]
     Nat,
+    /// Direct server return (L2): only the destination MAC changes; the
+    /// backend holds the VIP on its loopback and answers the client itself.
+    Dsr,
 }
 
 /// How a service picks a backend for a new flow.
@@ -269,6 +272,19 @@ pub fn check_backend(svc: &Service, addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// Checks what a service's forwarding mode asks of its backend `addr`: in
+/// DSR the packet keeps its destination, so the backend's port is the
+/// service's (or 0, the port the client used).
+pub fn check_mode_backend(conf: &SvcConf, svc: &Service, addr: SocketAddr) -> Result<()> {
+    if conf.mode == FwdMode::Dsr && addr.port() != 0 && addr.port() != svc.port {
+        bail!(
+            "backend {addr} of DSR service {svc}: in DSR the backend's port must be the service's ({}) or 0",
+            svc.port
+        );
+    }
+    Ok(())
+}
+
 /// Checks that `ip` can be a source address towards backends (SNAT):
 /// unicast, not loopback, IPv4 (the datapath has no IPv6 yet).
 pub fn check_snat(ip: IpAddr) -> Result<()> {
@@ -300,12 +316,13 @@ mod tests {
         assert_eq!(FwdMode::Nat.to_string(), "nat");
         assert_eq!(Scheduler::Maglev.to_string(), "maglev");
         assert_eq!(
-            format!("{:#}", "dsr".parse::<FwdMode>().unwrap_err()),
-            "'dsr' is not one of nat"
+            format!("{:#}", "ipip".parse::<FwdMode>().unwrap_err()),
+            "'ipip' is not one of nat, dsr"
         );
+        assert_eq!("dsr".parse::<FwdMode>().unwrap(), FwdMode::Dsr);
         assert_eq!(
             format!("{:#}", "NAT".parse::<FwdMode>().unwrap_err()),
-            "'NAT' is not one of nat"
+            "'NAT' is not one of nat, dsr"
         );
         assert_eq!(
             format!("{:#}", "rr".parse::<Scheduler>().unwrap_err()),

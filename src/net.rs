@@ -67,3 +67,17 @@ pub fn snat_check(addrs: &[std::net::IpAddr]) -> Result<Vec<bool>> {
         })
         .collect()
 }
+
+/// Has the kernel resolve `ip`'s MAC (when it is on a link of this network
+/// namespace): a datagram to its discard port makes it ask (ARP). Best
+/// effort; nothing waits for the answer.
+pub fn resolve_neighbour(ip: std::net::IpAddr) {
+    let any: std::net::SocketAddr = if ip.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    if let Ok(s) = std::net::UdpSocket::bind(any) {
+        let _ = s.send_to(&[0], (ip, 9));
+    }
+}

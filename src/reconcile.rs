@@ -307,6 +307,9 @@ impl Edit {
                     .ok_or_else(|| anyhow!("no such service: {s}"))?;
             }
             Edit::AddBackend(s, a, w) => {
+                if let Some(have) = st.get(s) {
+                    crate::model::check_mode_backend(&have.conf, s, *a)?;
+                }
                 let b = svc_mut(st, s)?;
                 if b.contains_key(a) {
                     bail!("backend {a} already belongs to service {s}");
@@ -531,9 +534,7 @@ impl Writer<'_> {
             Change::Attach(_) => unreachable!("handled above"),
             Change::AddService(s, conf) => {
                 let id = st.free_service_id()?;
-                // The datapath has one mode and one scheduler: nothing in
-                // the maps says which a service has.
-                service::create_service(m, s, id, size)?;
+                service::create_service(m, s, conf, id, size)?;
                 st.services.insert(
                     *s,
                     LoadedService {
@@ -557,6 +558,12 @@ impl Writer<'_> {
                     svc_id: ls.id,
                 };
                 service::create_backend(m, &b, &ls.table(), size)?;
+                if ls.conf.mode == crate::model::FwdMode::Dsr {
+                    // The datapath forwards a DSR packet only to a
+                    // resolved MAC (the kernel would take it for the VIP):
+                    // have the kernel resolve it now.
+                    crate::net::resolve_neighbour(a.ip());
+                }
                 st.used_backends.insert(id);
                 st.services.insert(*s, ls);
             }
@@ -601,6 +608,15 @@ impl Writer<'_> {
                 }
                 st.services.remove(s);
             }
+        }
+        if matches!(c, Change::AddService(..) | Change::DelService(..)) {
+            // The datapath looks for DSR services only while there are.
+            let n = st
+                .services
+                .values()
+                .filter(|l| l.conf.mode == crate::model::FwdMode::Dsr)
+                .count();
+            maps::set_dsr_services(m, n as u32)?;
         }
         Ok(None)
     }

@@ -53,9 +53,7 @@ pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>>
         out.push(ServiceInfo {
             service,
             id,
-            // The datapath has one mode and one scheduler, and the maps
-            // do not store them: every service has those.
-            conf: SvcConf::default(),
+            conf: maps::svc_conf(&v),
             backends: b,
         });
     }
@@ -79,7 +77,12 @@ pub fn backends(m: &Maps) -> Result<Vec<Backend>> {
 
 /// Adds a service; it takes no flows until it has a backend. Returns its id.
 pub fn service_add(m: &Maps, svc: &Service) -> Result<u32> {
-    let after = reconcile::edit_maps(m, &[Edit::AddService(*svc, SvcConf::default())])?;
+    service_add_conf(m, svc, SvcConf::default())
+}
+
+/// Adds a service with a forwarding mode and scheduler; returns its id.
+pub fn service_add_conf(m: &Maps, svc: &Service, conf: SvcConf) -> Result<u32> {
+    let after = reconcile::edit_maps(m, &[Edit::AddService(*svc, conf)])?;
     Ok(after.services[svc].id)
 }
 
@@ -124,9 +127,18 @@ pub fn backend_set(
 // them reads the service list.
 
 /// Creates service `id` with an empty table.
-pub(crate) fn create_service(m: &Maps, svc: &Service, id: u32, size: u32) -> Result<()> {
+pub(crate) fn create_service(
+    m: &Maps,
+    svc: &Service,
+    conf: &SvcConf,
+    id: u32,
+    size: u32,
+) -> Result<()> {
     install_table(m, id, &[], size)?;
-    let v = SvcValue { id };
+    let v = SvcValue {
+        id,
+        flags: maps::svc_flags(conf),
+    };
     if let Err(e) = m
         .services
         .update(bytes(&maps::svc_key(svc)?), bytes(&v), MapFlags::NO_EXIST)

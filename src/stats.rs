@@ -185,6 +185,7 @@ mod tests {
         "icmp_error",
         "fragment",
         "evicted",
+        "drop_no_neigh",
     ];
 
     #[test]

@@ -410,9 +410,9 @@ fn service_errors_change_nothing() {
             vec!["not a unicast address"],
         ),
         (
-            vec!["service", "add", "10.200.0.2:82", "--mode", "dsr"],
+            vec!["service", "add", "10.200.0.2:82", "--mode", "ipip"],
             2,
-            vec!["'dsr'", "--mode", "possible values: nat"],
+            vec!["'ipip'", "--mode", "possible values: nat, dsr"],
         ),
         (
             vec!["service", "add", "10.200.0.2:82", "--scheduler", "rr"],

@@ -114,8 +114,12 @@ fn validation_messages() {
             "f.toml:7:9: services.proto: 'sctp' is not tcp or udp",
         ),
         (
-            format!("{BASE}mode = \"dsr\"\n"),
-            "f.toml:7:8: services.mode: 'dsr' is not one of nat",
+            format!("{BASE}mode = \"ipip\"\n"),
+            "f.toml:7:8: services.mode: 'ipip' is not one of nat, dsr",
+        ),
+        (
+            format!("{BASE}mode = \"dsr\"\n[[services.backends]]\naddr = \"10.200.0.11:8080\"\n"),
+            "f.toml:9:8: services.backends.addr: backend 10.200.0.11:8080 of DSR service 10.200.0.2:80/tcp: in DSR the backend's port must be the service's (80) or 0",
         ),
         (
             format!("{BASE}scheduler = \"rr\"\n"),
@@ -482,8 +486,8 @@ fn apply_end_to_end() {
             "bad8.toml:17:7: services.vip: IPv6 services are not supported yet: [fd00::2]:80",
         ),
         (
-            file(&[(a, 1)], "").replace("port = 80\n", "port = 80\nmode = \"dsr\"\n"),
-            "bad9.toml:11:8: services.mode: 'dsr' is not one of nat",
+            file(&[(a, 1)], "").replace("port = 80\n", "port = 80\nmode = \"ipip\"\n"),
+            "bad9.toml:11:8: services.mode: 'ipip' is not one of nat, dsr",
         ),
     ];
     for (i, (src, want)) in bad.iter().enumerate() {

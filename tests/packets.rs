@@ -2660,6 +2660,91 @@ fn an_evicted_owner_is_counted() {
 }
 
 // ---------------------------------------------------------------------------
+// Direct server return.
+
+/// A DSR service: every packet of a flow (a SYN or not: one another lb node
+/// saw first) goes to the backend the Maglev table gives, unchanged but
+/// for its MACs; the flow stays there (a cache) while the backend serves
+/// the service, drained included; no connection-table entry is made; a
+/// backend port other than the service's is refused.
+#[test]
+fn dsr_changes_only_the_macs_and_keeps_flows_on_their_backend() {
+    instance!(
+        "dsr_changes_only_the_macs_and_keeps_flows_on_their_backend",
+        lb,
+        settings(),
+        false
+    );
+    let svc = Service::new(sa(VIP, 80), Proto::Tcp);
+    let conf = lb::model::SvcConf {
+        mode: lb::model::FwdMode::Dsr,
+        ..Default::default()
+    };
+    service::service_add_conf(&lb.m, &svc, conf).expect("a DSR service");
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    lb.backend(&svc, BACKEND_B, 0, 1);
+    let c = Csum::Complete;
+    let listed = service::list(&lb.m).expect("list");
+    assert_eq!(listed[0].conf.mode, lb::model::FwdMode::Dsr);
+
+    // Which backend a packet went to, by its destination MAC (run once;
+    // only the MACs change; exactly `moved` counted).
+    let sent_to = |seg: &Seg, moved: &[&str]| -> Ipv4Addr {
+        let before = lb.counters();
+        let (v, out) = lb.run(lb.ifs.eth0, &seg.frame()).expect("test run");
+        let after = lb.counters();
+        assert_eq!(v, XDP_TX, "{seg:?}: {}", moved_counters(&before, &after));
+        let to = [BACKEND_A, BACKEND_B]
+            .into_iter()
+            .find(|b| out == seg.clone().macs(ETH0_MAC, mac_of(*b)).frame())
+            .unwrap_or_else(|| panic!("{seg:?}: not sent unchanged to a backend"));
+        verify_checksums(&out, c).expect("checksums");
+        counter_delta(&before, &after, moved, seg.frame().len()).expect("counters");
+        to
+    };
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let first = sent_to(&syn, &["to_backend", "new_flow"]);
+    let other = if first == BACKEND_A {
+        BACKEND_B
+    } else {
+        BACKEND_A
+    };
+    let data = syn.clone().data(HTTP_GET);
+    assert_eq!(sent_to(&data, &["to_backend"]), first, "the flow stays");
+    // A segment of a flow this node never saw: forwarded, not passed.
+    let stray = Seg::tcp(CLIENT, 40001, VIP, 80).data(HTTP_GET);
+    let b1 = sent_to(&stray, &["to_backend", "new_flow"]);
+    assert_eq!(sent_to(&stray, &["to_backend"]), b1);
+    assert!(lb.entries().is_empty(), "DSR makes no NAT entries");
+
+    // Drained, the first backend keeps its flow.
+    service::backend_set(
+        &lb.m,
+        &svc,
+        sa(first, if first == BACKEND_A { 80 } else { 0 }),
+        0,
+    )
+    .expect("drain");
+    assert_eq!(
+        sent_to(&data, &["to_backend"]),
+        first,
+        "drained: the flow stays"
+    );
+    // Removed, its flow goes to the other.
+    service::backend_del(
+        &lb.m,
+        &svc,
+        sa(first, if first == BACKEND_A { 80 } else { 0 }),
+    )
+    .expect("delete");
+    assert_eq!(sent_to(&data, &["to_backend", "new_flow"]), other);
+
+    // In DSR the backend's port is the service's.
+    let e = service::backend_add(&lb.m, &svc, sa(BACKEND_C, 8080), 1).unwrap_err();
+    assert!(format!("{e:#}").contains("DSR"), "{e:#}");
+}
+
+// ---------------------------------------------------------------------------
 // UDP.
 
 #[test]

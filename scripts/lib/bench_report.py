@@ -30,7 +30,7 @@ import platform
 import statistics
 import subprocess
 
-PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not IPv4)"]
+PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not IPv4)", "dsr"]
 SCENARIOS = [("lb", "lb (XDP, native), defaults"), ("nft", "nftables DNAT + masquerade"),
              ("haproxy", "haproxy (mode tcp)"), ("direct", "direct to one backend"),
              ("fwd", "XDP forward-only (ceiling)")]
@@ -293,7 +293,7 @@ def main():
             L.append(f"| {p} | " + " | ".join(cells) + " |")
         L.append("\nns/packet (x the empty program). *established*: client to VIP, flow in the table; "
                  "*return*: backend to client; *new flow*: a SYN creating a connection; "
-                 "*passed*: not the LB's traffic.\n")
+                 "*passed*: not the LB's traffic; *dsr*: a packet of a direct-server-return service (only its MACs change).\n")
         if empty1 is not None:
             new = [r["ns"] for r in rows if r["path"] == "new flow"]
             L.append("A new flow cannot be repeated on its own rewritten frame, so it is timed on distinct "

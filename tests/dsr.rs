@@ -1,0 +1,198 @@
+//! Direct server return end to end, in the talk's topology (native mode):
+//! the VIP 10.200.0.100 is on the LB's `lo` (the LB answers ARP for it)
+//! and on each backend's `lo` with `arp_ignore=1`/`arp_announce=2` (they
+//! do not); a DSR service VIP:8080 -> a, b. Every request is answered by a
+//! backend, both backends serve, the answers never cross the LB (its
+//! to_client counter stays 0) and no receiver sees a bad checksum.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{curl, lb, root_or_skip, run, PinDir, Topo, A_IP, B_IP};
+use serde_json::Value;
+
+const VIP: &str = "10.200.0.100";
+const PORT: &str = "8080";
+
+/// An HTTP server answering "backend NAME" on 0.0.0.0:PORT in `ns`, under
+/// `timeout`; killed by PID on drop.
+struct Server(Child);
+
+impl Server {
+    fn start(ns: &str, name: &str) -> Self {
+        let script = format!(
+            "import http.server\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       b = b'backend {name}\\n'\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(b)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(b)\n\
+             \x20   def log_message(self, *a):\n\
+             \x20       pass\n\
+             http.server.ThreadingHTTPServer(('0.0.0.0', {PORT}), H).serve_forever()\n"
+        );
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "timeout", "60", "python3", "-c", &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a server");
+        let net = format!("--net=/run/netns/{ns}");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let out = run(
+                "nsenter",
+                &[&net, "ss", "-Htln", &format!("sport = :{PORT}")],
+            );
+            if !out.stdout.is_empty() {
+                return Self(child);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no server on :{PORT} in {ns}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nstat(ns: &str, name: &str) -> u64 {
+    let out = run("ip", &["netns", "exec", ns, "nstat", "-az", name]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn dsr_answers_bypass_the_lb() {
+    if !root_or_skip("dsr_answers_bypass_the_lb") {
+        return;
+    }
+    let t = Topo::up("native");
+    let lbns = t.ns("lb");
+    run(
+        "ip",
+        &[
+            "-n",
+            &lbns,
+            "addr",
+            "add",
+            &format!("{VIP}/32"),
+            "dev",
+            "lo",
+        ],
+    );
+    let mut servers = Vec::new();
+    for h in ["a", "b"] {
+        let ns = t.ns(h);
+        run(
+            "ip",
+            &["-n", &ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+        );
+        for kv in [
+            "net.ipv4.conf.all.arp_ignore=1",
+            "net.ipv4.conf.all.arp_announce=2",
+        ] {
+            run("ip", &["netns", "exec", &ns, "sysctl", "-qw", kv]);
+        }
+        servers.push(Server::start(&ns, h));
+    }
+    let pins = PinDir::new("lbds");
+    let p = pins.arg();
+    let ok = |args: &[&str]| {
+        let out = lb(args);
+        assert!(
+            out.status.success(),
+            "lb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    ok(&["attach", "eth0", "--netns", &lbns, "--pin-dir", p]);
+    let svc = format!("{VIP}:{PORT}");
+    ok(&[
+        "service",
+        "add",
+        &svc,
+        "--mode",
+        "dsr",
+        "--netns",
+        &lbns,
+        "--pin-dir",
+        p,
+    ]);
+    for b in [A_IP, B_IP] {
+        ok(&[
+            "backend",
+            "add",
+            &svc,
+            &format!("{b}:{PORT}"),
+            "--netns",
+            &lbns,
+            "--pin-dir",
+            p,
+        ]);
+    }
+    // The port rule, from the command line: one line, nothing added.
+    let out = lb(&[
+        "backend",
+        "add",
+        &svc,
+        "10.200.0.13:9090",
+        "--netns",
+        &lbns,
+        "--pin-dir",
+        p,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DSR") && err.lines().count() == 1, "{err}");
+    let list: Value =
+        serde_json::from_slice(&ok(&["list", "--json", "--netns", &lbns, "--pin-dir", p]).stdout)
+            .unwrap();
+    assert_eq!(list[0]["mode"], "dsr", "{list:#}");
+    assert_eq!(list[0]["backends"].as_array().unwrap().len(), 2, "{list:#}");
+
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let body = curl(&t.ns("c"), &format!("http://{svc}/"), "3");
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    let st: Value =
+        serde_json::from_slice(&ok(&["stats", "--json", "--netns", &lbns, "--pin-dir", p]).stdout)
+            .unwrap();
+    let packets = |c: &str| st["counters"][c]["packets"].as_u64().unwrap();
+    eprintln!("answers {seen:?}; to_backend {}", packets("to_backend"));
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        ["backend a", "backend b"],
+        "every request answered, by both backends: {seen:?}"
+    );
+    assert!(packets("to_backend") >= 40 * 3, "{st:#}");
+    assert_eq!(packets("to_client"), 0, "answers crossed the LB: {st:#}");
+    for c in ["drop_no_neigh", "drop_no_backend"] {
+        assert_eq!(packets(c), 0, "{c}: {st:#}");
+    }
+    for h in ["c", "a", "b"] {
+        assert_eq!(nstat(&t.ns(h), "TcpInCsumErrors"), 0, "{h}");
+    }
+    ok(&["detach", "eth0", "--netns", &lbns, "--pin-dir", p]);
+    drop(servers);
+}

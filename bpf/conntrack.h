@@ -50,7 +50,8 @@ static __always_inline int ct_promote(const struct flow_key *ck, struct flow *f,
  * that says why the flow could not be made.
  */
 static __always_inline int flow_new(struct xdp_md *ctx, struct pkt *p,
-				    __u32 svc_id, __u64 now, struct flow *fwd)
+				    __u32 svc_id, __u32 svc_flags, __u64 now,
+				    struct flow *fwd)
 {
 	struct nat_search s = {};
 	struct backend *be;
@@ -58,7 +59,7 @@ static __always_inline int flow_new(struct xdp_md *ctx, struct pkt *p,
 	int rc;
 
 	__builtin_memset(fwd, 0, sizeof(*fwd));
-	s.h = flow_hash(&p->key);
+	s.h = pick_hash(&p->key, svc_flags);
 	be = backend_pick(svc_id, s.h, &fwd->backend);
 	if (!be)
 		return LB_DROP_NO_BACKEND;

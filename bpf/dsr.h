@@ -40,8 +40,8 @@ static __always_inline struct backend *dsr_cached(__u32 id, __u32 svc_id)
 /* Forwards a packet of DSR service `svc_id`; its verdict, the counter to
  * count it under in *why, and whether it made a flow in *new_flow. */
 static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
-				       __u32 svc_id, __u64 now, int *why,
-				       int *new_flow)
+				       __u32 svc_id, __u32 svc_flags, __u64 now,
+				       int *why, int *new_flow)
 {
 	struct dsr_flow *c = bpf_map_lookup_elem(&dsr_flows, &p->key);
 	struct flow f = {};
@@ -57,7 +57,8 @@ static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
 	} else {
 		struct dsr_flow nc = {.seen = now};
 
-		be = backend_pick(svc_id, flow_hash(&p->key), &f.backend);
+		be = backend_pick(svc_id, pick_hash(&p->key, svc_flags),
+				  &f.backend);
 		if (!be) {
 			*why = LB_DROP_NO_BACKEND;
 			return XDP_DROP;

@@ -252,8 +252,8 @@ static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		if (svc->flags & LB_SVC_DSR) {
 			int dsr_why = 0, dsr_new = 0;
-			int act = dsr_forward(ctx, &p, svc->id, now, &dsr_why,
-					      &dsr_new);
+			int act = dsr_forward(ctx, &p, svc->id, svc->flags, now,
+					      &dsr_why, &dsr_new);
 
 			if (dsr_new)
 				count(ctx, LB_NEW_FLOW, 0);
@@ -262,7 +262,7 @@ static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
 		}
 		if (p.key.proto == IPPROTO_TCP && !is_syn(&p))
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-		why = flow_new(ctx, &p, svc->id, now, &nf);
+		why = flow_new(ctx, &p, svc->id, svc->flags, now, &nf);
 		if (why && why != LB_PASS_NO_NEIGH)
 			return done(ctx, n, why,
 				    why == LB_PASS_NO_ROUTE ? XDP_PASS

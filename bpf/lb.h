@@ -117,6 +117,9 @@ enum svc_flags {
 	/* Direct server return (L2): only the destination MAC changes, the
 	 * backend answers the client itself (bpf/dsr.h). */
 	LB_SVC_DSR = 1,
+	/* Client affinity: a new flow's backend from the hash of the client
+	 * address alone, so all of a client's connections go to one. */
+	LB_SVC_CLIENT_IP = 2,
 };
 
 /* A backend, indexed by its id. */

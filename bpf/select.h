@@ -27,6 +27,14 @@ static __always_inline __u32 flow_hash(const struct flow_key *k)
 /* The backend service `svc_id`'s Maglev table gives hash `h`, or NULL. A
  * CPU may still hold a table the service has since replaced: the backend
  * must belong to the service. */
+/* The hash a service picks a new flow's backend by (svc_flags). */
+static __always_inline __u32 pick_hash(const struct flow_key *k, __u32 flags)
+{
+	if (flags & LB_SVC_CLIENT_IP)
+		return mix32(k->saddr ^ 0x9e3779b9);
+	return flow_hash(k);
+}
+
 static __always_inline struct backend *backend_pick(__u32 svc_id, __u32 h,
 						    __u32 *id)
 {

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::bpffs::{self, PinDir};
 use crate::lock::{self, InstanceLock};
 use crate::maps::Maps;
+use crate::model::Affinity;
 use crate::reconcile::{self, Applied, Change, Edit, Target};
 use crate::service::{self, FwdMode, Proto, Scheduler, Service, SvcConf};
 use crate::settings::{self, PortRange, Settings};
@@ -274,6 +275,9 @@ pub enum ServiceCmd {
         /// How a backend is picked for a new flow.
         #[arg(long, value_enum, default_value_t = Scheduler::Maglev)]
         scheduler: Scheduler,
+        /// client-ip: every connection of a client address to one backend.
+        #[arg(long, value_enum, default_value_t = Affinity::None)]
+        affinity: Affinity,
     },
     /// Remove a service, its backends and their flows.
     Del {
@@ -450,11 +454,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     svc,
                     mode,
                     scheduler,
+                    affinity,
                 } => Edit::AddService(
                     svc.service(),
                     SvcConf {
                         mode: *mode,
                         scheduler: *scheduler,
+                        affinity: *affinity,
                     },
                 ),
                 ServiceCmd::Del { svc } => Edit::DelService(svc.service()),
@@ -556,8 +562,8 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 for s in &list {
                     println!(
-                        "{} (id {}, mode {}, scheduler {})",
-                        s.service, s.id, s.conf.mode, s.conf.scheduler
+                        "{} (id {}, mode {}, scheduler {}, affinity {})",
+                        s.service, s.id, s.conf.mode, s.conf.scheduler, s.conf.affinity
                     );
                     for b in &s.backends {
                         println!(

@@ -66,6 +66,8 @@ struct RawService {
     #[serde(default)]
     scheduler: Option<Spanned<String>>,
     #[serde(default)]
+    affinity: Option<Spanned<String>>,
+    #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
 
@@ -307,6 +309,12 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 .get_ref()
                 .parse::<Scheduler>()
                 .map_err(|e| cx.err(m.span(), "services.scheduler", format!("{e:#}")))?;
+        }
+        if let Some(a) = &rs.affinity {
+            conf.affinity = a
+                .get_ref()
+                .parse::<crate::model::Affinity>()
+                .map_err(|e| cx.err(a.span(), "services.affinity", format!("{e:#}")))?;
         }
         if services.iter().any(|x| x.service == service) {
             return Err(cx.err(s.span(), "services", format!("duplicate service {service}")));

@@ -75,10 +75,15 @@ const fn narrow16(v: u32) -> u16 {
 
 /// A service's flags (`enum svc_flags`) for its forwarding mode.
 pub fn svc_flags(conf: &crate::model::SvcConf) -> u32 {
-    match conf.mode {
+    let mode = match conf.mode {
         crate::model::FwdMode::Nat => 0,
         crate::model::FwdMode::Dsr => types::svc_flags::LB_SVC_DSR.0,
-    }
+    };
+    let affinity = match conf.affinity {
+        crate::model::Affinity::None => 0,
+        crate::model::Affinity::ClientIp => types::svc_flags::LB_SVC_CLIENT_IP.0,
+    };
+    mode | affinity
 }
 
 /// A service's mode and scheduler, as its map value says (one scheduler).
@@ -88,6 +93,11 @@ pub fn svc_conf(v: &SvcValue) -> crate::model::SvcConf {
             crate::model::FwdMode::Dsr
         } else {
             crate::model::FwdMode::Nat
+        },
+        affinity: if v.flags & types::svc_flags::LB_SVC_CLIENT_IP.0 != 0 {
+            crate::model::Affinity::ClientIp
+        } else {
+            crate::model::Affinity::None
         },
         ..Default::default()
     }

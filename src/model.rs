@@ -156,14 +156,41 @@ pub enum Scheduler {
     Maglev,
 }
 
+/// Which connections of a client go to one backend.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Affinity {
+    /// Each connection on its own (the hash of its 5-tuple).
+    #[default]
+    None,
+    /// Every connection of a client address to one backend (the hash of
+    /// the client address only; as IPVS persistence, Cilium's ClientIP).
+    ClientIp,
+}
+
 /// What a service is besides its address: how it forwards and how it picks
-/// backends. In JSON `"mode": "nat", "scheduler": "maglev"`.
+/// backends. In JSON `"mode": "nat", "scheduler": "maglev", "affinity":
+/// "none"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct SvcConf {
     /// Forwarding mode.
     pub mode: FwdMode,
     /// Scheduler.
     pub scheduler: Scheduler,
+    /// Client affinity.
+    pub affinity: Affinity,
 }
 
 /// Names of the values of a `clap::ValueEnum`, as they are written.
@@ -202,6 +229,7 @@ macro_rules! named {
 }
 named!(FwdMode);
 named!(Scheduler);
+named!(Affinity);
 
 // ------------------------------------------------------------ validation
 //
@@ -329,8 +357,13 @@ mod tests {
             "'rr' is not one of maglev"
         );
         assert_eq!(
+            format!("{:#}", "src".parse::<Affinity>().unwrap_err()),
+            "'src' is not one of none, client-ip"
+        );
+        assert_eq!(Affinity::ClientIp.to_string(), "client-ip");
+        assert_eq!(
             serde_json::to_value(SvcConf::default()).unwrap(),
-            serde_json::json!({"mode": "nat", "scheduler": "maglev"})
+            serde_json::json!({"mode": "nat", "scheduler": "maglev", "affinity": "none"})
         );
     }
 

@@ -747,8 +747,8 @@ fn json_shapes() {
     // Each carries its forwarding mode and scheduler.
     for v in [&list[0], &stats["services"][0], &status["services"][0]] {
         assert_eq!(
-            (&v["mode"], &v["scheduler"]),
-            (&"nat".into(), &"maglev".into()),
+            (&v["mode"], &v["scheduler"], &v["affinity"]),
+            (&"nat".into(), &"maglev".into(), &"none".into()),
             "{v:#}"
         );
     }
@@ -761,7 +761,7 @@ fn json_shapes() {
     ]));
     assert!(
         text(&text_list.stdout).contains(&format!(
-            "{LB_IP}:0/tcp (id {}, mode nat, scheduler maglev)",
+            "{LB_IP}:0/tcp (id {}, mode nat, scheduler maglev, affinity none)",
             s.3
         )),
         "{}",

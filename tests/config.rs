@@ -179,14 +179,21 @@ fn mode_and_scheduler_are_read() {
     use lb::service::{FwdMode, Scheduler, SvcConf};
     let c = lb::config::parse(BASE, Path::new("f.toml")).expect("no mode, no scheduler");
     assert_eq!(c.services[0].conf, SvcConf::default());
-    let src = format!("{BASE}mode = \"nat\"\nscheduler = \"maglev\"\n");
-    let c = lb::config::parse(&src, Path::new("f.toml")).expect("both given");
+    let src = format!("{BASE}mode = \"nat\"\nscheduler = \"maglev\"\naffinity = \"client-ip\"\n");
+    let c = lb::config::parse(&src, Path::new("f.toml")).expect("all given");
     assert_eq!(
         c.services[0].conf,
         SvcConf {
             mode: FwdMode::Nat,
-            scheduler: Scheduler::Maglev
+            scheduler: Scheduler::Maglev,
+            affinity: lb::model::Affinity::ClientIp,
         }
+    );
+    let bad = format!("{BASE}affinity = \"source\"\n");
+    let e = lb::config::parse(&bad, Path::new("f.toml")).unwrap_err();
+    assert_eq!(
+        format!("{e:#}"),
+        "f.toml:7:12: services.affinity: 'source' is not one of none, client-ip"
     );
     let st = c.state(&Default::default());
     assert_eq!(st[&c.services[0].service].conf, c.services[0].conf);

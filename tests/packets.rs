@@ -2744,6 +2744,54 @@ fn dsr_changes_only_the_macs_and_keeps_flows_on_their_backend() {
     assert!(format!("{e:#}").contains("DSR"), "{e:#}");
 }
 
+/// Client affinity (`affinity = "client-ip"`): every connection of one
+/// client address goes to one backend, whatever its port; many client
+/// addresses still spread over the backends.
+#[test]
+fn client_affinity_keeps_a_client_on_one_backend() {
+    instance!(
+        "client_affinity_keeps_a_client_on_one_backend",
+        lb,
+        settings(),
+        false
+    );
+    let svc = Service::new(sa(VIP, 80), Proto::Tcp);
+    let conf = lb::model::SvcConf {
+        affinity: lb::model::Affinity::ClientIp,
+        ..Default::default()
+    };
+    service::service_add_conf(&lb.m, &svc, conf).expect("an affinity service");
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    lb.backend(&svc, BACKEND_B, 80, 1);
+    assert_eq!(
+        service::list(&lb.m).unwrap()[0].conf.affinity,
+        lb::model::Affinity::ClientIp
+    );
+    let both = [sa(BACKEND_A, 80), sa(BACKEND_B, 80)];
+    let c = Csum::Complete;
+    let one: std::collections::BTreeSet<SocketAddrV4> = (0..40)
+        .map(|i| {
+            must(
+                lb.open(&Seg::syn(CLIENT, 41000 + i, VIP, 80), &both, c),
+                "a port",
+            )
+            .backend
+        })
+        .collect();
+    assert_eq!(one.len(), 1, "one client's connections: {one:?}");
+    let many: std::collections::BTreeSet<SocketAddrV4> = (0..32u8)
+        .map(|i| {
+            let client = Ipv4Addr::new(10, 200, 3, 10 + i);
+            must(
+                lb.open(&Seg::syn(client, 40000, VIP, 80), &both, c),
+                "a client",
+            )
+            .backend
+        })
+        .collect();
+    assert_eq!(many.len(), 2, "32 clients on one backend");
+}
+
 // ---------------------------------------------------------------------------
 // UDP.
 

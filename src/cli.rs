@@ -430,7 +430,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Detach { iface } => {
             let (_ns, pins) = prepare(&place)?;
             let _lock = lock(&pins)?;
-            let removed = loader::detach(&iface, &pins)?;
+            let mut removed = loader::detach(&iface, &pins)?;
+            // The instance is gone with its last interface: its VIPs stop
+            // being announced (lb run's [announce]).
+            if !pins.map("conntrack").exists() {
+                removed.extend(
+                    crate::announce::withdraw_all()?
+                        .into_iter()
+                        .map(|a| format!("announced VIP {a}")),
+                );
+            }
             if out.json {
                 return print_json(&serde_json::json!({"iface": iface, "removed": removed}));
             }

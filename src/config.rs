@@ -31,6 +31,16 @@ struct RawFile {
     interfaces: Vec<Spanned<RawIface>>,
     #[serde(default)]
     services: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    announce: Option<Spanned<RawAnnounce>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnnounce {
+    interface: Spanned<String>,
+    #[serde(default)]
+    on_stop: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +182,17 @@ pub struct Config {
     pub interfaces: Vec<Iface>,
     /// Services.
     pub services: Vec<ServiceCfg>,
+    /// VIP announcement by `lb run` (crate::announce), if `[announce]`.
+    pub announce: Option<Announce>,
+}
+
+/// `[announce]`: where `lb run` holds the VIPs it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announce {
+    /// The interface of the LB's namespace that holds them (e.g. lo).
+    pub interface: String,
+    /// Keep them when `lb run` stops (the datapath goes on serving).
+    pub keep_on_stop: bool,
 }
 
 /// Defaults of a health check.
@@ -381,12 +402,42 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
             crate::maps::MAX_BACKENDS
         );
     }
+    let announce = match &raw.announce {
+        None => None,
+        Some(a) => {
+            let a = a.get_ref();
+            let name = a.interface.get_ref().clone();
+            if name.is_empty() || name.len() > 12 || name.contains(['/', ' ', ':']) {
+                return Err(cx.err(
+                    a.interface.span(),
+                    "announce.interface",
+                    format!("'{name}' is not an interface name (at most 12 characters: lb labels its addresses <name>:lb)"),
+                ));
+            }
+            let keep_on_stop = match a.on_stop.as_ref().map(|o| o.get_ref().as_str()) {
+                None | Some("withdraw") => false,
+                Some("keep") => true,
+                Some(other) => {
+                    return Err(cx.err(
+                        a.on_stop.as_ref().unwrap().span(),
+                        "announce.on_stop",
+                        format!("'{other}' is not one of withdraw, keep"),
+                    ))
+                }
+            };
+            Some(Announce {
+                interface: name,
+                keep_on_stop,
+            })
+        }
+    };
     Ok(Config {
         path: path.to_path_buf(),
         settings,
         settings_at: raw.settings.as_ref().map(|s| cx.at(s.span())),
         interfaces,
         services,
+        announce,
     })
 }
 

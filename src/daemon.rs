@@ -24,7 +24,7 @@ use crate::maps::Maps;
 use crate::metrics::{self, HealthInfo, HealthView};
 use crate::reconcile::{self, Edit, Target};
 use crate::service::Service;
-use crate::{conntrack, netns};
+use crate::{announce, conntrack, netns};
 
 /// How `lb run` was started.
 #[derive(Debug, Clone)]
@@ -186,7 +186,42 @@ impl State {
         }
         self.out = out;
         self.publish();
+        self.announce();
         Ok(())
+    }
+
+    /// The VIPs to announce: those with a service that has a backend
+    /// taking flows and not down (a backend without a check counts as up).
+    fn serving_vips(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        self.cfg
+            .services
+            .iter()
+            .filter(|s| {
+                s.backends.iter().any(|b| {
+                    let k = (s.service, b.addr);
+                    b.weight > 0
+                        && !self.out.contains(&k)
+                        && !self.health.get(&k).is_some_and(|h| h.down)
+                })
+            })
+            .map(|s| s.service.vip)
+            .collect()
+    }
+
+    /// Holds exactly the VIPs served on the announce interface.
+    fn announce(&self) {
+        let Some(a) = &self.cfg.announce else { return };
+        match announce::sync(&a.interface, &self.serving_vips()) {
+            Ok((added, removed)) => {
+                for v in added {
+                    info!(vip = %v, interface = %a.interface, "announced");
+                }
+                for v in removed {
+                    info!(vip = %v, interface = %a.interface, "withdrawn");
+                }
+            }
+            Err(e) => error!(error = %format!("{e:#}"), "announcing the VIPs"),
+        }
     }
 
     fn publish(&self) {
@@ -297,8 +332,20 @@ pub fn run(o: &Options) -> Result<()> {
                         let old_health = st.health.clone();
                         let old_checks = st.checks.clone();
                         st.set_config(new);
+                        let old_announce = old.announce.clone();
                         match st.sync("reload", true) {
                             Ok(()) => {
+                                // Announcing elsewhere now, or no more.
+                                if let Some(a) = old_announce.filter(|a| {
+                                    st.cfg.announce.as_ref().map(|n| &n.interface)
+                                        != Some(&a.interface)
+                                }) {
+                                    if let Err(e) =
+                                        announce::sync(&a.interface, &Default::default())
+                                    {
+                                        error!(error = %format!("{e:#}"), "withdrawing the VIPs");
+                                    }
+                                }
                                 generation += 1;
                                 drop(checkers);
                                 checkers = start_checkers(&st.cfg, generation, &tx)?;
@@ -317,6 +364,16 @@ pub fn run(o: &Options) -> Result<()> {
             Event::Signal(s) => {
                 info!(signal = %s, "stopping; the datapath stays attached");
                 drop(checkers);
+                if let Some(a) = st.cfg.announce.as_ref().filter(|a| !a.keep_on_stop) {
+                    match announce::sync(&a.interface, &Default::default()) {
+                        Ok((_, removed)) => {
+                            for v in removed {
+                                info!(vip = %v, interface = %a.interface, "withdrawn (stopping)");
+                            }
+                        }
+                        Err(e) => error!(error = %format!("{e:#}"), "withdrawing the VIPs"),
+                    }
+                }
                 return Ok(());
             }
             Event::Probe {

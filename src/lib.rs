@@ -1,6 +1,7 @@
 //! lb: an XDP layer-4 load balancer. The library behind the `lb` command;
 //! the tests use it directly.
 
+pub mod announce;
 pub mod bpffs;
 pub mod cli;
 pub mod clock;

@@ -122,6 +122,14 @@ fn validation_messages() {
             "f.toml:9:8: services.backends.addr: backend 10.200.0.11:8080 of DSR service 10.200.0.2:80/tcp: in DSR the backend's port must be the service's (80) or 0",
         ),
         (
+            "[announce]\ninterface = \"lo\"\non_stop = \"drop\"\n".to_string(),
+            "f.toml:3:11: announce.on_stop: 'drop' is not one of withdraw, keep",
+        ),
+        (
+            "[announce]\ninterface = \"a/b\"\n".to_string(),
+            "f.toml:2:13: announce.interface: 'a/b' is not an interface name (at most 12 characters: lb labels its addresses <name>:lb)",
+        ),
+        (
             format!("{BASE}scheduler = \"rr\"\n"),
             "f.toml:7:13: services.scheduler: 'rr' is not one of maglev",
         ),

@@ -655,3 +655,92 @@ fn backend_set_during_health_changes() {
         d.logs.lock().unwrap().join("\n")
     );
 }
+
+/// lb's announced VIPs in `ns`: addresses labelled `<iface>:lb`.
+fn announced(ns: &str) -> Vec<String> {
+    let out = common::run("ip", &["-n", ns, "-j", "addr", "show", "dev", "lo"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["addr_info"].as_array().unwrap().clone())
+        .filter(|a| a["label"] == "lo:lb")
+        .map(|a| a["local"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits (bounded) until the announced VIPs are `want`.
+fn wait_announced(ns: &str, want: &[&str]) {
+    let t0 = Instant::now();
+    while announced(ns) != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "announced {:?}, want {want:?}",
+            announced(ns)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `[announce] interface = "lo"`: lb run holds the VIP on lo (labelled
+/// lo:lb, for a routing daemon to export) while a backend serves it, so
+/// clients reach it; withdraws it when every backend is down and
+/// re-announces it when one is back; withdraws it when it stops, or keeps
+/// it with on_stop = "keep" until the datapath is detached.
+#[test]
+fn vip_announced_while_served() {
+    if !common::root_or_skip("vip_announced_while_served") {
+        return;
+    }
+    let topo = common::Topo::up("native");
+    let pins = common::PinDir::new("lbd");
+    let (c, lbns) = (topo.ns("c"), topo.ns("lb"));
+    let port = 8080;
+    let vip = "10.200.0.100";
+    let a = http_server(&topo.ns("a"), "a", common::A_IP, port);
+    let check = format!(
+        "{{ kind = \"tcp\", interval_ms = {INTERVAL_MS}, timeout_ms = 150, rise = 1, fall = {FALL} }}"
+    );
+    let src = |on_stop: &str| {
+        format!(
+            "[settings]\nmax_flows = 65536\n\n[announce]\ninterface = \"lo\"\non_stop = \"{on_stop}\"\n\n\
+             [[interfaces]]\nname = \"eth0\"\nmode = \"native\"\n\n\
+             [[services]]\nvip = \"{vip}\"\nport = {port}\n\n\
+             [[services.backends]]\naddr = \"10.200.0.11:{port}\"\ncheck = {check}\n"
+        )
+    };
+    let (file, _tmp) = temp_file("lb.toml", &src("withdraw"));
+    assert!(announced(&lbns).is_empty());
+    let mut d = Daemon::start(&file, &lbns, &pins, None);
+    let _detach = Detach(lbns.clone(), &pins);
+    wait_announced(&lbns, &[vip]);
+    let url = format!("http://{vip}:{port}/");
+    assert_eq!(common::curl(&c, &url, "2"), "backend a", "the VIP reached");
+
+    drop(a);
+    d.wait_log("backend down", 1, Duration::from_secs(5));
+    wait_announced(&lbns, &[]);
+    let a = http_server(&topo.ns("a"), "a", common::A_IP, port);
+    d.wait_log("backend up", 1, Duration::from_secs(5));
+    wait_announced(&lbns, &[vip]);
+    d.stop();
+    d.wait_log("withdrawn (stopping)", 1, Duration::from_secs(2));
+    assert!(announced(&lbns).is_empty(), "{:?}", announced(&lbns));
+
+    // on_stop = "keep": the datapath goes on serving, the VIP stays
+    // announced; detaching the datapath withdraws it.
+    std::fs::write(&file, src("keep")).unwrap();
+    let mut d = Daemon::start(&file, &lbns, &pins, None);
+    wait_announced(&lbns, &[vip]);
+    d.stop();
+    assert_eq!(announced(&lbns), [vip]);
+    assert_eq!(common::curl(&c, &url, "2"), "backend a");
+    let out = common::lb(&["detach", "eth0", "--netns", &lbns, "--pin-dir", pins.arg()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("announced VIP {vip}")),
+        "{out:?}"
+    );
+    assert!(announced(&lbns).is_empty());
+    drop(a);
+}

@@ -88,6 +88,8 @@ static __always_inline int flow_new(struct xdp_md *ctx, struct pkt *p,
 	s.rev.dir = LB_DIR_TO_CLIENT;
 	s.rev.created = now;
 	s.rev.seen = now;
+	if (p->key.proto == IPPROTO_TCP)
+		s.rev.syn_t = hs_now(); /* the handshake's start */
 
 	s.ck = p->key;
 	s.t.saddr = fwd->daddr;

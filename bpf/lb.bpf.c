@@ -119,6 +119,12 @@ static __always_inline int is_syn(const struct pkt *p)
 	       (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 }
 
+/* A TCP segment with SYN and ACK: a backend's answer to a SYN. */
+static __always_inline int is_synack(const struct pkt *p)
+{
+	return (p->tcp_flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK);
+}
+
 /* Counts the packet under `reason` and notes it for the trace. */
 static __always_inline int done(struct xdp_md *ctx, struct verdict_note *n,
 				enum lb_stat reason, int verdict)
@@ -169,10 +175,19 @@ static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
 		    ((state & LB_CT_CLOSING) && is_syn(&p)))
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		ct_seen(o, now);
-		if (!est && !(state & LB_CT_REPLIED))
-			__sync_fetch_and_or(&o->state, LB_CT_REPLIED);
-		if (p.tcp_flags & (TCP_FIN | TCP_RST))
+		/* The backend's first answer (an answered flow in conntrack
+		 * has the bit, unless a SYN reopened it): if a SYN-ACK, the
+		 * handshake's latency. */
+		if (!(state & LB_CT_REPLIED) &&
+		    !(__sync_fetch_and_or(&o->state, LB_CT_REPLIED) &
+		      LB_CT_REPLIED) &&
+		    is_synack(&p))
+			count_handshake(o);
+		if (p.tcp_flags & (TCP_FIN | TCP_RST)) {
+			if ((p.tcp_flags & TCP_RST) && !(state & LB_CT_CLOSING))
+				count_reset(o->backend);
 			ct_tcp_end(o, LB_DIR_TO_CLIENT, p.tcp_flags);
+		}
 		goto xmit;
 	}
 	if (f) {
@@ -214,6 +229,10 @@ static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
 			 * still takes flows. (UDP: any packet after
 			 * expiry.) */
 			if (backend_takes(f, &p.key)) {
+				if (p.key.proto == IPPROTO_TCP) {
+					count_unanswered(o, state);
+					o->syn_t = hs_now();
+				}
 				o->state = 0;
 				o->seen = now;
 				o->created = now;

@@ -16,6 +16,10 @@ enum lb_limits {
 	/* Most SNAT source addresses and NAT port ranges an instance has. */
 	LB_MAX_SNAT = 16,
 	LB_MAX_PORT_RANGES = 2,
+	/* Buckets of a backend's handshake latency histogram (struct
+	 * lb_be_hs): bucket i < LB_HS_BUCKETS - 1 counts handshakes of at
+	 * most 2^i microseconds (1 us .. 8.4 s), the last the longer ones. */
+	LB_HS_BUCKETS = 25,
 };
 
 /* Entry of a Maglev table meaning: no backend takes new flows. */
@@ -98,6 +102,19 @@ struct lb_obj_counter {
 	__u64 packets;
 	__u64 bytes;
 	__u64 new_flows;
+};
+
+/*
+ * Per-CPU handshake numbers of a backend (map be_hs): the time from a new
+ * TCP flow's first SYN to the backend's first SYN-ACK, as a histogram of
+ * log2 buckets (see LB_HS_BUCKETS) and a sum; the RSTs it sent that reset
+ * a connection; and the flows whose SYN it never answered.
+ */
+struct lb_be_hs {
+	__u64 bucket[LB_HS_BUCKETS];
+	__u64 sum_ns; /* of the handshakes counted in `bucket` */
+	__u64 resets; /* RSTs towards a client, of a connection not closing */
+	__u64 unanswered; /* SYNs never answered (when the tuple is reused) */
 };
 
 /* A service: VIP:port/proto (port 0: every port of the VIP). */
@@ -206,6 +223,10 @@ struct flow {
 	__u8 dir;      /* enum flow_dir */
 	__u8 nh_ok;    /* smac/dmac/ifindex resolved */
 	__u16 pad;
+	/* Owner, TCP: bpf_ktime_get_ns() >> 10 (units of 1.024 us, wrapping
+	 * every 73 minutes) at the flow's first SYN, 0 if unknown; for the
+	 * handshake latency. (In what was padding: no memory cost.) */
+	__u32 syn_t;
 	__u64 created; /* clock ticks (jiffies, see lb_now) */
 	__u64 seen;    /* owner: clock ticks of the last packet either way */
 };

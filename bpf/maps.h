@@ -24,6 +24,15 @@ struct {
 	__type(value, struct lb_obj_counter);
 } be_stats SEC(".maps");
 
+/* Handshake latency, resets and unanswered SYNs per backend id, per CPU
+ * (bumped once a connection at most, never on an established packet). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_be_hs);
+} be_hs SEC(".maps");
+
 /* VIP:port/proto -> service id. Written by `lb service add/del`. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -194,6 +203,92 @@ static __always_inline void count_backend(struct xdp_md *ctx, __u32 id,
 		c->bytes += ctx->data_end - ctx->data;
 		c->new_flows += new_flow;
 	}
+}
+
+/* The SYN time a flow's owner keeps (struct flow.syn_t): never 0. */
+static __always_inline __u32 hs_now(void)
+{
+	__u32 t = bpf_ktime_get_ns() >> 10;
+
+	return t ? t : 1;
+}
+
+/* The log2 bucket of a handshake of `us` microseconds: the smallest i with
+ * us <= 2^i, the last bucket past 2^(LB_HS_BUCKETS - 2). */
+static __always_inline __u32 hs_bucket(__u64 us)
+{
+	__u64 v;
+	__u32 i = 0;
+
+	if (us <= 1)
+		return 0;
+	if (us > (1ULL << (LB_HS_BUCKETS - 2)))
+		return LB_HS_BUCKETS - 1;
+	v = us - 1; /* below 2^23: its bit length is the bucket */
+	if (v >> 16) {
+		v >>= 16;
+		i += 16;
+	}
+	if (v >> 8) {
+		v >>= 8;
+		i += 8;
+	}
+	if (v >> 4) {
+		v >>= 4;
+		i += 4;
+	}
+	if (v >> 2) {
+		v >>= 2;
+		i += 2;
+	}
+	if (v >> 1) {
+		v >>= 1;
+		i += 1;
+	}
+	return i + 1;
+}
+
+/* The backend's first SYN-ACK of the flow whose owner is `o`: one
+ * handshake latency sample (none if the SYN time is unknown). */
+static __always_inline void count_handshake(const struct flow *o)
+{
+	__u32 id = o->backend, syn = o->syn_t, b;
+	struct lb_be_hs *h;
+	__u64 ns;
+
+	if (!syn)
+		return;
+	h = bpf_map_lookup_elem(&be_hs, &id);
+	if (!h)
+		return;
+	ns = (__u64)(__u32)(hs_now() - syn) << 10;
+	b = hs_bucket(ns / 1000);
+	if (b < LB_HS_BUCKETS)
+		h->bucket[b]++;
+	h->sum_ns += ns;
+}
+
+/* A RST from backend `id` resetting a connection. */
+static __always_inline void count_reset(__u32 id)
+{
+	struct lb_be_hs *h = bpf_map_lookup_elem(&be_hs, &id);
+
+	if (h)
+		h->resets++;
+}
+
+/* Owner `o` (TCP), with state `state`, ends or starts over: if its backend
+ * never answered its SYN, that is one unanswered SYN. */
+static __always_inline void count_unanswered(const struct flow *o, __u32 state)
+{
+	__u32 id = o->backend;
+	struct lb_be_hs *h;
+
+	if (state & LB_CT_REPLIED)
+		return;
+	h = bpf_map_lookup_elem(&be_hs, &id);
+	if (h)
+		h->unanswered++;
 }
 
 #endif /* LB_MAPS_H */

@@ -103,6 +103,10 @@ static __always_inline int nat_claim(struct nat_search *s)
 		 * starts over if it had ended. */
 		if ((state & LB_CT_CLOSING) ||
 		    ct_expired(o, state, proto, est, s->now)) {
+			if (proto == IPPROTO_TCP) {
+				count_unanswered(o, state);
+				o->syn_t = s->rev.syn_t;
+			}
 			o->state = 0;
 			o->created = s->now;
 		}
@@ -114,6 +118,8 @@ static __always_inline int nat_claim(struct nat_search *s)
 	if (__sync_val_compare_and_swap(&o->state, state,
 					state | LB_CT_RECLAIMED) != state)
 		return NAT_TAKEN;
+	if (proto == IPPROTO_TCP)
+		count_unanswered(o, state);
 	if (est)
 		bpf_map_delete_elem(&conntrack, &s->t);
 	else

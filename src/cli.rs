@@ -796,9 +796,20 @@ fn print_counters(c: &[(String, stats::Counter)]) {
 
 fn print_report(r: &stats::Report) {
     println!(
-        "{:<28} {:>10} {:>12} {:>9} {:>8}",
-        "service / backend", "packets", "bytes", "new", "active"
+        "{:<28} {:>10} {:>12} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "service / backend",
+        "packets",
+        "bytes",
+        "new",
+        "active",
+        "handshk",
+        "mean_ms",
+        "p50_ms",
+        "p99_ms",
+        "resets",
+        "unansw"
     );
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.3}", v * 1e3));
     for s in &r.services {
         let t = &s.traffic;
         println!(
@@ -811,13 +822,20 @@ fn print_report(r: &stats::Report) {
         );
         for b in &s.backends {
             let t = &b.traffic;
+            let h = &b.handshake;
             println!(
-                "  {:<26} {:>10} {:>12} {:>9} {:>8}",
+                "  {:<26} {:>10} {:>12} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
                 b.backend.addr.to_string(),
                 t.packets,
                 t.bytes,
                 t.new_flows,
-                t.active_flows
+                t.active_flows,
+                h.count(),
+                ms(h.mean_s()),
+                ms(h.quantile_s(0.5)),
+                ms(h.quantile_s(0.99)),
+                b.resets,
+                b.unanswered_syns
             );
         }
     }

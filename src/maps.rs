@@ -38,6 +38,12 @@ unsafe impl plain::Plain for types::rodata {}
 pub const MAX_SERVICES: u32 = lb_limits::LB_MAX_SERVICES.0;
 /// Most backends over all services.
 pub const MAX_BACKENDS: u32 = lb_limits::LB_MAX_BACKENDS.0;
+/// Buckets of a backend's handshake latency histogram (map `be_hs`):
+/// bucket i counts handshakes of at most 2^i µs, the last the longer ones.
+pub const HS_BUCKETS: usize = lb_limits::LB_HS_BUCKETS.0 as usize;
+/// The u64 fields of a `be_hs` value (`struct lb_be_hs`): the buckets, the
+/// sum (ns), resets, unanswered SYNs.
+pub const HS_FIELDS: usize = HS_BUCKETS + 3;
 /// `LB_BACKEND_USED` bit of a backend's flags.
 pub const BACKEND_USED: u16 = narrow16(backend_flags::LB_BACKEND_USED.0);
 /// `LB_DIR_TO_BACKEND`: a client's entry.
@@ -115,6 +121,7 @@ pub fn set_dsr_services(m: &Maps, n: u32) -> Result<()> {
 pub const PINNED: &[&str] = &[
     "stats",
     "be_stats",
+    "be_hs",
     "services",
     "backends",
     "maglev",
@@ -477,14 +484,22 @@ pub fn sum_percpu_u64(map: &MapHandle, n: usize, fields: usize) -> Result<Vec<Ve
     Ok(sums)
 }
 
-/// Zeroes the counters of backend id `id` on every CPU (before the id is
-/// reused).
+/// Zeroes the counters (traffic, handshakes) of backend id `id` on every
+/// CPU (before the id is reused).
 pub fn reset_backend_counters(m: &Maps, id: u32) -> Result<()> {
     let ncpu = libbpf_rs::num_possible_cpus().context("counting CPUs")?;
-    let zero = vec![vec![0u8; m.be_stats.value_size() as usize]; ncpu];
-    m.be_stats
-        .update_percpu(&id.to_ne_bytes(), &zero, MapFlags::ANY)
-        .with_context(|| format!("resetting counters of backend id {id}"))
+    for map in [&m.be_stats, &m.be_hs] {
+        let zero = vec![vec![0u8; map.value_size() as usize]; ncpu];
+        map.update_percpu(&id.to_ne_bytes(), &zero, MapFlags::ANY)
+            .with_context(|| format!("resetting counters of backend id {id}"))?;
+    }
+    Ok(())
+}
+
+/// The handshake numbers of backend ids 0..n (map `be_hs`), summed over
+/// CPUs (one batch lookup): [`HS_FIELDS`] u64 each.
+pub fn read_handshakes(m: &Maps, n: usize) -> Result<Vec<Vec<u64>>> {
+    sum_percpu_u64(&m.be_hs, n, HS_FIELDS).context("reading backend handshake counters")
 }
 
 /// An instance's maps, opened from their pins.
@@ -493,6 +508,8 @@ pub struct Maps {
     pub stats: MapHandle,
     /// Per-backend counters.
     pub be_stats: MapHandle,
+    /// Per-backend handshake latency, resets, unanswered SYNs.
+    pub be_hs: MapHandle,
     /// VIP:port/proto -> service id.
     pub services: MapHandle,
     /// Backend id -> backend.
@@ -529,6 +546,7 @@ impl Maps {
         Ok(Self {
             stats: open(&pins.map("stats"))?,
             be_stats: open(&pins.map("be_stats"))?,
+            be_hs: open(&pins.map("be_hs"))?,
             services: open(&pins.map("services"))?,
             backends: open(&pins.map("backends"))?,
             maglev: open(&pins.map("maglev"))?,

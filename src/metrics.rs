@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::bpffs::PinDir;
@@ -45,6 +47,42 @@ fn gauge_family(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Ga
     let f = Family::<Labels, Gauge>::default();
     reg.register(name, help, f.clone());
     f
+}
+
+/// A histogram whose buckets were counted elsewhere (the datapath's, read
+/// at the scrape): the sum, the count and the buckets (upper bound, count
+/// in that bucket alone; the encoder makes them cumulative).
+#[derive(Debug, Default)]
+struct ReadHistogram(Mutex<HistogramValue>);
+
+/// Sum, count, and (upper bound, count) per bucket.
+type HistogramValue = (f64, u64, Vec<(f64, u64)>);
+
+impl ReadHistogram {
+    fn set(&self, h: &stats::Handshakes) {
+        let buckets = h
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (stats::Handshakes::bound_s(i), n))
+            .collect();
+        *self.0.lock().expect("histogram lock") = (h.sum_ns as f64 * 1e-9, h.count(), buckets);
+    }
+}
+
+impl TypedMetric for ReadHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for ReadHistogram {
+    fn encode(&self, mut e: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let g = self.0.lock().expect("histogram lock");
+        e.encode_histogram::<NoLabelSet>(g.0, g.1, &g.2, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// The metrics of the instance in `m` in the OpenMetrics text format.
@@ -96,6 +134,22 @@ pub fn render(m: &Maps, health: &HealthView) -> Result<String> {
         "backend_weight",
         "Weight of a backend in the maps (0: out)",
     );
+    let hs = Family::<Labels, ReadHistogram>::default();
+    reg.register(
+        "backend_handshake_seconds",
+        "TCP handshake latency of a backend: a new flow's first SYN to the backend's SYN-ACK, as lb forwards them",
+        hs.clone(),
+    );
+    let br = counter_family(
+        &mut reg,
+        "backend_resets",
+        "RSTs a backend sent to clients, resetting a connection",
+    );
+    let bu = counter_family(
+        &mut reg,
+        "backend_unanswered_syns",
+        "New TCP flows whose SYN a backend never answered",
+    );
     let up = gauge_family(
         &mut reg,
         "backend_up",
@@ -134,6 +188,9 @@ pub fn render(m: &Maps, health: &HealthView) -> Result<String> {
             bn.get_or_create(&l).inc_by(b.traffic.new_flows);
             ba.get_or_create(&l).set(b.traffic.active_flows as i64);
             bw.get_or_create(&l).set(i64::from(b.backend.weight));
+            hs.get_or_create(&l).set(&b.handshake);
+            br.get_or_create(&l).inc_by(b.resets);
+            bu.get_or_create(&l).inc_by(b.unanswered_syns);
         }
     }
     for ((svc, addr), h) in health.lock().expect("health lock").iter() {
@@ -292,6 +349,47 @@ pub fn serve(addr: SocketAddr, pin_dir: PathBuf, health: HealthView) -> Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend's handshakes render as an OpenMetrics histogram: cumulative
+    /// buckets in seconds up to +Inf, the count and the sum.
+    #[test]
+    fn handshake_histogram_renders_cumulative_buckets() {
+        let mut h = stats::Handshakes {
+            buckets: vec![0; crate::maps::HS_BUCKETS],
+            sum_ns: 3_500_000_000,
+        };
+        h.buckets[0] = 1; // <= 1 us
+        h.buckets[10] = 2; // (512, 1024] us
+        h.buckets[24] = 1; // > 8.4 s
+        let mut reg = Registry::with_prefix("lb");
+        let f = Family::<Labels, ReadHistogram>::default();
+        reg.register("backend_handshake_seconds", "test", f.clone());
+        let l = vec![
+            ("service".to_string(), "10.0.0.1:80/tcp".to_string()),
+            ("backend".to_string(), "10.0.0.2:80".to_string()),
+        ];
+        f.get_or_create(&l).set(&h);
+        let mut out = String::new();
+        encode(&mut out, &reg).unwrap();
+        let labels = "service=\"10.0.0.1:80/tcp\",backend=\"10.0.0.2:80\"";
+        assert!(
+            out.contains("# TYPE lb_backend_handshake_seconds histogram"),
+            "{out}"
+        );
+        for want in [
+            format!("lb_backend_handshake_seconds_sum{{{labels}}} 3.5\n"),
+            format!("lb_backend_handshake_seconds_count{{{labels}}} 4\n"),
+            format!("lb_backend_handshake_seconds_bucket{{le=\"0.000001\",{labels}}} 1\n"),
+            format!("lb_backend_handshake_seconds_bucket{{le=\"0.000512\",{labels}}} 1\n"),
+            format!("lb_backend_handshake_seconds_bucket{{le=\"0.001024\",{labels}}} 3\n"),
+            format!("lb_backend_handshake_seconds_bucket{{le=\"8.388608\",{labels}}} 3\n"),
+            format!("lb_backend_handshake_seconds_bucket{{le=\"+Inf\",{labels}}} 4\n"),
+        ] {
+            assert!(out.contains(&want), "no {want:?} in\n{out}");
+        }
+        let buckets = out.matches("lb_backend_handshake_seconds_bucket{").count();
+        assert_eq!(buckets, crate::maps::HS_BUCKETS, "{out}");
+    }
 
     #[test]
     fn connections_are_bounded() {

@@ -73,6 +73,89 @@ impl std::ops::AddAssign for Traffic {
     }
 }
 
+/// A backend's TCP handshakes as the datapath measured them: the time from
+/// a new flow's first SYN to the backend's first SYN-ACK, in log2 buckets
+/// of microseconds (map `be_hs`, see `struct lb_be_hs` in bpf/lb.h).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handshakes {
+    /// Handshakes per bucket (not cumulative): bucket i holds those of at
+    /// most [`Handshakes::bound_s`]`(i)`, the last the longer ones.
+    pub buckets: Vec<u64>,
+    /// Sum of their latencies, nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl Handshakes {
+    /// From a `be_hs` value summed over CPUs ([`maps::HS_FIELDS`] u64).
+    pub fn from_fields(v: &[u64]) -> Self {
+        Self {
+            buckets: v[..maps::HS_BUCKETS].to_vec(),
+            sum_ns: v[maps::HS_BUCKETS],
+        }
+    }
+
+    /// Upper bound of bucket `i` in seconds: 2^i µs; infinite for the last.
+    pub fn bound_s(i: usize) -> f64 {
+        if i + 1 >= maps::HS_BUCKETS {
+            f64::INFINITY
+        } else {
+            (1u64 << i) as f64 * 1e-6
+        }
+    }
+
+    /// Handshakes measured.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// Mean latency in seconds (None without handshakes).
+    pub fn mean_s(&self) -> Option<f64> {
+        let n = self.count();
+        (n > 0).then(|| self.sum_ns as f64 * 1e-9 / n as f64)
+    }
+
+    /// Latency quantile `q` (0..=1) in seconds, interpolated linearly within
+    /// its bucket as Prometheus' histogram_quantile does (the last bucket,
+    /// unbounded, gives its lower bound). None without handshakes.
+    pub fn quantile_s(&self, q: f64) -> Option<f64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * n as f64;
+        let mut below = 0u64;
+        for (i, &c) in self.buckets.iter().enumerate() {
+            if c > 0 && (below + c) as f64 >= rank {
+                let lo = if i == 0 { 0.0 } else { Self::bound_s(i - 1) };
+                let hi = Self::bound_s(i);
+                if hi.is_infinite() {
+                    return Some(lo);
+                }
+                return Some(lo + (hi - lo) * ((rank - below as f64) / c as f64).max(0.0));
+            }
+            below += c;
+        }
+        None
+    }
+}
+
+/// JSON: `{"count", "mean_ms", "p50_ms", "p99_ms", "sum_ns", "buckets"}`
+/// (the latencies null without handshakes; `buckets` not cumulative).
+impl serde::Serialize for Handshakes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let ms = |v: Option<f64>| v.map(|v| v * 1e3);
+        let mut st = s.serialize_struct("Handshakes", 6)?;
+        st.serialize_field("count", &self.count())?;
+        st.serialize_field("mean_ms", &ms(self.mean_s()))?;
+        st.serialize_field("p50_ms", &ms(self.quantile_s(0.5)))?;
+        st.serialize_field("p99_ms", &ms(self.quantile_s(0.99)))?;
+        st.serialize_field("sum_ns", &self.sum_ns)?;
+        st.serialize_field("buckets", &self.buckets)?;
+        st.end()
+    }
+}
+
 /// A backend's line in the report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendStats {
@@ -82,6 +165,14 @@ pub struct BackendStats {
     /// Its traffic.
     #[serde(flatten)]
     pub traffic: Traffic,
+    /// Its TCP handshake latency.
+    pub handshake: Handshakes,
+    /// RSTs it sent to clients, each resetting a connection not already
+    /// closing.
+    pub resets: u64,
+    /// New TCP flows whose SYN it never answered (counted when their NAT
+    /// tuple is taken over or their client starts over on it).
+    pub unanswered_syns: u64,
 }
 
 /// A service's lines in the report.
@@ -123,6 +214,7 @@ pub fn report(m: &Maps) -> Result<Report> {
         .max()
         .unwrap_or(0);
     let be = maps::sum_percpu_u64(&m.be_stats, top, 3).context("reading backend counters")?;
+    let hs = maps::read_handshakes(m, top)?;
     let mut services = Vec::new();
     for s in list {
         let mut total = Traffic::default();
@@ -136,9 +228,16 @@ pub fn report(m: &Maps) -> Result<Report> {
                 active_flows: active.get(&b.id).copied().unwrap_or(0),
             };
             total += t;
+            let h = hs
+                .get(b.id as usize)
+                .cloned()
+                .unwrap_or_else(|| vec![0; maps::HS_FIELDS]);
             backends.push(BackendStats {
                 backend: b,
                 traffic: t,
+                handshake: Handshakes::from_fields(&h),
+                resets: h[maps::HS_BUCKETS + 1],
+                unanswered_syns: h[maps::HS_BUCKETS + 2],
             });
         }
         services.push(ServiceStats {
@@ -215,6 +314,60 @@ mod tests {
         assert_eq!(NAMES, TODAY);
     }
 
+    fn hs(buckets: &[(usize, u64)], sum_ns: u64) -> Handshakes {
+        let mut h = Handshakes {
+            buckets: vec![0; maps::HS_BUCKETS],
+            sum_ns,
+        };
+        for &(i, n) in buckets {
+            h.buckets[i] = n;
+        }
+        h
+    }
+
+    #[test]
+    fn handshake_buckets_bounds_and_quantiles() {
+        assert_eq!(maps::HS_BUCKETS, 25, "1 us .. 2^23 us, then +Inf");
+        assert_eq!(Handshakes::bound_s(0), 1e-6);
+        assert_eq!(Handshakes::bound_s(10), 1024e-6);
+        assert!((Handshakes::bound_s(23) - 8.388608).abs() < 1e-12);
+        assert!(Handshakes::bound_s(24).is_infinite());
+
+        let none = hs(&[], 0);
+        assert_eq!(
+            (none.count(), none.mean_s(), none.quantile_s(0.5)),
+            (0, None, None)
+        );
+
+        // 99 handshakes in (512, 1024] us, one in (2^19, 2^20] us.
+        let h = hs(&[(10, 99), (20, 1)], 99 * 800_000 + 1_000_000_000);
+        assert_eq!(h.count(), 100);
+        let mean = h.mean_s().unwrap();
+        assert!(
+            (mean - (99.0 * 800e-6 + 1.0) / 100.0).abs() < 1e-12,
+            "{mean}"
+        );
+        // p50: rank 50 of 99 in bucket 10: 512 us + 512 us * 50/99.
+        let p50 = h.quantile_s(0.5).unwrap();
+        assert!(
+            (p50 - (512e-6 + 512e-6 * 50.0 / 99.0)).abs() < 1e-12,
+            "{p50}"
+        );
+        // p99: rank 99, the bucket's top.
+        assert!((h.quantile_s(0.99).unwrap() - 1024e-6).abs() < 1e-12);
+        // p100: the slow one's bucket top.
+        assert!((h.quantile_s(1.0).unwrap() - 1.048576).abs() < 1e-9);
+        // Only overflow: its lower bound.
+        let slow = hs(&[(24, 3)], 30_000_000_000);
+        assert!((slow.quantile_s(0.99).unwrap() - 8.388608).abs() < 1e-9);
+
+        let j = serde_json::to_value(&h).unwrap();
+        assert_eq!(j["count"], 100);
+        assert_eq!(j["buckets"].as_array().unwrap().len(), maps::HS_BUCKETS);
+        assert!((j["p99_ms"].as_f64().unwrap() - 1.024).abs() < 1e-9);
+        assert!(serde_json::to_value(&none).unwrap()["p50_ms"].is_null());
+    }
+
     /// The stats map has one slot per name (opening reads the object only).
     #[test]
     fn stats_map_has_a_slot_per_name() {
@@ -226,5 +379,10 @@ mod tests {
         assert_eq!(open.maps.stats.max_entries() as usize, NAMES.len());
         assert_eq!(open.maps.backends.max_entries(), crate::maps::MAX_BACKENDS);
         assert_eq!(open.maps.services.max_entries(), crate::maps::MAX_SERVICES);
+        assert_eq!(open.maps.be_hs.max_entries(), crate::maps::MAX_BACKENDS);
+        assert_eq!(
+            open.maps.be_hs.value_size() as usize,
+            crate::maps::HS_FIELDS * 8
+        );
     }
 }

@@ -382,11 +382,37 @@ fn reload_and_metrics() {
             m[&key("lb_backend_packets_total", &be)] >= want * 6.0,
             "{text}"
         );
+        // Each connection's handshake measured, once: a histogram.
+        let hs = |suffix: &str| m[&key(&format!("lb_backend_handshake_seconds_{suffix}"), &be)];
+        assert_eq!(hs("count"), want, "{h}: {text}");
+        let inf =
+            format!("lb_backend_handshake_seconds_bucket{{le=\"+Inf\",{svc},backend=\"{be}\"}}");
+        assert_eq!(m[&inf], want, "{h}: {text}");
+        assert!(want == 0.0 || hs("sum") > 0.0, "{h}: {text}");
+        assert_eq!(
+            m[&key("lb_backend_unanswered_syns_total", &be)],
+            0.0,
+            "{text}"
+        );
+        assert!(
+            m.contains_key(&key("lb_backend_resets_total", &be)),
+            "{text}"
+        );
     }
     let stats: Value = {
         let out = common::lb(&["stats", "--json", "--netns", &lbns, "--pin-dir", pins.arg()]);
         serde_json::from_slice(&out.stdout).unwrap()
     };
+    for b in stats["services"][0]["backends"].as_array().unwrap() {
+        let be = b["addr"].as_str().unwrap();
+        assert_eq!(
+            b["handshake"]["count"].as_f64(),
+            Some(m[&key("lb_backend_handshake_seconds_count", be)]),
+            "{stats:#}"
+        );
+        assert!(b["handshake"]["p99_ms"].is_number() || b["handshake"]["count"] == 0);
+        assert_eq!(b["unanswered_syns"], 0, "{stats:#}");
+    }
     let to_backend = svc::counter(&stats, "to_backend") as f64;
     let scraped = m["lb_verdict_packets_total{verdict=\"forward\",reason=\"to_backend\"}"];
     assert!(

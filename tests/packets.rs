@@ -1002,6 +1002,30 @@ impl<'obj> Lb<'obj> {
             .traffic
     }
 
+    /// Backend id `id`'s line of the report (traffic, handshakes, errors).
+    fn backend_stats(&self, id: u32) -> stats::BackendStats {
+        stats::report(&self.m)
+            .expect("reading the report")
+            .services
+            .into_iter()
+            .flat_map(|s| s.backends)
+            .find(|b| b.backend.id == id)
+            .unwrap_or_else(|| panic!("no backend id {id} in the report"))
+    }
+
+    /// Makes `conn`'s first SYN `ms` milliseconds old for the handshake
+    /// latency: its owner's SYN time (bpf_ktime_get_ns, CLOCK_MONOTONIC,
+    /// >> 10) moved that far into the past.
+    fn syn_ago(&self, conn: &Conn, ms: u64) {
+        let t =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+        let ns = t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
+        let mut o = self.owner(conn);
+        assert_ne!(o.syn_t, 0, "the owner has its SYN time: {o:?}");
+        o.syn_t = ((ns - ms * 1_000_000) >> 10) as u32;
+        self.put_entry(&conn.reverse_key(), &o);
+    }
+
     /// The interface, source address and MAC the LB reaches `ip` by.
     fn path(&self, ip: Ipv4Addr) -> (u32, Ipv4Addr, [u8; 6]) {
         if ip.octets()[..3] == [10, 200, 1] {
@@ -3743,4 +3767,200 @@ fn half_open_flood_cannot_evict_answered_flows() {
             "held connection, backend side, after the flood",
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Per-backend handshake latency, resets and unanswered SYNs (map be_hs).
+
+/// The histogram bucket of a handshake of `ms` milliseconds plus at most
+/// 30 ms of test overhead: bucket i holds (2^(i-1), 2^i] us.
+fn bucket_of_ms(ms: u64) -> usize {
+    let us = ms * 1000;
+    let i = (64 - (us - 1).leading_zeros()) as usize;
+    assert_eq!(
+        i,
+        (64 - ((us + 30_000) - 1).leading_zeros()) as usize,
+        "{ms} ms: too near a bound"
+    );
+    i
+}
+
+/// A SYN, then the backend's SYN-ACK: one latency sample, in the bucket of
+/// the time since the SYN; a retransmitted SYN-ACK adds none; a flow
+/// reopened by its client's SYN gets a sample of its own.
+#[test]
+fn syn_then_synack_records_one_handshake() {
+    instance!(
+        "syn_then_synack_records_one_handshake",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, 1);
+    let b = lb.backend(&svc, BACKEND_B, 80, 1);
+    let backends = [sa(BACKEND_A, 80), sa(BACKEND_B, 80)];
+    let c = Csum::Complete;
+    let empty = stats::Handshakes {
+        buckets: vec![0; maps::HS_BUCKETS],
+        sum_ns: 0,
+    };
+    assert_eq!(lb.backend_stats(a).handshake, empty);
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &backends, c), "SYN");
+    let (mine, other) = if *conn.backend.ip() == BACKEND_A {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    must(lb.cont(&conn, &syn, c), "retransmitted SYN");
+    assert_eq!(lb.backend_stats(mine).handshake.count(), 0, "no answer yet");
+
+    // Its SYN 100 ms ago: 100000 us, in (65536, 131072] us.
+    lb.syn_ago(&conn, 100);
+    let want = bucket_of_ms(100);
+    assert_eq!(want, 17);
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    let h = lb.backend_stats(mine).handshake;
+    assert_eq!(h.count(), 1, "{h:?}");
+    assert_eq!(h.buckets[want], 1, "{h:?}");
+    assert!((100_000_000..130_000_000).contains(&h.sum_ns), "{h:?}");
+    assert_eq!(lb.backend_stats(other).handshake, empty);
+
+    // A retransmitted SYN-ACK, then the rest of the connection: nothing.
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK again");
+    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK: established");
+    must(
+        lb.back(&conn, &conn.reply().synack(), c),
+        "SYN-ACK once more",
+    );
+    must(lb.back(&conn, &conn.reply().data(HTTP_OK), c), "data");
+    assert_eq!(lb.backend_stats(mine).handshake, h);
+
+    // The client resets it and starts over on the same ports: reopened,
+    // a handshake of its own (2 s: in (2^20, 2^21] us).
+    must(lb.cont(&conn, &syn.clone().rst(), c), "client RST");
+    let again = must(lb.open(&syn, &backends, c), "SYN reopens");
+    assert_eq!((again.backend, again.nat), (conn.backend, conn.nat));
+    lb.syn_ago(&again, 2000);
+    must(
+        lb.back(&again, &again.reply().synack(), c),
+        "SYN-ACK of the reopened flow",
+    );
+    let h2 = lb.backend_stats(mine).handshake;
+    assert_eq!(h2.count(), 2, "{h2:?}");
+    assert_eq!(h2.buckets[want], 1);
+    assert_eq!(h2.buckets[bucket_of_ms(2000)], 1, "{h2:?}");
+    must(
+        lb.back(&again, &again.reply().synack(), c),
+        "its retransmission",
+    );
+    assert_eq!(lb.backend_stats(mine).handshake.count(), 2);
+
+    // UDP answers are no handshakes.
+    let usvc = lb.service(VIP, 53, Proto::Udp);
+    let u = lb.backend(&usvc, BACKEND_A, 53, 1);
+    let q = Seg::udp(CLIENT, 40001, VIP, 53, DNS_QUERY);
+    let uc = must(lb.open(&q, &[sa(BACKEND_A, 53)], c), "UDP query");
+    must(
+        lb.back(
+            &uc,
+            &uc.reply().with(|s| s.payload = DNS_ANSWER.to_vec()),
+            c,
+        ),
+        "answer",
+    );
+    assert_eq!(lb.backend_stats(u).handshake, empty);
+}
+
+/// A RST from a backend to its client is counted for that backend, once a
+/// connection; a client's RST is not.
+#[test]
+fn backend_resets_are_counted() {
+    instance!("backend_resets_are_counted", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &a80, c), "SYN");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&conn, &syn.clone().data(HTTP_GET), c), "request");
+    must(
+        lb.back(&conn, &conn.reply().fin(), c),
+        "a backend FIN is no reset",
+    );
+    assert_eq!(lb.backend_stats(a).resets, 0);
+    must(lb.back(&conn, &conn.reply().rst(), c), "backend RST");
+    assert_eq!(lb.backend_stats(a).resets, 1);
+    must(lb.back(&conn, &conn.reply().rst(), c), "its RST again");
+    assert_eq!(lb.backend_stats(a).resets, 1, "one reset a connection");
+
+    // Refused: a RST answers the SYN (port closed). A reset, no handshake.
+    let syn2 = Seg::syn(CLIENT, 40001, VIP, 80);
+    let refused = must(lb.open(&syn2, &a80, c), "SYN to a closed port");
+    must(
+        lb.back(&refused, &refused.reply().rst(), c),
+        "RST-ACK to the SYN",
+    );
+    let st = lb.backend_stats(a);
+    assert_eq!((st.resets, st.handshake.count()), (2, 1), "{st:?}");
+
+    // The client resetting its connection is not the backend's error.
+    let syn3 = Seg::syn(CLIENT, 40002, VIP, 80);
+    let c3 = must(lb.open(&syn3, &a80, c), "SYN");
+    must(lb.back(&c3, &c3.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&c3, &syn3.clone().rst(), c), "client RST");
+    must(
+        lb.back(&c3, &c3.reply().rst(), c),
+        "backend RST after the client's",
+    );
+    assert_eq!(lb.backend_stats(a).resets, 2);
+    assert_eq!(lb.backend_stats(a).unanswered_syns, 0);
+}
+
+/// A new flow whose SYN the backend never answered counts as unanswered
+/// when its tuple goes to another flow, or when its client starts over on
+/// it; an answered one does not.
+#[test]
+fn unanswered_syns_are_counted() {
+    instance!("unanswered_syns_are_counted", lb, one_nat_port(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+
+    // Unanswered, then reclaimed by another client's SYN.
+    let spoofed = Seg::syn(STRANGER, 40000, VIP, 80);
+    let s1 = must(lb.open(&spoofed, &a80, c), "unanswered SYN takes the port");
+    assert_eq!(
+        lb.backend_stats(a).unanswered_syns,
+        0,
+        "not yet: it may be answered"
+    );
+    lb.time_passes(1);
+    let real = Seg::syn(CLIENT, 40000, VIP, 80);
+    let c2 = must(lb.open(&real, &a80, c), "a real client's SYN takes it over");
+    assert_eq!(c2.nat, s1.nat);
+    assert_eq!(lb.backend_stats(a).unanswered_syns, 1);
+
+    // Unanswered, expired, and its client starts over on the same ports.
+    lb.age_out(&c2.reverse_key());
+    let again = must(lb.open(&real, &a80, c), "the client's SYN reopens it");
+    assert_eq!(again.nat, c2.nat);
+    assert_eq!(lb.backend_stats(a).unanswered_syns, 2);
+
+    // Answered this time, closed, and reopened: not unanswered.
+    must(lb.back(&again, &again.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&again, &real.clone().ack(), c), "ACK");
+    must(lb.back(&again, &again.reply().rst(), c), "backend RST");
+    must(lb.open(&real, &a80, c), "SYN on the closed tuple");
+    let st = lb.backend_stats(a);
+    assert_eq!(
+        (st.unanswered_syns, st.resets, st.handshake.count()),
+        (2, 1, 1),
+        "{st:?}"
+    );
 }

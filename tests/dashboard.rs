@@ -76,10 +76,10 @@ fn the_dashboard_asks_only_for_metrics_lb_serves() {
     let text = lb::metrics::render(&m, &health).expect("rendering the metrics");
     drop(_guard);
     let served = names(&text);
-    let missing: Vec<&String> = asked
-        .iter()
-        .filter(|n| !served.contains(*n))
-        .collect();
-    assert!(missing.is_empty(), "the dashboard asks for {missing:?}; lb serves {served:?}");
+    let missing: Vec<&String> = asked.iter().filter(|n| !served.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard asks for {missing:?}; lb serves {served:?}"
+    );
     lb_ok(&detach_args(&ns.name, pins.arg()));
 }

@@ -137,6 +137,10 @@ enum svc_flags {
 	/* Client affinity: a new flow's backend from the hash of the client
 	 * address alone, so all of a client's connections go to one. */
 	LB_SVC_CLIENT_IP = 2,
+	/* The scheduler (the datapath does not read these: lb run adjusts
+	 * the Maglev weights of such a service). */
+	LB_SVC_LEAST_CONN = 0x100,
+	LB_SVC_LATENCY = 0x200,
 };
 
 /* A backend, indexed by its id. */

@@ -24,7 +24,7 @@ use crate::maps::Maps;
 use crate::metrics::{self, HealthInfo, HealthView};
 use crate::reconcile::{self, Edit, Target};
 use crate::service::Service;
-use crate::{announce, conntrack, netns};
+use crate::{announce, conntrack, netns, sched};
 
 /// How `lb run` was started.
 #[derive(Debug, Clone)]
@@ -48,6 +48,8 @@ enum Event {
         result: Result<Duration, String>,
     },
     Signal(Signal),
+    /// A second passed: dynamic schedulers adjust their tables.
+    Tick,
 }
 
 /// Health checkers of one configuration; stopped on drop.
@@ -111,6 +113,8 @@ struct State {
     view: HealthView,
     /// The last health change failed to apply.
     retry: bool,
+    /// Dynamic schedulers' state (crate::sched).
+    dynamic: sched::Dynamic,
 }
 
 impl State {
@@ -187,6 +191,31 @@ impl State {
         self.out = out;
         self.publish();
         self.announce();
+        // The reconciler installed tables from the configured weights.
+        self.dynamic.reset_installed();
+        Ok(())
+    }
+
+    /// Dynamic schedulers: rebuilds the tables whose weights moved.
+    fn adjust(&mut self) -> Result<()> {
+        let scheds: BTreeMap<Service, crate::model::Scheduler> = self
+            .cfg
+            .services
+            .iter()
+            .map(|s| (s.service, s.conf.scheduler))
+            .collect();
+        if scheds
+            .values()
+            .all(|s| *s == crate::model::Scheduler::Maglev)
+        {
+            return Ok(());
+        }
+        let _lock = InstanceLock::acquire(&self.pins, lock::wait_from_env(), |l| warn!("{l}"))?;
+        let m = Maps::open(&self.pins)?;
+        for (svc, ws) in self.dynamic.adjust(&m, &scheds)? {
+            let ws: Vec<String> = ws.iter().map(|(a, w)| format!("{a}={w}")).collect();
+            info!(service = %svc, weights = %ws.join(" "), "scheduler weights");
+        }
         Ok(())
     }
 
@@ -283,6 +312,7 @@ pub fn run(o: &Options) -> Result<()> {
         out: HashSet::new(),
         view: Arc::clone(&view),
         retry: false,
+        dynamic: Default::default(),
     };
     st.set_config(cfg);
     st.sync("start", true)?;
@@ -313,6 +343,18 @@ pub fn run(o: &Options) -> Result<()> {
                 }
             })
             .context("starting the signal thread")?;
+    }
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("ticks".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                if tx.send(Event::Tick).is_err() {
+                    return;
+                }
+            })
+            .context("starting the scheduler tick")?;
     }
     info!(pid = std::process::id(), "running");
 
@@ -359,6 +401,11 @@ pub fn run(o: &Options) -> Result<()> {
                             }
                         }
                     }
+                }
+            }
+            Event::Tick => {
+                if let Err(e) = st.adjust() {
+                    error!(error = %format!("{e:#}"), "adjusting scheduler weights");
                 }
             }
             Event::Signal(s) => {

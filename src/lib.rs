@@ -19,6 +19,7 @@ pub mod net;
 pub mod netns;
 pub mod output;
 pub mod reconcile;
+pub mod sched;
 pub mod service;
 pub mod settings;
 pub mod skel;

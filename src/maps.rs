@@ -89,10 +89,15 @@ pub fn svc_flags(conf: &crate::model::SvcConf) -> u32 {
         crate::model::Affinity::None => 0,
         crate::model::Affinity::ClientIp => types::svc_flags::LB_SVC_CLIENT_IP.0,
     };
-    mode | affinity
+    let scheduler = match conf.scheduler {
+        crate::model::Scheduler::Maglev => 0,
+        crate::model::Scheduler::LeastConn => types::svc_flags::LB_SVC_LEAST_CONN.0,
+        crate::model::Scheduler::Latency => types::svc_flags::LB_SVC_LATENCY.0,
+    };
+    mode | affinity | scheduler
 }
 
-/// A service's mode and scheduler, as its map value says (one scheduler).
+/// A service's mode, affinity and scheduler, as its map value says.
 pub fn svc_conf(v: &SvcValue) -> crate::model::SvcConf {
     crate::model::SvcConf {
         mode: if v.flags & types::svc_flags::LB_SVC_DSR.0 != 0 {
@@ -105,7 +110,13 @@ pub fn svc_conf(v: &SvcValue) -> crate::model::SvcConf {
         } else {
             crate::model::Affinity::None
         },
-        ..Default::default()
+        scheduler: if v.flags & types::svc_flags::LB_SVC_LEAST_CONN.0 != 0 {
+            crate::model::Scheduler::LeastConn
+        } else if v.flags & types::svc_flags::LB_SVC_LATENCY.0 != 0 {
+            crate::model::Scheduler::Latency
+        } else {
+            crate::model::Scheduler::Maglev
+        },
     }
 }
 

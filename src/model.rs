@@ -148,12 +148,17 @@ pub enum FwdMode {
     clap::ValueEnum,
     serde::Serialize,
 )]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
-    /// Maglev consistent hashing of the flow, by weight (the only
-    /// scheduler of the datapath today).
+    /// Maglev consistent hashing of the flow, by the configured weights.
     #[default]
     Maglev,
+    /// Maglev with weights that `lb run` adjusts each second to the
+    /// backends' open connections: fewer open, a larger share of new ones.
+    LeastConn,
+    /// Maglev with weights that `lb run` adjusts each second to the
+    /// backends' handshake latency (SYN to SYN-ACK): faster, a larger share.
+    Latency,
 }
 
 /// Which connections of a client go to one backend.
@@ -354,7 +359,7 @@ mod tests {
         );
         assert_eq!(
             format!("{:#}", "rr".parse::<Scheduler>().unwrap_err()),
-            "'rr' is not one of maglev"
+            "'rr' is not one of maglev, least-conn, latency"
         );
         assert_eq!(
             format!("{:#}", "src".parse::<Affinity>().unwrap_err()),

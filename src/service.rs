@@ -231,6 +231,13 @@ fn clear_backend(m: &Maps, id: u32) -> Result<()> {
 /// Builds the Maglev table of service `id` from `backends` into a new map
 /// and swaps it in with one update of the outer map: a packet sees either
 /// the old table or the new one, never a half-written one.
+/// Installs a Maglev table for service `id` from `backends` with the
+/// weights given (a dynamic scheduler's, see crate::sched), leaving the
+/// configured weights in the backends map as they are.
+pub(crate) fn install_weights(m: &Maps, id: u32, backends: &[Backend], size: u32) -> Result<()> {
+    install_table(m, id, backends, size)
+}
+
 fn install_table(m: &Maps, id: u32, backends: &[Backend], size: u32) -> Result<()> {
     let input: Vec<maglev::Backend> = backends
         .iter()

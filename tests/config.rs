@@ -131,7 +131,7 @@ fn validation_messages() {
         ),
         (
             format!("{BASE}scheduler = \"rr\"\n"),
-            "f.toml:7:13: services.scheduler: 'rr' is not one of maglev",
+            "f.toml:7:13: services.scheduler: 'rr' is not one of maglev, least-conn, latency",
         ),
         (
             format!("{BASE}[[services.backends]]\naddr = \"10.200.0.11:0\"\ncheck = {{ kind = \"tcp\" }}\n"),

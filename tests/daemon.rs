@@ -770,3 +770,65 @@ fn vip_announced_while_served() {
     assert!(announced(&lbns).is_empty());
     drop(a);
 }
+
+/// Opens N TCP connections to HOST:PORT and holds them (nothing sent)
+/// until a line on stdin; prints "held N".
+const HOLD: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
+print("held %d" % len(socks), flush=True)
+sys.stdin.readline()
+"#;
+
+/// `scheduler = "least-conn"`: backend a holds 60 open connections when b
+/// comes in (undrained by a reload); lb run then weights the Maglev table
+/// towards b (ramping it up from a tenth: slow start), so most new
+/// connections go to b, where plain Maglev would split them evenly.
+#[test]
+fn least_conn_sends_new_connections_to_the_emptier_backend() {
+    if !common::root_or_skip("least_conn_sends_new_connections_to_the_emptier_backend") {
+        return;
+    }
+    let topo = common::Topo::up("native");
+    let pins = common::PinDir::new("lbd");
+    let (c, lbns) = (topo.ns("c"), topo.ns("lb"));
+    let port = 8080;
+    let _a = http_server(&topo.ns("a"), "a", common::A_IP, port);
+    let _b = http_server(&topo.ns("b"), "b", common::B_IP, port);
+    let src = |wb: u32| {
+        format!(
+            "[settings]\nmax_flows = 65536\n\n[[interfaces]]\nname = \"eth0\"\nmode = \"native\"\n\n\
+             [[services]]\nvip = \"10.200.0.2\"\nport = {port}\nscheduler = \"least-conn\"\n\n\
+             [[services.backends]]\naddr = \"10.200.0.11:{port}\"\n\n\
+             [[services.backends]]\naddr = \"10.200.0.12:{port}\"\nweight = {wb}\n"
+        )
+    };
+    let (file, _tmp) = temp_file("lb.toml", &src(0));
+    let d = Daemon::start(&file, &lbns, &pins, None);
+    let _detach = Detach(lbns.clone(), &pins);
+    let mut held = Proc::spawn("holding client", &c, HOLD, &[common::LB_IP, "8080", "60"]);
+    assert_eq!(held.line(Duration::from_secs(20)), "held 60");
+
+    std::fs::write(&file, src(1)).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("config applied", 2, Duration::from_secs(5));
+    // Two adjustments after the reload: the table follows the loads.
+    let n = d.count("scheduler weights");
+    d.wait_log("scheduler weights", n + 1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
+    let url = format!("http://{}:{port}/", common::LB_IP);
+    let answers: Vec<String> = (0..40).map(|_| common::curl(&c, &url, "2")).collect();
+    let on_b = answers.iter().filter(|a| *a == "backend b").count();
+    let logs = d.logs.lock().unwrap().join("\n");
+    assert_eq!(
+        answers.iter().filter(|a| a.starts_with("backend ")).count(),
+        40,
+        "{answers:?}"
+    );
+    assert!(
+        on_b >= 28,
+        "{on_b} of 40 new connections on b (the emptier backend):\n{logs}"
+    );
+    held.send("done");
+}

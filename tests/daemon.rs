@@ -832,3 +832,77 @@ fn least_conn_sends_new_connections_to_the_emptier_backend() {
     );
     held.send("done");
 }
+
+/// A slow backend: b's namespace drops every other SYN (nftables numgen),
+/// so each of its handshakes waits for the client's retransmission (1 s;
+/// the latency counts from a flow's first SYN). /metrics shows b's
+/// handshakes far slower than a's, and `scheduler = "latency"` then sends
+/// most new connections to a.
+#[test]
+fn slow_backend_shows_in_handshake_latency_and_loses_share() {
+    if !common::root_or_skip("slow_backend_shows_in_handshake_latency_and_loses_share") {
+        return;
+    }
+    let topo = common::Topo::up("native");
+    let pins = common::PinDir::new("lbd");
+    let (c, lbns) = (topo.ns("c"), topo.ns("lb"));
+    let port = 8080;
+    let _a = http_server(&topo.ns("a"), "a", common::A_IP, port);
+    let _b = http_server(&topo.ns("b"), "b", common::B_IP, port);
+    let (rules, _rules_tmp) = temp_file(
+        "slow.nft",
+        &format!(
+            "table inet lbslow {{\n chain in {{\n  type filter hook input priority 0;\n  \
+             tcp dport {port} tcp flags & (syn | ack) == syn numgen inc mod 2 == 0 drop\n }}\n}}\n"
+        ),
+    );
+    common::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &topo.ns("b"),
+            "nft",
+            "-f",
+            rules.to_str().unwrap(),
+        ],
+    );
+    let src = format!(
+        "[settings]\nmax_flows = 65536\n\n[[interfaces]]\nname = \"eth0\"\nmode = \"native\"\n\n\
+         [[services]]\nvip = \"10.200.0.2\"\nport = {port}\nscheduler = \"latency\"\n\n\
+         [[services.backends]]\naddr = \"10.200.0.11:{port}\"\n\n\
+         [[services.backends]]\naddr = \"10.200.0.12:{port}\"\n"
+    );
+    let (file, _tmp) = temp_file("lb.toml", &src);
+    let metrics_addr = format!("{}:9100", common::LB_IP);
+    let d = Daemon::start(&file, &lbns, &pins, Some(&metrics_addr));
+    let _detach = Detach(lbns.clone(), &pins);
+    let url = format!("http://{}:{port}/", common::LB_IP);
+    let fetch = |n: usize| -> Vec<String> { (0..n).map(|_| common::curl(&c, &url, "3")).collect() };
+
+    let first = fetch(16);
+    assert!(first.iter().all(|r| r.starts_with("backend ")), "{first:?}");
+    let text = common::curl(&lbns, &format!("http://{metrics_addr}/metrics"), "5");
+    let m = parse_metrics(&text);
+    let mean = |be: &str| {
+        let k = |s: &str| {
+            format!("lb_backend_handshake_seconds_{s}{{service=\"10.200.0.2:{port}/tcp\",backend=\"{be}:{port}\"}}")
+        };
+        let (sum, count) = (m.get(&k("sum")), m.get(&k("count")));
+        match (sum, count) {
+            (Some(s), Some(n)) if *n > 0.0 => s / n,
+            _ => panic!("no handshakes of {be} in /metrics:\n{text}"),
+        }
+    };
+    let (la, lb) = (mean(common::A_IP), mean(common::B_IP));
+    eprintln!("handshake mean: a {la:.4} s, b {lb:.4} s; first answers {first:?}");
+    assert!(lb > 0.5 && lb > 20.0 * la, "a {la} s, b {lb} s");
+
+    // The scheduler has seen b's latency (each second with handshakes):
+    // new connections now go mostly to a.
+    d.wait_log("scheduler weights", 1, Duration::from_secs(5));
+    let later = fetch(30);
+    let on_b = later.iter().filter(|r| *r == "backend b").count();
+    let logs = d.logs.lock().unwrap().join("\n");
+    assert!(on_b <= 8, "{on_b} of 30 on the slow backend b:\n{logs}");
+}

@@ -93,12 +93,13 @@ static __always_inline void ct_tcp_end(struct flow *o, __u8 dir, __u8 tcp_flags)
  * it (PAWS) and the client would stall for a second. Only the same client
  * tuple reopens it earlier (see nat_claim and process). A half-open flow
  * never reached TIME_WAIT. A TCP one gives up its tuple to any new flow once
- * its SYN has waited a tenth of a second unanswered, or the backend's
- * SYN-ACK a quarter of a second unconfirmed: a SYN flood cannot hold the
- * ports (the cursor takes the oldest first; backends answering the spoofed
- * SYNs do not hold them for long either), while a real handshake completes
- * well within that. A UDP one gives it up once idle for a second (a one-way
- * stream that paused, an answer not confirmed).
+ * its SYN has waited a tenth of a second unanswered (a SYN flood cannot
+ * hold the ports: the cursor takes the oldest first), or the backend's
+ * SYN-ACK a second unconfirmed (a client far away, or starved of CPU, may
+ * take long to send its ACK and request; at 250 ms a flood-test client lost
+ * its connection: backends answering a flood hold ports that second). A UDP one
+ * gives it up once idle for a second (a one-way stream that paused, an answer
+ * not confirmed).
  */
 static __always_inline int ct_reusable(const struct flow *o, __u32 state,
 				       __u8 proto, int est, __u64 now)
@@ -112,7 +113,7 @@ static __always_inline int ct_reusable(const struct flow *o, __u32 state,
 			return 1;
 		if (proto != IPPROTO_TCP)
 			return idle > hz;
-		return idle > ((state & LB_CT_REPLIED) ? hz / 4 : hz / 10);
+		return idle > ((state & LB_CT_REPLIED) ? hz : hz / 10);
 	}
 	if (!(state & LB_CT_CLOSING) && !ct_expired(o, state, proto, est, now))
 		return 0;

@@ -55,11 +55,7 @@ static __always_inline int frag_later(struct xdp_md *ctx, struct pkt *p,
 	f = bpf_map_lookup_elem(&frags, &k);
 	if (!f || now - f->seen > hz || !f->nh_ok)
 		return -1;
-	ip->check =
-	    csum_update(ip->check, csum_delta4(ip->saddr, f->saddr) +
-				       csum_delta4(ip->daddr, f->daddr));
-	ip->saddr = f->saddr;
-	ip->daddr = f->daddr;
+	ip_readdress(ip, f->saddr, f->daddr);
 	count_backend(ctx, f->backend, 0);
 	count(ctx, f->dir == LB_DIR_TO_BACKEND ? LB_TO_BACKEND : LB_TO_CLIENT,
 	      0);

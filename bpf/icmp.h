@@ -134,11 +134,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p,
 	*icheck = csum_update(*icheck, d);
 
 	/* The outer header: from the LB's side of that leg. */
-	ip->check =
-	    csum_update(ip->check, csum_delta4(ip->saddr, f->saddr) +
-				       csum_delta4(ip->daddr, f->daddr));
-	ip->saddr = f->saddr;
-	ip->daddr = f->daddr;
+	ip_readdress(ip, f->saddr, f->daddr);
 	count_backend(ctx, f->backend, 0);
 	return nat_xmit(ctx, p, f);
 }

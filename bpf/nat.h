@@ -49,6 +49,18 @@ static __always_inline int l4_csum_partial(struct xdp_md *ctx, struct pkt *p)
 			      p->l4_len, ps);
 }
 
+/* Gives the IPv4 header new addresses, its checksum updated (for packets
+ * whose L4 header is not rewritten with them: later fragments, the outer
+ * header of an ICMP error). */
+static __always_inline void ip_readdress(struct iphdr *ip, __be32 saddr,
+					 __be32 daddr)
+{
+	ip->check = csum_update(ip->check, csum_delta4(ip->saddr, saddr) +
+					       csum_delta4(ip->daddr, daddr));
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+}
+
 /* Rewrite addresses, ports and checksums as the flow says. */
 static __always_inline void nat_rewrite(struct xdp_md *ctx, struct pkt *p,
 					const struct flow *f)

@@ -56,16 +56,14 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        common::stop_child(&mut child);
         panic!("no server on :{PORT} in {ns}");
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        common::stop_child(&mut self.0);
     }
 }
 

@@ -91,16 +91,14 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        common::stop_child(&mut child);
         panic!("the HTTP server in {} does not listen", ns.name);
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::stop_child(&mut self.child);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -193,3 +193,21 @@ pub fn curl(ns: &str, url: &str, max_time: &str) -> String {
         .expect("curl");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Stops our child `ip netns exec NS timeout .. CMD` (`ip` execs
+/// `timeout`): SIGTERM, which `timeout` passes on to CMD (a SIGKILL would
+/// leave CMD running without its timeout, holding its namespace), then
+/// waits up to 5 s before a SIGKILL.
+pub fn stop_child(child: &mut std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -210,9 +210,10 @@ impl State {
         {
             return Ok(());
         }
-        let _lock = InstanceLock::acquire(&self.pins, lock::wait_from_env(), |l| warn!("{l}"))?;
         let m = Maps::open(&self.pins)?;
-        for (svc, ws) in self.dynamic.adjust(&m, &scheds)? {
+        let measured = sched::Measured::read(&m)?;
+        let _lock = InstanceLock::acquire(&self.pins, lock::wait_from_env(), |l| warn!("{l}"))?;
+        for (svc, ws) in self.dynamic.adjust(&m, &scheds, &measured)? {
             let ws: Vec<String> = ws.iter().map(|(a, w)| format!("{a}={w}")).collect();
             info!(service = %svc, weights = %ws.join(" "), "scheduler weights");
         }

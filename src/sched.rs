@@ -91,6 +91,26 @@ fn moved(old: &[u32], new: &[u32]) -> bool {
 /// A service whose table was rebuilt, with its backends' new weights.
 pub type Rebuilt = (Service, Vec<(SocketAddr, u32)>);
 
+/// What the weights are computed from, read without the instance lock (a
+/// scan of the connection table can take a while; the lock is held only to
+/// read the services and install tables).
+pub struct Measured {
+    /// Open connections per backend id.
+    pub active: std::collections::HashMap<u32, u64>,
+    /// `be_hs` per backend id, summed over CPUs.
+    pub handshakes: Vec<Vec<u64>>,
+}
+
+impl Measured {
+    /// Reads them from the instance in `m`.
+    pub fn read(m: &Maps) -> Result<Self> {
+        Ok(Self {
+            active: conntrack::active_per_backend(m)?,
+            handshakes: maps::read_handshakes(m, maps::MAX_BACKENDS as usize)?,
+        })
+    }
+}
+
 /// The state the adjustments keep between seconds.
 #[derive(Debug, Default)]
 pub struct Dynamic {
@@ -108,6 +128,7 @@ impl Dynamic {
         &mut self,
         m: &Maps,
         scheds: &BTreeMap<Service, Scheduler>,
+        measured: &Measured,
     ) -> Result<Vec<Rebuilt>> {
         let dynamic: Vec<(&Service, &Scheduler)> = scheds
             .iter()
@@ -116,9 +137,8 @@ impl Dynamic {
         if dynamic.is_empty() {
             return Ok(Vec::new());
         }
+        let (active, hs) = (&measured.active, &measured.handshakes);
         let loaded = Loaded::read(m)?;
-        let active = conntrack::active_per_backend(m)?;
-        let hs = maps::read_handshakes(m, maps::MAX_BACKENDS as usize)?;
         let size = m.settings()?.maglev_size;
         let now = Instant::now();
         let mut done = Vec::new();

@@ -844,8 +844,19 @@ impl<'obj> Lb<'obj> {
     }
 
     fn service(&self, vip: Ipv4Addr, port: u16, proto: Proto) -> Service {
+        self.service_conf(vip, port, proto, Default::default())
+    }
+
+    /// A service with a forwarding mode, scheduler and affinity.
+    fn service_conf(
+        &self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: Proto,
+        conf: lb::model::SvcConf,
+    ) -> Service {
         let svc = Service::new(sa(vip, port), proto);
-        service::service_add(&self.m, &svc).expect("adding a service");
+        service::service_add_conf(&self.m, &svc, conf).expect("adding a service");
         svc
     }
 
@@ -2699,12 +2710,11 @@ fn dsr_changes_only_the_macs_and_keeps_flows_on_their_backend() {
         settings(),
         false
     );
-    let svc = Service::new(sa(VIP, 80), Proto::Tcp);
-    let conf = lb::model::SvcConf {
+    let dsr = lb::model::SvcConf {
         mode: lb::model::FwdMode::Dsr,
         ..Default::default()
     };
-    service::service_add_conf(&lb.m, &svc, conf).expect("a DSR service");
+    let svc = lb.service_conf(VIP, 80, Proto::Tcp, dsr);
     lb.backend(&svc, BACKEND_A, 80, 1);
     lb.backend(&svc, BACKEND_B, 0, 1);
     let c = Csum::Complete;
@@ -2779,12 +2789,11 @@ fn client_affinity_keeps_a_client_on_one_backend() {
         settings(),
         false
     );
-    let svc = Service::new(sa(VIP, 80), Proto::Tcp);
-    let conf = lb::model::SvcConf {
+    let affinity = lb::model::SvcConf {
         affinity: lb::model::Affinity::ClientIp,
         ..Default::default()
     };
-    service::service_add_conf(&lb.m, &svc, conf).expect("an affinity service");
+    let svc = lb.service_conf(VIP, 80, Proto::Tcp, affinity);
     lb.backend(&svc, BACKEND_A, 80, 1);
     lb.backend(&svc, BACKEND_B, 80, 1);
     assert_eq!(

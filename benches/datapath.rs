@@ -197,6 +197,7 @@ fn add_drained_backends(m: &Maps, svc: u32, nb: u32) -> Result<()> {
             flags: maps::BACKEND_USED,
             svc,
             weight: 0,
+            ..Default::default()
         };
         keys.extend_from_slice(&i.to_ne_bytes());
         vals.extend_from_slice(maps::bytes(&entry));

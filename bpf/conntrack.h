@@ -4,20 +4,11 @@
  * both entries in ct_new), its promotion to conntrack once answered and
  * confirmed, and a SYN reopening a finished flow on its own tuple.
  */
-#ifndef LB_CONNTRACK_H
-#define LB_CONNTRACK_H
-
-#include "consts.h"
-#include "ctstate.h"
-#include "maps.h"
-#include "nat.h"
-#include "natport.h"
-#include "route.h"
-#include "select.h"
+/* Part of the pipeline (fam.h): compiled once per family. */
 
 /* A client packet that confirms an answered half-open flow: TCP, the
  * handshake's ACK (or any later segment); UDP, any packet after a reply. */
-static __always_inline int ct_confirms(const struct pkt *p)
+static __always_inline int FN(ct_confirms)(const PKT *p)
 {
 	return p->key.proto == IPPROTO_UDP ||
 	       (p->tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST)) == TCP_ACK;
@@ -28,17 +19,17 @@ static __always_inline int ct_confirms(const struct pkt *p)
  * half-open flows cannot evict it: the owner first (BPF_NOEXIST, so one CPU
  * does it), then the client entry. Returns the counter to bump.
  */
-static __always_inline int ct_promote(const struct flow_key *ck, struct flow *f,
-				      const struct flow_key *ok, struct flow *o)
+static __always_inline int FN(ct_promote)(const FKEY *ck, FLOW *f,
+					  const FKEY *ok, FLOW *o)
 {
-	if (bpf_map_update_elem(&conntrack, ok, o, BPF_NOEXIST))
+	if (bpf_map_update_elem(&CT, ok, o, BPF_NOEXIST))
 		return LB_EST_FULL; /* another CPU's, or no room */
-	if (bpf_map_update_elem(&conntrack, ck, f, BPF_ANY)) {
-		bpf_map_delete_elem(&conntrack, ok);
+	if (bpf_map_update_elem(&CT, ck, f, BPF_ANY)) {
+		bpf_map_delete_elem(&CT, ok);
 		return LB_EST_FULL;
 	}
-	bpf_map_delete_elem(&ct_new, ck);
-	bpf_map_delete_elem(&ct_new, ok);
+	bpf_map_delete_elem(&CT_NEW, ck);
+	bpf_map_delete_elem(&CT_NEW, ok);
 	return LB_ESTABLISHED;
 }
 
@@ -49,86 +40,90 @@ static __always_inline int ct_promote(const struct flow_key *ck, struct flow *f,
  * LB_PASS_NO_NEIGH: recorded, next hop not resolved yet), or the counter
  * that says why the flow could not be made.
  */
-static __always_inline int flow_new(struct xdp_md *ctx, struct pkt *p,
-				    __u32 svc_id, __u32 svc_flags, __u64 now,
-				    struct flow *fwd)
+static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
+					__u32 svc_id, __u32 svc_flags,
+					__u64 now, FLOW *fwd)
 {
-	struct nat_search s = {};
+	struct FN(new_scratch) *sc = FN(new_scratch_get)();
+	struct FN(nat_search) *sp = sc ? &sc->s : NULL;
+	struct FN(nat_loop) loop = {sp};
 	struct backend *be;
 	__u32 *cursor;
 	int rc;
 
+	if (!sp)
+		return LB_DROP_NAT_FULL;
+	__builtin_memset(sp, 0, sizeof(*sp));
 	__builtin_memset(fwd, 0, sizeof(*fwd));
-	s.h = pick_hash(&p->key, svc_flags);
-	be = backend_pick(svc_id, s.h, &fwd->backend);
+	sp->h = FN(pick_hash)(&p->key, svc_flags);
+	be = backend_pick(svc_id, sp->h, &fwd->backend);
 	if (!be)
 		return LB_DROP_NO_BACKEND;
-	fwd->daddr = be->ip;
+	fwd->daddr = BE_ADDR(be);
 	fwd->dport = be->port ? be->port : p->key.dport;
 	fwd->svc = svc_id;
 	fwd->dir = LB_DIR_TO_BACKEND;
 	fwd->created = now;
 	fwd->seen = now;
-	rc = backend_route(ctx, fwd, now);
+	rc = FN(backend_route)(ctx, fwd, now);
 	if (rc == LB_PASS_NO_ROUTE)
 		return rc;
 
 	/* The owner: the way back to the client, where this packet came
 	 * from. */
-	s.rev.saddr = p->key.daddr;
-	s.rev.daddr = p->key.saddr;
-	s.rev.sport = p->key.dport;
-	s.rev.dport = p->key.sport;
-	s.rev.ifindex = ctx->ingress_ifindex;
-	__builtin_memcpy(s.rev.smac, p->eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(s.rev.dmac, p->eth->h_source, ETH_ALEN);
-	s.rev.nh_ok = 1;
-	s.rev.backend = fwd->backend;
-	s.rev.svc = svc_id;
-	s.rev.dir = LB_DIR_TO_CLIENT;
-	s.rev.created = now;
-	s.rev.seen = now;
+	sp->rev.saddr = p->key.daddr;
+	sp->rev.daddr = p->key.saddr;
+	sp->rev.sport = p->key.dport;
+	sp->rev.dport = p->key.sport;
+	sp->rev.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(sp->rev.smac, p->eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(sp->rev.dmac, p->eth->h_source, ETH_ALEN);
+	sp->rev.nh_ok = 1;
+	sp->rev.backend = fwd->backend;
+	sp->rev.svc = svc_id;
+	sp->rev.dir = LB_DIR_TO_CLIENT;
+	sp->rev.created = now;
+	sp->rev.seen = now;
 	if (p->key.proto == IPPROTO_TCP)
-		s.rev.syn_t = hs_now(); /* the handshake's start */
+		sp->rev.syn_t = hs_now(); /* the handshake's start */
 
-	s.ck = p->key;
-	s.t.saddr = fwd->daddr;
-	s.t.sport = fwd->dport;
-	s.t.proto = p->key.proto;
-	s.fib_saddr = fwd->saddr;
-	s.now = now;
+	sp->ck = p->key;
+	sp->t.saddr = fwd->daddr;
+	sp->t.sport = fwd->dport;
+	sp->t.proto = p->key.proto;
+	sp->fib_saddr = fwd->saddr;
+	sp->now = now;
 	cursor = bpf_map_lookup_elem(&nat_cursor, &fwd->backend);
 	if (!cursor)
 		return LB_DROP_NAT_FULL;
-	s.cursor = *cursor;
-	bpf_loop(NAT_TRIES + 1, nat_try, &s, 0);
+	sp->cursor = *cursor;
+	bpf_loop(NAT_TRIES + 1, FN(nat_try), &loop, 0);
 	/* The next search starts past the tuple taken, or past the ones
 	 * tried in order if none was free. */
-	if (s.result == NAT_TAKEN) {
+	if (sp->result == NAT_TAKEN) {
 		__sync_fetch_and_add(cursor, NAT_LINEAR);
 		return LB_DROP_NAT_FULL;
 	}
-	if (s.tries)
-		__sync_fetch_and_add(cursor, nat_step(s.tries) + 1);
-	fwd->saddr = s.t.daddr;
-	fwd->sport = s.t.dport;
+	if (sp->tries)
+		__sync_fetch_and_add(cursor, nat_step(sp->tries) + 1);
+	fwd->saddr = sp->t.daddr;
+	fwd->sport = sp->t.dport;
 
-	if (s.result == NAT_OURS_EST)
-		bpf_map_update_elem(&conntrack, &p->key, fwd, BPF_ANY);
-	else if (s.result == NAT_OURS_NEW)
-		bpf_map_update_elem(&ct_new, &p->key, fwd, BPF_ANY);
-	else if (bpf_map_update_elem(&ct_new, &p->key, fwd, BPF_NOEXIST)) {
-		struct flow *other = bpf_map_lookup_elem(&ct_new, &p->key);
+	if (sp->result == NAT_OURS_EST)
+		bpf_map_update_elem(&CT, &p->key, fwd, BPF_ANY);
+	else if (sp->result == NAT_OURS_NEW)
+		bpf_map_update_elem(&CT_NEW, &p->key, fwd, BPF_ANY);
+	else if (bpf_map_update_elem(&CT_NEW, &p->key, fwd, BPF_NOEXIST)) {
+		FLOW *other = bpf_map_lookup_elem(&CT_NEW, &p->key);
 
 		/* The same SYN on another CPU: fine if it found our tuple;
 		 * if it made the flow with another, give ours back. */
-		if (other && other->saddr == s.t.daddr &&
-		    other->sport == s.t.dport && other->daddr == s.t.saddr)
+		if (other && ADDR_EQ(other->saddr, sp->t.daddr) &&
+		    other->sport == sp->t.dport &&
+		    ADDR_EQ(other->daddr, sp->t.saddr))
 			return rc;
-		bpf_map_delete_elem(&ct_new, &s.t);
+		bpf_map_delete_elem(&CT_NEW, &sp->t);
 		return LB_DROP_CT_RACE;
 	}
 	return rc; /* 0, or LB_PASS_NO_NEIGH */
 }
-
-#endif /* LB_CONNTRACK_H */

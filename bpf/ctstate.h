@@ -4,11 +4,11 @@
  * tuple, see struct flow): the clock, expiry, TCP end, and whether the NAT
  * tuple of a finished connection may be given to a new one.
  */
-#ifndef LB_CTSTATE_H
-#define LB_CTSTATE_H
+#ifndef LB_CTSTATE_ONCE
+#define LB_CTSTATE_ONCE
 
 #include "consts.h"
-#include "nat.h"
+#include "pkt.h"
 
 /* The clock: 64-bit jiffies (HZ ticks a second), never wrapping. The JIT
  * inlines bpf_jiffies64 to one load, where bpf_ktime_get_coarse_ns costs a
@@ -18,9 +18,12 @@ static __always_inline __u64 lb_now(void)
 	return bpf_jiffies64();
 }
 
+#endif /* LB_CTSTATE_ONCE */
+
+/* The rest once per family (pipeline.h). */
+
 /* The key of the owner of client entry `f`: backend -> SNAT:port. */
-static __always_inline void ct_owner_key(const struct flow *f, __u8 proto,
-					 struct flow_key *k)
+static __always_inline void FN(ct_owner_key)(const FLOW *f, __u8 proto, FKEY *k)
 {
 	k->saddr = f->daddr;
 	k->daddr = f->saddr;
@@ -30,17 +33,16 @@ static __always_inline void ct_owner_key(const struct flow *f, __u8 proto,
 }
 
 /* Whether owner `o` belongs to the client whose packet has key `k`. */
-static __always_inline int ct_owner_of(const struct flow *o,
-				       const struct flow_key *k)
+static __always_inline int FN(ct_owner_of)(const FLOW *o, const FKEY *k)
 {
-	return o->daddr == k->saddr && o->dport == k->sport &&
-	       o->saddr == k->daddr && o->sport == k->dport;
+	return ADDR_EQ(o->daddr, k->saddr) && o->dport == k->sport &&
+	       ADDR_EQ(o->saddr, k->daddr) && o->sport == k->dport;
 }
 
 /* Whether owner `o` (in conntrack if `est`, else in ct_new) is past its
  * timeout: its connection is dead. A half-open TCP flow waits syn_timeout. */
-static __always_inline int ct_expired(const struct flow *o, __u32 state,
-				      __u8 proto, int est, __u64 now)
+static __always_inline int FN(ct_expired)(const FLOW *o, __u32 state,
+					  __u8 proto, int est, __u64 now)
 {
 	__u32 timeout = (state & LB_CT_CLOSING) ? fin_timeout
 			: proto == IPPROTO_UDP	? udp_timeout
@@ -52,7 +54,7 @@ static __always_inline int ct_expired(const struct flow *o, __u32 state,
 
 /* A packet keeps its connection alive (both directions: the owner holds the
  * clock). Written at most once a tick. */
-static __always_inline void ct_seen(struct flow *o, __u64 now)
+static __always_inline void FN(ct_seen)(FLOW *o, __u64 now)
 {
 	if (o->seen != now)
 		o->seen = now;
@@ -64,7 +66,7 @@ static __always_inline void ct_seen(struct flow *o, __u64 now)
  * sent one. The bits are set atomically in the one owner entry, so FINs of
  * both directions handled at once on two CPUs always see each other.
  */
-static __always_inline void ct_tcp_end(struct flow *o, __u8 dir, __u8 tcp_flags)
+static __always_inline void FN(ct_tcp_end)(FLOW *o, __u8 dir, __u8 tcp_flags)
 {
 	__u32 fin = dir == LB_DIR_TO_BACKEND ? LB_CT_FIN_FWD : LB_CT_FIN_REV;
 	__u32 other = LB_CT_FIN_FWD ^ LB_CT_FIN_REV ^ fin;
@@ -101,8 +103,8 @@ static __always_inline void ct_tcp_end(struct flow *o, __u8 dir, __u8 tcp_flags)
  * gives it up once idle for a second (a one-way stream that paused, an answer
  * not confirmed).
  */
-static __always_inline int ct_reusable(const struct flow *o, __u32 state,
-				       __u8 proto, int est, __u64 now)
+static __always_inline int FN(ct_reusable)(const FLOW *o, __u32 state,
+					   __u8 proto, int est, __u64 now)
 {
 	if (state & LB_CT_RECLAIMED)
 		return 0;
@@ -115,11 +117,10 @@ static __always_inline int ct_reusable(const struct flow *o, __u32 state,
 			return idle > hz;
 		return idle > ((state & LB_CT_REPLIED) ? hz : hz / 10);
 	}
-	if (!(state & LB_CT_CLOSING) && !ct_expired(o, state, proto, est, now))
+	if (!(state & LB_CT_CLOSING) &&
+	    !FN(ct_expired)(o, state, proto, est, now))
 		return 0;
 	if (proto != IPPROTO_TCP)
 		return 1;
 	return now - o->seen > tw_timeout;
 }
-
-#endif /* LB_CTSTATE_H */

@@ -15,8 +15,7 @@
 
 #include "consts.h"
 #include "maps.h"
-#include "route.h"
-#include "select.h"
+#include "pkt.h"
 
 /* Whether any service is DSR. */
 static __always_inline int dsr_any(void)

@@ -16,7 +16,7 @@
 #include "consts.h"
 #include "csum.h"
 #include "maps.h"
-#include "nat.h"
+#include "pkt.h"
 
 static __always_inline void frag_key_of(const struct iphdr *ip,
 					struct frag_key *k)

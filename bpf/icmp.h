@@ -21,9 +21,8 @@
 
 #include "consts.h"
 #include "csum.h"
-#include "ctstate.h"
 #include "maps.h"
-#include "nat.h"
+#include "pkt.h"
 
 #define ICMP_DEST_UNREACH 3
 #define ICMP_TIME_EXCEEDED 11

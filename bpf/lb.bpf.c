@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
- * lb's XDP datapath: full NAT layer-4 load balancing for IPv4 TCP and UDP.
+ * lb's XDP datapath: full NAT layer-4 load balancing for TCP and UDP over
+ * IPv4 and IPv6.
  *
  *   client -> VIP:port       becomes  LB:natport -> backend:port
  *   backend -> LB:natport    becomes  VIP:port -> client
  *
  * A connection table remembers both directions of every flow; a new flow
- * picks its backend from the service's Maglev table. ICMP errors about a
- * tracked flow go to its other end, translated (icmp.h). Everything else
- * passes to the kernel untouched.
+ * picks its backend from the service's Maglev table. The pipeline that does
+ * it is written once and compiled per family (pipeline.h, fam.h). ICMP
+ * errors about a tracked flow go to its other end, translated (icmp.h).
+ * Everything else passes to the kernel untouched.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -41,12 +43,24 @@ const volatile struct lb_shared lb_shared = {};
 
 #include "parse.h"
 #include "maps.h"
-#include "nat.h"
-#include "conntrack.h"
-#include "dsr.h"
-#include "frag.h"
-#include "icmp.h"
+#include "pkt.h"
 #include "trace.h"
+
+/* Counts the packet under `reason` and notes it for the trace. */
+static __always_inline int done(struct xdp_md *ctx, struct verdict_note *n,
+				enum lb_stat reason, int verdict)
+{
+	n->reason = reason;
+	return count(ctx, reason, verdict);
+}
+
+/* The pipeline, once for IPv4 and once for IPv6. */
+#define LB_V6 0
+#include "pipeline.h"
+#undef LB_V6
+#define LB_V6 1
+#include "pipeline.h"
+#undef LB_V6
 
 /* Parse up to the ports; a reason counter on failure, 0 on success. */
 static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
@@ -58,8 +72,6 @@ static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
 	p->eth = parse_eth(&c);
 	if (!p->eth)
 		return LB_PASS_MALFORMED;
-	if (p->eth->h_proto != bpf_htons(ETH_P_IP))
-		return LB_PASS_NOT_IPV4;
 	ip = parse_ipv4(&c);
 	if (!ip)
 		return LB_PASS_MALFORMED;
@@ -75,7 +87,8 @@ static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
 		p->frag = LB_FRAG_FIRST;
 	}
 	if (ip->protocol == IPPROTO_TCP) {
-		struct tcphdr *tcp = parse_tcp(&c, ip);
+		struct tcphdr *tcp =
+		    parse_tcp(&c, (void *)ip + bpf_ntohs(ip->tot_len));
 
 		if (!tcp)
 			return LB_PASS_MALFORMED;
@@ -83,7 +96,8 @@ static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
 		p->l4_check = &tcp->check;
 		p->tcp_flags = ((__u8 *)tcp)[13];
 	} else {
-		struct udphdr *udp = parse_udp(&c, ip);
+		struct udphdr *udp =
+		    parse_udp(&c, (void *)ip + bpf_ntohs(ip->tot_len));
 
 		if (!udp)
 			return LB_PASS_MALFORMED;
@@ -100,47 +114,71 @@ static __always_inline int parse(struct xdp_md *ctx, struct pkt *p)
 	return 0;
 }
 
-static __always_inline struct svc_value *service_of(const struct flow_key *k)
+/* parse() for IPv6: past the extension headers lb skips (parse.h) to the
+ * ports. A UDP datagram without a checksum is malformed (RFC 8200 8.1). */
+static __always_inline int parse6(struct xdp_md *ctx, struct pkt6 *p)
 {
-	struct svc_key sk = {
-	    .vip = k->daddr, .port = k->dport, .proto = k->proto};
-	struct svc_value *svc = bpf_map_lookup_elem(&services, &sk);
+	struct hdr_cursor c = {(void *)(long)ctx->data,
+			       (void *)(long)ctx->data_end};
+	struct ipv6hdr *ip6;
+	void *dgram_end;
+	__u8 nexthdr;
+	int ext;
 
-	if (svc)
-		return svc;
-	sk.port = 0; /* a service on every port of the VIP */
-	return bpf_map_lookup_elem(&services, &sk);
+	p->eth = parse_eth(&c);
+	if (!p->eth)
+		return LB_PASS_MALFORMED;
+	ip6 = parse_ipv6(&c);
+	if (!ip6)
+		return LB_PASS_MALFORMED;
+	p->ip6 = ip6;
+	dgram_end = (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len);
+	nexthdr = ip6->nexthdr;
+	ext = ipv6_skip_ext(&c, &nexthdr, dgram_end);
+	if (ext == IPV6_EXT_BAD)
+		return LB_PASS_MALFORMED;
+	if (ext == IPV6_EXT_FRAGMENT)
+		return LB_PASS_FRAGMENT;
+	if (ext != IPV6_EXT_OK)
+		return LB_PASS_NOT_L4;
+	if (nexthdr == IPPROTO_TCP) {
+		struct tcphdr *tcp = parse_tcp(&c, dgram_end);
+
+		if (!tcp)
+			return LB_PASS_MALFORMED;
+		p->ports = &tcp->source;
+		p->l4_check = &tcp->check;
+		p->tcp_flags = ((__u8 *)tcp)[13];
+	} else if (nexthdr == IPPROTO_UDP) {
+		struct udphdr *udp = parse_udp(&c, dgram_end);
+
+		if (!udp)
+			return LB_PASS_MALFORMED;
+		if (!udp->check)
+			return LB_PASS_MALFORMED;
+		p->ports = &udp->source;
+		p->l4_check = &udp->check;
+		p->tcp_flags = 0;
+	} else {
+		return LB_PASS_NOT_L4;
+	}
+	p->l4_len = dgram_end - (void *)p->ports;
+	p->key.saddr = *ip6_saddr(ip6);
+	p->key.daddr = *ip6_daddr(ip6);
+	p->key.sport = p->ports[0];
+	p->key.dport = p->ports[1];
+	p->key.proto = nexthdr;
+	return 0;
 }
 
-/* A TCP segment with SYN and without ACK: only it opens a connection. */
-static __always_inline int is_syn(const struct pkt *p)
-{
-	return p->key.proto == IPPROTO_TCP &&
-	       (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
-}
-
-/* A TCP segment with SYN and ACK: a backend's answer to a SYN. */
-static __always_inline int is_synack(const struct pkt *p)
-{
-	return (p->tcp_flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK);
-}
-
-/* Counts the packet under `reason` and notes it for the trace. */
-static __always_inline int done(struct xdp_md *ctx, struct verdict_note *n,
-				enum lb_stat reason, int verdict)
-{
-	n->reason = reason;
-	return count(ctx, reason, verdict);
-}
-
-static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
+/* An IPv4 packet: ICMP errors and later fragments of tracked flows, and
+ * TCP and UDP through the connection table. A function of its own, like
+ * process6: each family's stack frame then need not fit beside the other's
+ * in the 512 bytes a program has (a BPF-to-BPF call costs ~2 ns). */
+static __noinline int process4(struct xdp_md *ctx, struct verdict_note *n)
 {
 	struct pkt p = {};
-	struct flow *f, *o, nf; /* nf: a new flow's entry, set by flow_new */
-	struct flow_key ok = {};
-	__u32 state;
-	__u64 now;
-	int why, est = 1, new_flow = 0, routed = 0;
+	int why;
 
 	why = parse(ctx, &p);
 	if (why == LB_PASS_NOT_L4 && p.ip->protocol == IPPROTO_ICMP &&
@@ -159,155 +197,32 @@ static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
 	}
 	if (why)
 		return done(ctx, n, why, XDP_PASS);
+	return flow_process(ctx, n, &p);
+}
 
-	now = lb_now();
-	f = bpf_map_lookup_elem(&conntrack, &p.key);
-	if (!f) {
-		est = 0;
-		f = bpf_map_lookup_elem(&ct_new, &p.key);
-	}
-	if (f && f->dir == LB_DIR_TO_CLIENT) {
-		/* From a backend to a NAT tuple: the owner itself. */
-		o = f;
-		state = o->state;
-		if ((state & LB_CT_RECLAIMED) ||
-		    ct_expired(o, state, p.key.proto, est, now) ||
-		    ((state & LB_CT_CLOSING) && is_syn(&p)))
-			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-		ct_seen(o, now);
-		/* The backend's first answer (an answered flow in conntrack
-		 * has the bit, unless a SYN reopened it): if a SYN-ACK, the
-		 * handshake's latency. */
-		if (!(state & LB_CT_REPLIED) &&
-		    !(__sync_fetch_and_or(&o->state, LB_CT_REPLIED) &
-		      LB_CT_REPLIED) &&
-		    is_synack(&p))
-			count_handshake(o);
-		if (p.tcp_flags & (TCP_FIN | TCP_RST)) {
-			if ((p.tcp_flags & TCP_RST) && !(state & LB_CT_CLOSING))
-				count_reset(o->backend);
-			ct_tcp_end(o, LB_DIR_TO_CLIENT, p.tcp_flags);
-		}
-		goto xmit;
-	}
-	if (f) {
-		/* A client entry is valid while its owner points back. */
-		ct_owner_key(f, p.key.proto, &ok);
-		o = est ? bpf_map_lookup_elem(&conntrack, &ok)
-			: bpf_map_lookup_elem(&ct_new, &ok);
-		if (!o && !est) {
-			/* Promoted by another CPU meanwhile (ct_promote)? */
-			struct flow *pf =
-			    bpf_map_lookup_elem(&conntrack, &p.key);
+/* An IPv6 packet: TCP and UDP through the connection table. */
+static __noinline int process6(struct xdp_md *ctx, struct verdict_note *n)
+{
+	struct pkt6 p = {};
+	int why;
 
-			if (pf) {
-				f = pf;
-				est = 1;
-				ct_owner_key(f, p.key.proto, &ok);
-			}
-			/* (or the tuple's owner now: another connection's) */
-			o = bpf_map_lookup_elem(&conntrack, &ok);
-		}
-		state = o ? o->state : 0;
-		if (!o || !ct_owner_of(o, &p.key) ||
-		    (state & LB_CT_RECLAIMED)) {
-			/* Its owner gone: evicted from a full table (the
-			 * connection is lost); or its tuple given to another
-			 * connection (this one had ended). */
-			count(ctx, o ? LB_STALE : LB_EVICTED, 0);
-			if (est)
-				bpf_map_delete_elem(&conntrack, &p.key);
-			else
-				bpf_map_delete_elem(&ct_new, &p.key);
-			f = NULL;
-		} else if ((is_syn(&p) || p.key.proto == IPPROTO_UDP) &&
-			   ((state & LB_CT_CLOSING) ||
-			    ct_expired(o, state, p.key.proto, est, now))) {
-			/* The client reuses a finished flow's ports: the
-			 * backend still knows the tuple (TIME_WAIT), so the
-			 * new connection takes the same one, if its backend
-			 * still takes flows. (UDP: any packet after
-			 * expiry.) */
-			if (backend_takes(f, &p.key)) {
-				if (p.key.proto == IPPROTO_TCP) {
-					count_unanswered(o, state);
-					o->syn_t = hs_now();
-				}
-				o->state = 0;
-				o->seen = now;
-				o->created = now;
-				count(ctx, LB_REOPEN, 0);
-				new_flow = 1;
-			} else {
-				if (est)
-					bpf_map_delete_elem(&conntrack, &p.key);
-				else
-					bpf_map_delete_elem(&ct_new, &p.key);
-				f = NULL;
-			}
-		} else if (ct_expired(o, state, p.key.proto, est, now)) {
-			/* Dead: the kernel answers (RST) and no state is
-			 * made. */
-			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-		} else {
-			ct_seen(o, now);
-			if (p.tcp_flags & (TCP_FIN | TCP_RST))
-				ct_tcp_end(o, LB_DIR_TO_BACKEND, p.tcp_flags);
-			if (!est && (state & LB_CT_REPLIED) && ct_confirms(&p))
-				count(ctx, ct_promote(&p.key, f, &ok, o), 0);
-		}
-	}
-	if (!f) {
-		struct svc_value *svc;
+	why = parse6(ctx, &p);
+	if (why)
+		return done(ctx, n, why, XDP_PASS);
+	return flow_process6(ctx, n, &p);
+}
 
-		/* Only a SYN opens a TCP connection: a stray segment (of a
-		 * flow that ended, or a flood of ACKs) goes to the kernel,
-		 * which answers with a RST, and costs no table entries;
-		 * unless it is for a DSR service (any packet there). */
-		if (p.key.proto == IPPROTO_TCP && !is_syn(&p) && !dsr_any())
-			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-		svc = service_of(&p.key);
-		if (!svc)
-			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-		if (svc->flags & LB_SVC_DSR) {
-			int dsr_why = 0, dsr_new = 0;
-			int act = dsr_forward(ctx, &p, svc->id, svc->flags, now,
-					      &dsr_why, &dsr_new);
+static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
+{
+	struct ethhdr *eth = (void *)(long)ctx->data;
 
-			if (dsr_new)
-				count(ctx, LB_NEW_FLOW, 0);
-			n->new_flow = dsr_new;
-			return done(ctx, n, dsr_why, act);
-		}
-		if (p.key.proto == IPPROTO_TCP && !is_syn(&p))
-			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-		why = flow_new(ctx, &p, svc->id, svc->flags, now, &nf);
-		if (why && why != LB_PASS_NO_NEIGH)
-			return done(ctx, n, why,
-				    why == LB_PASS_NO_ROUTE ? XDP_PASS
-							    : XDP_DROP);
-		f = &nf; /* the entry as written: no need to look it up */
-		new_flow = 1;
-		routed = 1;
-	}
-	/* A flow whose next hop was unresolved: try again (a new flow has
-	 * just tried). */
-	if (!f->nh_ok && !routed && flow_route(ctx, f, 0) == LB_PASS_NO_ROUTE)
-		return done(ctx, n, LB_PASS_NO_ROUTE, XDP_PASS);
-
-xmit:
-	if (p.frag && f->nh_ok)
-		frag_first(&p, f, now);
-	nat_rewrite(ctx, &p, f);
-	count_backend(ctx, f->backend, new_flow);
-	if (new_flow)
-		count(ctx, LB_NEW_FLOW, 0);
-	n->new_flow = new_flow;
-	if (!f->nh_ok) /* the kernel forwards it, resolving the neighbour */
-		return done(ctx, n, LB_PASS_NO_NEIGH, XDP_PASS);
-	return done(ctx, n,
-		    f->dir == LB_DIR_TO_BACKEND ? LB_TO_BACKEND : LB_TO_CLIENT,
-		    nat_xmit(ctx, &p, f));
+	if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
+		return done(ctx, n, LB_PASS_MALFORMED, XDP_PASS);
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return process4(ctx, n);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return process6(ctx, n);
+	return done(ctx, n, LB_PASS_NOT_IP, XDP_PASS);
 }
 
 SEC("xdp")

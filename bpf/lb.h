@@ -35,8 +35,9 @@ enum lb_stat {
 	LB_TO_BACKEND = 0, /* client -> VIP, rewritten to a backend */
 	LB_TO_CLIENT,	   /* backend -> LB, rewritten to the client */
 	LB_NEW_FLOW,	   /* of LB_TO_BACKEND: first packet of a flow */
-	LB_PASS_NOT_IPV4,  /* ARP, IPv6, VLAN, ...: not ours */
-	LB_PASS_NOT_L4,	   /* ICMP, SCTP, ...: not TCP or UDP */
+	LB_PASS_NOT_IP,	   /* ARP, VLAN, ...: neither IPv4 nor IPv6 */
+	LB_PASS_NOT_L4,	   /* ICMP, NDP, SCTP, IPv6 extension headers lb does
+			      not skip, ...: not TCP or UDP */
 	LB_PASS_NOT_OURS,  /* no flow, no service: the host's own traffic */
 	LB_PASS_MALFORMED, /* truncated header, IHL < 5, bad lengths */
 	LB_PASS_FRAGMENT,  /* IP fragment: no ports to look up */
@@ -117,9 +118,22 @@ struct lb_be_hs {
 	__u64 unanswered; /* SYNs never answered (when the tuple is reused) */
 };
 
-/* A service: VIP:port/proto (port 0: every port of the VIP). */
+/* An IPv6 address: four network-order words. */
+struct lb_in6 {
+	__be32 w[4];
+};
+
+/* A service: VIP:port/proto (port 0: every port of the VIP). IPv4 services
+ * are in `services`, IPv6 ones in `services6`; both give a svc_value. */
 struct svc_key {
 	__be32 vip;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct svc6_key {
+	struct lb_in6 vip;
 	__be16 port;
 	__u8 proto;
 	__u8 pad;
@@ -143,13 +157,14 @@ enum svc_flags {
 	LB_SVC_LATENCY = 0x200,
 };
 
-/* A backend, indexed by its id. */
+/* A backend, indexed by its id; of its service's family. */
 struct backend {
-	__be32 ip;
+	__be32 ip;   /* IPv4 */
 	__be16 port; /* 0: the port the client used */
 	__u16 flags; /* LB_BACKEND_* */
 	__u32 svc;   /* id of its service */
 	__u32 weight;
+	struct lb_in6 ip6; /* IPv6 */
 };
 
 /* Bits of backend.flags. */
@@ -233,6 +248,36 @@ struct flow {
 	__u32 syn_t;
 	__u64 created; /* clock ticks (jiffies, see lb_now) */
 	__u64 seen;    /* owner: clock ticks of the last packet either way */
+};
+
+/* The IPv6 connection table's key and value (conntrack6, ct_new6): as
+ * flow_key and flow, with IPv6 addresses. */
+struct flow6_key {
+	struct lb_in6 saddr;
+	struct lb_in6 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct flow6 {
+	struct lb_in6 saddr;
+	struct lb_in6 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u32 ifindex;
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u32 backend;
+	__u32 svc;
+	__u32 state;
+	__u8 dir;
+	__u8 nh_ok;
+	__u16 pad;
+	__u32 syn_t;
+	__u64 created;
+	__u64 seen;
 };
 
 /*

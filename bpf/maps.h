@@ -42,6 +42,16 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } services SEC(".maps");
 
+/* The IPv6 services: [VIP]:port/proto -> service id (ids shared with
+ * `services`, as are the backends and Maglev tables). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, struct svc6_key);
+	__type(value, struct svc_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} services6 SEC(".maps");
+
 /* Backend id -> address, port, service, weight. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -99,6 +109,23 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct flow);
 } ct_new SEC(".maps");
+
+/* IPv6 connections: conntrack and ct_new with IPv6 keys (a map per family
+ * keeps IPv4 keys at 16 bytes). Sized by the CLI. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 512 * 1024);
+	__type(key, struct flow6_key);
+	__type(value, struct flow6);
+} conntrack6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 128 * 1024);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct flow6_key);
+	__type(value, struct flow6);
+} ct_new6 SEC(".maps");
 
 /*
  * Datagrams being forwarded in fragments: the first fragment (it alone
@@ -248,12 +275,13 @@ static __always_inline __u32 hs_bucket(__u64 us)
 	return i + 1;
 }
 
-/* The backend's first SYN-ACK of the flow whose owner is `o`: one
- * handshake latency sample (none if the SYN time is unknown). */
-static __always_inline void count_handshake(const struct flow *o)
+/* The first SYN-ACK of backend `id` to a flow whose SYN came at `syn`
+ * (hs_now): one handshake latency sample (none if the SYN time is 0:
+ * unknown). */
+static __always_inline void count_handshake(__u32 id, __u32 syn)
 {
-	__u32 id = o->backend, syn = o->syn_t, b;
 	struct lb_be_hs *h;
+	__u32 b;
 	__u64 ns;
 
 	if (!syn)
@@ -277,11 +305,11 @@ static __always_inline void count_reset(__u32 id)
 		h->resets++;
 }
 
-/* Owner `o` (TCP), with state `state`, ends or starts over: if its backend
- * never answered its SYN, that is one unanswered SYN. */
-static __always_inline void count_unanswered(const struct flow *o, __u32 state)
+/* A TCP connection to backend `id`, with state `state`, ends or starts
+ * over: if the backend never answered its SYN, that is one unanswered SYN.
+ */
+static __always_inline void count_unanswered(__u32 id, __u32 state)
 {
-	__u32 id = o->backend;
 	struct lb_be_hs *h;
 
 	if (state & LB_CT_REPLIED)

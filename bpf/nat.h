@@ -1,32 +1,14 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
-/* Rewriting a packet as its flow says, and sending it on. */
-#ifndef LB_NAT_H
-#define LB_NAT_H
+/* Rewriting a packet as its flow says, and sending it on. Part of the
+ * pipeline (fam.h): the rewrite is written per family, the sending once
+ * over both. */
+#ifndef LB_NAT_ONCE
+#define LB_NAT_ONCE
 
 #include "consts.h"
 #include "csum.h"
 #include "maps.h"
-
-/* A parsed TCP or UDP packet. */
-struct pkt {
-	struct ethhdr *eth;
-	struct iphdr *ip;
-	__be16 *ports;	   /* source, destination */
-	__sum16 *l4_check; /* TCP or UDP checksum field */
-	struct flow_key key;
-	__u16 l4_len;
-	__u8 tcp_flags; /* TCP: FIN/SYN/RST/... byte, 0 for UDP */
-	__u8 frag;	/* LB_FRAG_*: a fragment of a datagram */
-};
-
-#define LB_FRAG_NONE 0
-#define LB_FRAG_FIRST 1 /* offset 0, more to come: carries the ports */
-#define LB_FRAG_LATER 2 /* offset > 0: no ports */
-
-#define TCP_FIN 0x01
-#define TCP_SYN 0x02
-#define TCP_RST 0x04
-#define TCP_ACK 0x10
+#include "pkt.h"
 
 /*
  * Whether the packet's L4 checksum is partial (see l4_csum_rewrite). Only in
@@ -82,11 +64,47 @@ static __always_inline void nat_rewrite(struct xdp_md *ctx, struct pkt *p,
 	p->ports[1] = f->dport;
 }
 
+/* l4_csum_partial for IPv6. */
+static __always_inline int l4_csum_partial6(struct xdp_md *ctx, struct pkt6 *p)
+{
+	__u16 ps;
+
+	if (!skb_mode)
+		return 0;
+	ps = pseudo_sum6(&p->key.saddr, &p->key.daddr, p->key.proto, p->l4_len);
+	if (*p->l4_check != ps)
+		return 0;
+	return !l4_csum_valid(ctx, (void *)p->ports - (void *)(long)ctx->data,
+			      p->l4_len, ps);
+}
+
+/* nat_rewrite for IPv6: no IP header checksum; the L4 one covers the
+ * addresses through the pseudo-header. */
+static __always_inline void nat_rewrite6(struct xdp_md *ctx, struct pkt6 *p,
+					 const struct flow6 *f)
+{
+	__u64 addr_delta = csum_delta16(&p->key.saddr, &f->saddr) +
+			   csum_delta16(&p->key.daddr, &f->daddr);
+	__u64 ports_delta = csum_delta2(p->ports[0], f->sport) +
+			    csum_delta2(p->ports[1], f->dport);
+	int partial = l4_csum_partial6(ctx, p);
+	struct ipv6hdr *ip6 = p->ip6;
+
+	l4_csum_rewrite(p->l4_check, addr_delta, ports_delta, partial,
+			p->key.proto == IPPROTO_UDP);
+	*ip6_saddr(ip6) = f->saddr;
+	*ip6_daddr(ip6) = f->daddr;
+	p->ports[0] = f->sport;
+	p->ports[1] = f->dport;
+}
+
+#endif /* LB_NAT_ONCE */
+
 /* Send a rewritten packet to the flow's next hop: XDP_TX when it leaves by
  * the ingress interface, else a redirect (through the devmap of lb's
  * interfaces when it is one of them). */
-static __always_inline int nat_xmit(struct xdp_md *ctx, struct pkt *p,
-				    const struct flow *f)
+static __always_inline int FN(nat_xmit)(struct xdp_md *ctx, PKT *p,
+					const FLOW *f)
 {
 	__u32 ifindex = f->ifindex;
 	long act;
@@ -100,5 +118,3 @@ static __always_inline int nat_xmit(struct xdp_md *ctx, struct pkt *p,
 		act = bpf_redirect(ifindex, 0);
 	return act;
 }
-
-#endif /* LB_NAT_H */

@@ -8,10 +8,9 @@
  * address: the tuple reused is the one used least recently towards that
  * backend.
  */
-#ifndef LB_NATPORT_H
-#define LB_NATPORT_H
+#ifndef LB_NATPORT_ONCE
+#define LB_NATPORT_ONCE
 
-#include "ctstate.h"
 #include "maps.h"
 
 /* Tuples tried for a new flow before giving up: the client's port, then
@@ -31,19 +30,6 @@ enum nat_claim {
 	NAT_NEW,       /* ours now: the owner is written to ct_new */
 	NAT_OURS_EST,  /* already this client's connection (in conntrack) */
 	NAT_OURS_NEW,  /* already this client's connection (in ct_new) */
-};
-
-/* A NAT search, the state of the bpf_loop over candidate tuples. */
-struct nat_search {
-	struct flow_key t;  /* candidate tuple: the owner's key */
-	struct flow_key ck; /* the client's key */
-	struct flow rev;    /* the owner to write */
-	__u64 now;
-	__be32 fib_saddr; /* the LB's source address, if no SNAT pool */
-	__u32 h;	  /* flow hash */
-	__u32 cursor;	  /* the backend's cursor when the search began */
-	__u32 result;	  /* enum nat_claim */
-	__u32 tries;	  /* the candidate that ended the search */
 };
 
 /* Whether SNAT address `idx` is lb's alone (every port from 1024). */
@@ -74,61 +60,6 @@ static __always_inline int nat_port_ok(__u16 port, int full)
 	       (port >= nat_lo[1] && port <= nat_hi[1]);
 }
 
-/*
- * Tries to make tuple s->t the new flow's. A free tuple is claimed by
- * inserting its owner (BPF_NOEXIST: one CPU wins). A finished connection's
- * tuple (see ct_reusable) is reclaimed by the one CPU that marks it
- * LB_CT_RECLAIMED, which then replaces it; its client entry, left behind,
- * no longer has an owner pointing back and is stale from then on.
- */
-static __always_inline int nat_claim(struct nat_search *s)
-{
-	__u8 proto = s->ck.proto;
-	struct flow *o;
-	__u32 state;
-	int est = 1;
-
-	o = bpf_map_lookup_elem(&conntrack, &s->t);
-	if (!o) {
-		if (!bpf_map_update_elem(&ct_new, &s->t, &s->rev, BPF_NOEXIST))
-			return NAT_NEW;
-		o = bpf_map_lookup_elem(&ct_new, &s->t);
-		if (!o)
-			return NAT_TAKEN;
-		est = 0;
-	}
-	state = o->state;
-	if (ct_owner_of(o, &s->ck) && !(state & LB_CT_RECLAIMED)) {
-		/* This client's connection on this tuple: it continues, or
-		 * starts over if it had ended. */
-		if ((state & LB_CT_CLOSING) ||
-		    ct_expired(o, state, proto, est, s->now)) {
-			if (proto == IPPROTO_TCP) {
-				count_unanswered(o, state);
-				o->syn_t = s->rev.syn_t;
-			}
-			o->state = 0;
-			o->created = s->now;
-		}
-		o->seen = s->now;
-		return est ? NAT_OURS_EST : NAT_OURS_NEW;
-	}
-	if (!ct_reusable(o, state, proto, est, s->now))
-		return NAT_TAKEN;
-	if (__sync_val_compare_and_swap(&o->state, state,
-					state | LB_CT_RECLAIMED) != state)
-		return NAT_TAKEN;
-	if (proto == IPPROTO_TCP)
-		count_unanswered(o, state);
-	if (est)
-		bpf_map_delete_elem(&conntrack, &s->t);
-	else
-		bpf_map_delete_elem(&ct_new, &s->t);
-	if (bpf_map_update_elem(&ct_new, &s->t, &s->rev, BPF_NOEXIST))
-		return NAT_TAKEN;
-	return NAT_NEW;
-}
-
 /* How far past the cursor candidate `i` (1..NAT_TRIES) of a search is. */
 static __always_inline __u32 nat_step(__u32 i)
 {
@@ -137,11 +68,114 @@ static __always_inline __u32 nat_step(__u32 i)
 	return NAT_LINEAR - 1 + (1u << ((i - NAT_LINEAR) & 31));
 }
 
-/* Candidate `i` of a search (0: the client's port; then the cursor's). */
-static long nat_try(__u32 i, void *arg)
+#endif /* LB_NATPORT_ONCE */
+
+/* The rest once per family (pipeline.h). */
+
+/* A NAT search, the state of the bpf_loop over candidate tuples. */
+struct FN(nat_search) {
+	FKEY t;	  /* candidate tuple: the owner's key */
+	FKEY ck;  /* the client's key */
+	FLOW rev; /* the owner to write */
+	__u64 now;
+	ADDR fib_saddr; /* the LB's source address, if no SNAT pool */
+	__u32 h;	/* flow hash */
+	__u32 cursor;	/* the backend's cursor when the search began */
+	__u32 result;	/* enum nat_claim */
+	__u32 tries;	/* the candidate that ended the search */
+};
+
+/* A new flow's working state: the NAT search and the client entry made.
+ * Too big for the stack beside the rest (a program has 512 bytes, shared
+ * by its call chain), it lives in a per-CPU scratch entry, and bpf_loop
+ * (which takes a stack pointer) gets a pointer to the search. */
+struct FN(new_scratch) {
+	struct FN(nat_search) s;
+	FLOW fwd;
+};
+
+struct FN(nat_loop) {
+	struct FN(nat_search) * s;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct FN(new_scratch));
+} FN(new_scratch) SEC(".maps");
+
+static __always_inline struct FN(new_scratch) * FN(new_scratch_get)(void)
 {
-	struct nat_search *s = arg;
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&FN(new_scratch), &zero);
+}
+
+/*
+ * Tries to make tuple s->t the new flow's. A free tuple is claimed by
+ * inserting its owner (BPF_NOEXIST: one CPU wins). A finished connection's
+ * tuple (see ct_reusable) is reclaimed by the one CPU that marks it
+ * LB_CT_RECLAIMED, which then replaces it; its client entry, left behind,
+ * no longer has an owner pointing back and is stale from then on.
+ */
+static __always_inline int FN(nat_claim)(struct FN(nat_search) * s)
+{
+	__u8 proto = s->ck.proto;
+	FLOW *o;
+	__u32 state;
+	int est = 1;
+
+	o = bpf_map_lookup_elem(&CT, &s->t);
+	if (!o) {
+		if (!bpf_map_update_elem(&CT_NEW, &s->t, &s->rev, BPF_NOEXIST))
+			return NAT_NEW;
+		o = bpf_map_lookup_elem(&CT_NEW, &s->t);
+		if (!o)
+			return NAT_TAKEN;
+		est = 0;
+	}
+	state = o->state;
+	if (FN(ct_owner_of)(o, &s->ck) && !(state & LB_CT_RECLAIMED)) {
+		/* This client's connection on this tuple: it continues, or
+		 * starts over if it had ended. */
+		if ((state & LB_CT_CLOSING) ||
+		    FN(ct_expired)(o, state, proto, est, s->now)) {
+			if (proto == IPPROTO_TCP) {
+				count_unanswered(o->backend, state);
+				o->syn_t = s->rev.syn_t;
+			}
+			o->state = 0;
+			o->created = s->now;
+		}
+		o->seen = s->now;
+		return est ? NAT_OURS_EST : NAT_OURS_NEW;
+	}
+	if (!FN(ct_reusable)(o, state, proto, est, s->now))
+		return NAT_TAKEN;
+	if (__sync_val_compare_and_swap(&o->state, state,
+					state | LB_CT_RECLAIMED) != state)
+		return NAT_TAKEN;
+	if (proto == IPPROTO_TCP)
+		count_unanswered(o->backend, state);
+	if (est)
+		bpf_map_delete_elem(&CT, &s->t);
+	else
+		bpf_map_delete_elem(&CT_NEW, &s->t);
+	if (bpf_map_update_elem(&CT_NEW, &s->t, &s->rev, BPF_NOEXIST))
+		return NAT_TAKEN;
+	return NAT_NEW;
+}
+
+/* Candidate `i` of a search (0: the client's port; then the cursor's). */
+static long FN(nat_try)(__u32 i, void *arg)
+{
+	struct FN(nat_search) *s = ((struct FN(nat_loop) *)arg)->s;
+#if LB_V6
+	__u32 n = 0, idx, k; /* (no IPv6 SNAT pool yet: the FIB's source) */
+#else
 	__u32 n = snat_count, idx, k;
+#endif
 	__u16 port;
 
 	if (i == 0) {
@@ -154,11 +188,13 @@ static long nat_try(__u32 i, void *arg)
 		idx = n ? k % n : 0;
 		port = nat_port_at(n ? k / n : k, n && snat_is_full(idx));
 	}
+#if LB_V6
+	s->t.daddr = s->fib_saddr;
+#else
 	s->t.daddr = n ? snat_addr[idx & (LB_MAX_SNAT - 1)] : s->fib_saddr;
+#endif
 	s->t.dport = bpf_htons(port);
-	s->result = nat_claim(s);
+	s->result = FN(nat_claim)(s);
 	s->tries = i;
 	return s->result != NAT_TAKEN;
 }
-
-#endif /* LB_NATPORT_H */

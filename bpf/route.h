@@ -1,11 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /* Routing: the next hop (interface, MACs, source address) towards a flow's
- * destination, from the FIB or from the per-backend cache. */
-#ifndef LB_ROUTE_H
-#define LB_ROUTE_H
+ * destination, from the FIB or (IPv4) from the per-backend cache. Written
+ * per family (part of the pipeline, fam.h). */
+#ifndef LB_ROUTE_ONCE
+#define LB_ROUTE_ONCE
 
 #include "consts.h"
 #include "maps.h"
+#include "pkt.h"
 
 /* Resolve the next hop towards f->daddr into f; 0 on success, else the
  * counter that says why not. */
@@ -69,4 +71,42 @@ static __always_inline int backend_route(struct xdp_md *ctx, struct flow *f,
 	return rc;
 }
 
-#endif /* LB_ROUTE_H */
+/* flow_route for IPv6. */
+static __always_inline int flow_route6(struct xdp_md *ctx, struct flow6 *f,
+				       __u32 flags)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = AF_INET6;
+	fib.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(fib.ipv6_src, &f->saddr, sizeof(f->saddr));
+	__builtin_memcpy(fib.ipv6_dst, &f->daddr, sizeof(f->daddr));
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), flags);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return LB_PASS_NO_ROUTE;
+	if (flags & BPF_FIB_LOOKUP_SRC)
+		__builtin_memcpy(&f->saddr, fib.ipv6_src, sizeof(f->saddr));
+	f->ifindex = fib.ifindex;
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return LB_PASS_NO_NEIGH;
+	__builtin_memcpy(f->smac, fib.smac, ETH_ALEN);
+	__builtin_memcpy(f->dmac, fib.dmac, ETH_ALEN);
+	f->nh_ok = 1;
+	return 0;
+}
+
+/* backend_route for IPv6: from the FIB for every new flow (no next-hop
+ * cache yet), which also gives the LB's source address. */
+static __always_inline int backend_route6(struct xdp_md *ctx, struct flow6 *f,
+					  __u64 now)
+{
+	struct lb_in6 zero = {};
+	int rc = flow_route6(ctx, f, BPF_FIB_LOOKUP_SRC);
+
+	if (rc == LB_PASS_NO_ROUTE || in6_eq(&f->saddr, &zero))
+		return LB_PASS_NO_ROUTE;
+	return rc;
+}
+
+#endif /* LB_ROUTE_ONCE */

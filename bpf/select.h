@@ -1,10 +1,12 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /* Backend selection: the flow hash, the service's Maglev table, and whether
- * a backend still takes a flow. */
-#ifndef LB_SELECT_H
-#define LB_SELECT_H
+ * a backend still takes a flow. Part of the pipeline (fam.h): the Maglev
+ * lookup is shared by both families, the hashes are per family. */
+#ifndef LB_SELECT_ONCE
+#define LB_SELECT_ONCE
 
 #include "maps.h"
+#include "pkt.h"
 
 /* murmur3 finaliser: cheap, and every input bit reaches every output bit. */
 static __always_inline __u32 mix32(__u32 h)
@@ -24,9 +26,6 @@ static __always_inline __u32 flow_hash(const struct flow_key *k)
 	return mix32(k->saddr ^ mix32(k->daddr ^ mix32(ports ^ k->proto)));
 }
 
-/* The backend service `svc_id`'s Maglev table gives hash `h`, or NULL. A
- * CPU may still hold a table the service has since replaced: the backend
- * must belong to the service. */
 /* The hash a service picks a new flow's backend by (svc_flags). */
 static __always_inline __u32 pick_hash(const struct flow_key *k, __u32 flags)
 {
@@ -35,6 +34,30 @@ static __always_inline __u32 pick_hash(const struct flow_key *k, __u32 flags)
 	return flow_hash(k);
 }
 
+/* An IPv6 address folded into a hash. */
+static __always_inline __u32 mix_in6(__u32 h, const struct lb_in6 *a)
+{
+	return mix32(h ^ a->w[0] ^
+		     mix32(a->w[1] ^ mix32(a->w[2] ^ mix32(a->w[3]))));
+}
+
+static __always_inline __u32 flow_hash6(const struct flow6_key *k)
+{
+	__u32 ports = ((__u32)k->sport << 16) | k->dport;
+
+	return mix_in6(mix_in6(mix32(ports ^ k->proto), &k->daddr), &k->saddr);
+}
+
+static __always_inline __u32 pick_hash6(const struct flow6_key *k, __u32 flags)
+{
+	if (flags & LB_SVC_CLIENT_IP)
+		return mix_in6(0x9e3779b9, &k->saddr);
+	return flow_hash6(k);
+}
+
+/* The backend service `svc_id`'s Maglev table gives hash `h`, or NULL. A
+ * CPU may still hold a table the service has since replaced: the backend
+ * must belong to the service. */
 static __always_inline struct backend *backend_pick(__u32 svc_id, __u32 h,
 						    __u32 *id)
 {
@@ -56,17 +79,16 @@ static __always_inline struct backend *backend_pick(__u32 svc_id, __u32 h,
 	return be;
 }
 
+#endif /* LB_SELECT_ONCE */
+
 /* Whether the backend of client entry `f` (packet key `k`) still takes new
  * flows: present, of the flow's service, same address and port, weight > 0.
  */
-static __always_inline int backend_takes(const struct flow *f,
-					 const struct flow_key *k)
+static __always_inline int FN(backend_takes)(const FLOW *f, const FKEY *k)
 {
 	struct backend *be = bpf_map_lookup_elem(&backends, &f->backend);
 
 	return be && (be->flags & LB_BACKEND_USED) && be->weight &&
-	       be->svc == f->svc && be->ip == f->daddr &&
+	       be->svc == f->svc && ADDR_EQ(BE_ADDR(be), f->daddr) &&
 	       (be->port ? be->port : k->dport) == f->dport;
 }
-
-#endif /* LB_SELECT_H */

@@ -2,7 +2,8 @@
 //! ending them. A connection is two entries in one table (bpf/lb.h, struct
 //! flow): the client's, and the owner keyed by the NAT tuple, which holds
 //! the state and the clock; `conntrack` has the answered connections,
-//! `ct_new` the half-open ones.
+//! `ct_new` the half-open ones (IPv6: `conntrack6`, `ct_new6`, the same
+//! but for their keys; here both families become [`Entry`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapHandle};
 
 use crate::maps::Timeouts;
-use crate::maps::{self, Flow, FlowKey, Maps};
+use crate::maps::{self, Flow, Flow6, FlowKey, FlowKey6, Maps};
 
 /// One tracked connection.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -72,9 +73,91 @@ pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow, bool)>> {
     Ok(out)
 }
 
+/// Every entry of both IPv6 tables, raw: (key, entry, answered).
+pub fn entries6(m: &Maps) -> Result<Vec<(FlowKey6, Flow6, bool)>> {
+    let read = |map| -> Result<Vec<(FlowKey6, Flow6)>> {
+        maps::read_all(map).context("reading the IPv6 connection table")
+    };
+    let mut out: Vec<_> = read(&m.conntrack6)?
+        .into_iter()
+        .map(|(k, f)| (k, f, true))
+        .collect();
+    out.extend(read(&m.ct_new6)?.into_iter().map(|(k, f)| (k, f, false)));
+    Ok(out)
+}
+
+/// What a flow entry's `which` (see [`end_flows`]) is asked about.
+pub struct FlowIds {
+    /// Backend id.
+    pub backend: u32,
+    /// Service id.
+    pub svc: u32,
+}
+
+/// An entry of either family's tables: its key (source, destination,
+/// protocol) and what it rewrites a packet to.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+    /// New source and destination.
+    to_src: SocketAddr,
+    to_dst: SocketAddr,
+    backend: u32,
+    svc: u32,
+    state: u32,
+    dir: u8,
+    created: u64,
+    seen: u64,
+    /// In conntrack(6), not ct_new(6).
+    answered: bool,
+}
+
+fn all_entries(m: &Maps) -> Result<Vec<Entry>> {
+    let sa = maps::sockaddr_from_be;
+    let sa6 = maps::sockaddr6_from_be;
+    let mut out: Vec<Entry> = entries(m)?
+        .into_iter()
+        .map(|(k, f, answered)| Entry {
+            src: sa(k.saddr, k.sport),
+            dst: sa(k.daddr, k.dport),
+            proto: k.proto,
+            to_src: sa(f.saddr, f.sport),
+            to_dst: sa(f.daddr, f.dport),
+            backend: f.backend,
+            svc: f.svc,
+            state: f.state,
+            dir: f.dir,
+            created: f.created,
+            seen: f.seen,
+            answered,
+        })
+        .collect();
+    out.extend(entries6(m)?.into_iter().map(|(k, f, answered)| Entry {
+        src: sa6(&k.saddr, k.sport),
+        dst: sa6(&k.daddr, k.dport),
+        proto: k.proto,
+        to_src: sa6(&f.saddr, f.sport),
+        to_dst: sa6(&f.daddr, f.dport),
+        backend: f.backend,
+        svc: f.svc,
+        state: f.state,
+        dir: f.dir,
+        created: f.created,
+        seen: f.seen,
+        answered,
+    }));
+    Ok(out)
+}
+
 /// Whether owner `o` is past its timeout (as the datapath judges it).
 pub fn expired(o: &Flow, proto: u8, answered: bool, t: &Timeouts, now: u64) -> bool {
-    let timeout = if o.state & maps::CT_CLOSING != 0 {
+    expired_at(o.state, o.seen, proto, answered, t, now)
+}
+
+fn expired_at(state: u32, seen: u64, proto: u8, answered: bool, t: &Timeouts, now: u64) -> bool {
+    let timeout = if state & maps::CT_CLOSING != 0 {
         t.fin
     } else if proto == 17 {
         t.udp
@@ -83,7 +166,7 @@ pub fn expired(o: &Flow, proto: u8, answered: bool, t: &Timeouts, now: u64) -> b
     } else {
         t.syn
     };
-    now.saturating_sub(o.seen) > u64::from(timeout)
+    now.saturating_sub(seen) > u64::from(timeout)
 }
 
 /// The key of the owner of client entry `f`.
@@ -98,28 +181,22 @@ pub fn owner_key(f: &Flow, proto: u8) -> FlowKey {
     }
 }
 
-/// Whether owner `o` points back at the client entry keyed `k`.
-fn owner_of(o: &Flow, k: &FlowKey) -> bool {
-    o.daddr == k.saddr && o.dport == k.sport && o.saddr == k.daddr && o.sport == k.dport
-}
-
-const KEY: usize = std::mem::size_of::<FlowKey>();
-
-/// Client entries with their owners: the live connections' halves.
-fn connections(m: &Maps) -> Result<Vec<(FlowKey, Flow, Flow, bool)>> {
-    let all = entries(m)?;
-    let key = |k: &FlowKey| -> [u8; KEY] { maps::bytes(k).try_into().expect("flow key size") };
-    let owners: HashMap<([u8; KEY], bool), Flow> = all
+/// Client entries with their owners: the live connections' halves
+/// (client entry, owner).
+fn connections(m: &Maps) -> Result<Vec<(Entry, Entry)>> {
+    let all = all_entries(m)?;
+    let owners: HashMap<(SocketAddr, SocketAddr, u8, bool), Entry> = all
         .iter()
-        .filter(|(_, f, _)| f.dir == maps::DIR_TO_CLIENT)
-        .map(|(k, f, a)| ((key(k), *a), *f))
+        .filter(|e| e.dir == maps::DIR_TO_CLIENT)
+        .map(|e| ((e.src, e.dst, e.proto, e.answered), *e))
         .collect();
     Ok(all
         .into_iter()
-        .filter(|(_, f, _)| f.dir == maps::DIR_TO_BACKEND)
-        .filter_map(|(k, f, a)| {
-            let o = owners.get(&(key(&owner_key(&f, k.proto)), a))?;
-            (owner_of(o, &k) && o.state & maps::CT_RECLAIMED == 0).then_some((k, f, *o, a))
+        .filter(|e| e.dir == maps::DIR_TO_BACKEND)
+        .filter_map(|c| {
+            let o = owners.get(&(c.to_dst, c.to_src, c.proto, c.answered))?;
+            let points_back = o.to_dst == c.src && o.to_src == c.dst;
+            (points_back && o.state & maps::CT_RECLAIMED == 0).then_some((c, *o))
         })
         .collect())
 }
@@ -128,16 +205,16 @@ fn connections(m: &Maps) -> Result<Vec<(FlowKey, Flow, Flow, bool)>> {
 pub fn list(m: &Maps) -> Result<Vec<Conn>> {
     let s = m.timeouts()?;
     let now = crate::clock::now()?;
-    let sa = maps::sockaddr_from_be;
     let mut out: Vec<Conn> = connections(m)?
         .into_iter()
-        .map(|(k, f, o, answered)| Conn {
-            proto: proto_name(k.proto),
-            client: sa(k.saddr, k.sport),
-            vip: sa(k.daddr, k.dport),
-            backend: sa(f.daddr, f.dport),
-            nat: sa(f.saddr, f.sport),
-            state: if expired(&o, k.proto, answered, &s, now) {
+        .map(|(c, o)| (c, o, c.answered))
+        .map(|(c, o, answered)| Conn {
+            proto: proto_name(c.proto),
+            client: c.src,
+            vip: c.dst,
+            backend: c.to_dst,
+            nat: c.to_src,
+            state: if expired_at(o.state, o.seen, c.proto, answered, &s, now) {
                 "expired"
             } else if o.state & maps::CT_CLOSING != 0 {
                 "closing"
@@ -152,8 +229,8 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
             },
             age_s: secs(now.saturating_sub(o.created), &s),
             idle_s: secs(now.saturating_sub(o.seen), &s),
-            backend_id: f.backend,
-            svc_id: f.svc,
+            backend_id: c.backend,
+            svc_id: c.svc,
         })
         .collect();
     out.sort_by_key(|c| std::cmp::Reverse(c.age_s));
@@ -162,11 +239,18 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
 
 /// Deletes both entries of every connection `which` selects (by either
 /// entry); returns how many entries went.
-pub fn end_flows(m: &Maps, which: impl Fn(&Flow) -> bool) -> Result<usize> {
+pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
     let mut n = 0;
+    let ids = |backend, svc| FlowIds { backend, svc };
     for (k, f, answered) in entries(m)? {
         let map = if answered { &m.conntrack } else { &m.ct_new };
-        if which(&f) && map.delete(maps::bytes(&k)).is_ok() {
+        if which(&ids(f.backend, f.svc)) && map.delete(maps::bytes(&k)).is_ok() {
+            n += 1;
+        }
+    }
+    for (k, f, answered) in entries6(m)? {
+        let map = if answered { &m.conntrack6 } else { &m.ct_new6 };
+        if which(&ids(f.backend, f.svc)) && map.delete(maps::bytes(&k)).is_ok() {
             n += 1;
         }
     }
@@ -178,8 +262,10 @@ pub fn active_per_backend(m: &Maps) -> Result<HashMap<u32, u64>> {
     let s = m.timeouts()?;
     let now = crate::clock::now()?;
     let mut out = HashMap::new();
-    for (k, _, o, answered) in connections(m)? {
-        if o.state & maps::CT_CLOSING == 0 && !expired(&o, k.proto, answered, &s, now) {
+    for (c, o) in connections(m)? {
+        if o.state & maps::CT_CLOSING == 0
+            && !expired_at(o.state, o.seen, c.proto, c.answered, &s, now)
+        {
             *out.entry(o.backend).or_insert(0) += 1;
         }
     }

@@ -76,6 +76,16 @@ pub fn load<'obj>(
         .ct_new
         .set_max_entries(settings.max_half_open * 2)
         .context("sizing the half-open table")?;
+    // IPv6 connections take more memory each (40-byte keys): their tables
+    // hold a quarter of the IPv4 ones' connections.
+    open.maps
+        .conntrack6
+        .set_max_entries((settings.max_flows / 4).max(1024) * 2)
+        .context("sizing the IPv6 connection table")?;
+    open.maps
+        .ct_new6
+        .set_max_entries((settings.max_half_open / 4).max(1024) * 2)
+        .context("sizing the IPv6 half-open table")?;
     open.maps
         .dsr_flows
         // A cache: an evicted flow falls back to the Maglev choice, the

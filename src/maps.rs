@@ -1,11 +1,12 @@
 //! Typed access to an instance's pinned maps. The structs are the ones the
 //! skeleton generates from the C program's BTF (bpf/lb.h), and so are the
 //! constants shared with it (the enums of bpf/lb.h). The model's addresses
-//! (`IpAddr`, `SocketAddr`) become the maps' `__be32`/`__be16` here and
-//! nowhere else; the datapath has no IPv6 yet, and an IPv6 address is
-//! refused here as a last guard (the model's checks refuse it first).
+//! (`IpAddr`, `SocketAddr`) become the maps' network-order fields here and
+//! nowhere else. IPv4 and IPv6 services, and connections, have maps of
+//! their own (`services`/`services6`, `conntrack`/`conntrack6`, ...);
+//! backends and Maglev tables are shared.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
@@ -21,6 +22,7 @@ use crate::skel::lb::types::{self, backend_flags, flow_dir, flow_state, lb_limit
 pub use types::{
     backend as BackendEntry, flow as Flow, flow_key as FlowKey, lb_nexthop as NextHop,
 };
+pub use types::{flow6 as Flow6, flow6_key as FlowKey6, lb_in6 as In6, svc6_key as Svc6Key};
 pub use types::{svc_key as SvcKey, svc_value as SvcValue};
 
 // SAFETY: plain old data generated from the program's BTF.
@@ -30,6 +32,9 @@ unsafe impl plain::Plain for types::backend {}
 unsafe impl plain::Plain for types::flow_key {}
 unsafe impl plain::Plain for types::flow {}
 unsafe impl plain::Plain for types::rodata {}
+unsafe impl plain::Plain for types::svc6_key {}
+unsafe impl plain::Plain for types::flow6_key {}
+unsafe impl plain::Plain for types::flow6 {}
 
 // The constants shared with the datapath: the enums of bpf/lb.h, from the
 // skeleton's generated types.
@@ -134,10 +139,13 @@ pub const PINNED: &[&str] = &[
     "be_stats",
     "be_hs",
     "services",
+    "services6",
     "backends",
     "maglev",
     "conntrack",
     "ct_new",
+    "conntrack6",
+    "ct_new6",
     "nat_cursor",
     "tx_ports",
     "nexthops",
@@ -171,13 +179,31 @@ pub fn ip_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
-/// An address as the datapath stores it ([`ip_to_be`]); an IPv6 address,
-/// which it cannot store yet, is an error naming it.
+/// An IPv4 address as the datapath stores it ([`ip_to_be`]); an IPv6
+/// address where only IPv4 fits (SNAT pool) is an error naming it.
 pub fn be32_of(ip: IpAddr) -> Result<u32> {
     match ip {
         IpAddr::V4(v4) => Ok(ip_to_be(v4)),
-        IpAddr::V6(_) => bail!("{ip}: the datapath has no IPv6 yet"),
+        IpAddr::V6(_) => bail!("{ip}: only IPv4 fits here"),
     }
+}
+
+/// An IPv6 address as the datapath stores it (four network-order words).
+pub fn in6_to_be(ip: Ipv6Addr) -> In6 {
+    let o = ip.octets();
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    In6 {
+        w: [w(0), w(4), w(8), w(12)],
+    }
+}
+
+/// The inverse of [`in6_to_be`].
+pub fn in6_from_be(a: &In6) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in a.w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
 }
 
 /// An address and port as the datapath stores them (network order).
@@ -185,13 +211,34 @@ pub fn sockaddr_from_be(ip: u32, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip_from_be(ip)), u16::from_be(port))
 }
 
-/// The key of a service in the services map.
+/// The same for IPv6.
+pub fn sockaddr6_from_be(ip: &In6, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(in6_from_be(ip)), u16::from_be(port))
+}
+
+/// The key of an IPv4 service in the services map.
 pub fn svc_key(svc: &Service) -> Result<SvcKey> {
     Ok(SvcKey {
         vip: be32_of(svc.vip)?,
         port: svc.port.to_be(),
         proto: svc.proto.number(),
         pad: 0,
+    })
+}
+
+/// The services map of `svc`'s family, and `svc`'s key in it.
+pub fn svc_map_key<'a>(m: &'a Maps, svc: &Service) -> Result<(&'a MapHandle, Vec<u8>)> {
+    Ok(match svc.vip {
+        IpAddr::V4(_) => (&m.services, bytes(&svc_key(svc)?).to_vec()),
+        IpAddr::V6(v6) => {
+            let k = Svc6Key {
+                vip: in6_to_be(v6),
+                port: svc.port.to_be(),
+                proto: svc.proto.number(),
+                pad: 0,
+            };
+            (&m.services6, bytes(&k).to_vec())
+        }
     })
 }
 
@@ -204,22 +251,41 @@ pub fn service_of_key(k: &SvcKey) -> Option<Service> {
     ))
 }
 
-/// The entry of a used backend in the backends map.
+/// The same for the services6 map.
+pub fn service_of_key6(k: &Svc6Key) -> Option<Service> {
+    Some(Service::new(
+        sockaddr6_from_be(&k.vip, k.port),
+        Proto::from_number(k.proto)?,
+    ))
+}
+
+/// The entry of a used backend in the backends map (the address in `ip`
+/// or `ip6`, by family).
 pub fn backend_entry(b: &Backend) -> Result<BackendEntry> {
+    let (ip, ip6) = match b.addr.ip() {
+        IpAddr::V4(v4) => (ip_to_be(v4), In6::default()),
+        IpAddr::V6(v6) => (0, in6_to_be(v6)),
+    };
     Ok(BackendEntry {
-        ip: be32_of(b.addr.ip())?,
+        ip,
         port: b.addr.port().to_be(),
         flags: BACKEND_USED,
         svc: b.svc_id,
         weight: b.weight,
+        ip6,
     })
 }
 
 /// The backend of entry `id` of the backends map, if the entry is used.
 pub fn backend_of(id: u32, e: &BackendEntry) -> Option<Backend> {
+    let v6 = e.ip6.w != [0; 4];
     (e.flags & BACKEND_USED != 0).then(|| Backend {
         id,
-        addr: sockaddr_from_be(e.ip, e.port),
+        addr: if v6 {
+            sockaddr6_from_be(&e.ip6, e.port)
+        } else {
+            sockaddr_from_be(e.ip, e.port)
+        },
         weight: e.weight,
         svc_id: e.svc,
     })
@@ -523,6 +589,8 @@ pub struct Maps {
     pub be_hs: MapHandle,
     /// VIP:port/proto -> service id.
     pub services: MapHandle,
+    /// The same for IPv6 services.
+    pub services6: MapHandle,
     /// Backend id -> backend.
     pub backends: MapHandle,
     /// Service id -> Maglev table.
@@ -531,6 +599,10 @@ pub struct Maps {
     pub conntrack: MapHandle,
     /// Half-open connections.
     pub ct_new: MapHandle,
+    /// The connection table of IPv6.
+    pub conntrack6: MapHandle,
+    /// Half-open IPv6 connections.
+    pub ct_new6: MapHandle,
     /// Interfaces for XDP_REDIRECT.
     pub tx_ports: MapHandle,
     /// Next hops cached per backend id.
@@ -559,10 +631,13 @@ impl Maps {
             be_stats: open(&pins.map("be_stats"))?,
             be_hs: open(&pins.map("be_hs"))?,
             services: open(&pins.map("services"))?,
+            services6: open(&pins.map("services6"))?,
             backends: open(&pins.map("backends"))?,
             maglev: open(&pins.map("maglev"))?,
             conntrack: open(&pins.map("conntrack"))?,
             ct_new: open(&pins.map("ct_new"))?,
+            conntrack6: open(&pins.map("conntrack6"))?,
+            ct_new6: open(&pins.map("ct_new6"))?,
             tx_ports: open(&pins.map("tx_ports"))?,
             nexthops: open(&pins.map("nexthops"))?,
             dsr_services: open(&pins.map("dsr_services"))?,

@@ -278,12 +278,20 @@ fn family(ip: IpAddr) -> &'static str {
     }
 }
 
-/// Checks that the datapath can serve `svc`: a unicast VIP, IPv4 (the
-/// datapath has no IPv6 yet).
+/// Checks that the datapath can serve `svc`: a unicast VIP, of either
+/// family.
 pub fn check_service(svc: &Service) -> Result<()> {
-    check_unicast(svc.vip)?;
-    if svc.vip.is_ipv6() {
-        bail!("IPv6 services are not supported yet: {}", svc.addr());
+    check_unicast(svc.vip)
+}
+
+/// Checks that the datapath can serve `svc` the way `conf` says: the
+/// forwarding modes other than full NAT are IPv4 only for now.
+pub fn check_conf(svc: &Service, conf: &SvcConf) -> Result<()> {
+    if svc.vip.is_ipv6() && conf.mode != FwdMode::Nat {
+        bail!(
+            "service {svc}: mode {} is IPv4 only for now (IPv6 services use nat)",
+            format!("{:?}", conf.mode).to_lowercase()
+        );
     }
     Ok(())
 }
@@ -298,9 +306,6 @@ pub fn check_backend(svc: &Service, addr: SocketAddr) -> Result<()> {
             family(addr.ip()),
             family(svc.vip)
         );
-    }
-    if addr.is_ipv6() {
-        bail!("IPv6 backends are not supported yet: {addr}");
     }
     Ok(())
 }
@@ -379,12 +384,19 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_and_mixed_families_are_refused_by_name() {
+    fn mixed_families_are_refused_by_name() {
         assert!(check_service(&svc("10.0.0.1:80")).is_ok());
+        assert!(check_service(&svc("[fd00::1]:80")).is_ok());
+        assert!(check_backend(&svc("[fd00::1]:80"), "[fd00::2]:80".parse().unwrap()).is_ok());
+        let dsr = SvcConf {
+            mode: FwdMode::Dsr,
+            ..Default::default()
+        };
         assert_eq!(
-            err(check_service(&svc("[fd00::1]:80"))),
-            "IPv6 services are not supported yet: [fd00::1]:80"
+            err(check_conf(&svc("[fd00::1]:80"), &dsr)),
+            "service [fd00::1]:80/tcp: mode dsr is IPv4 only for now (IPv6 services use nat)"
         );
+        assert!(check_conf(&svc("10.0.0.1:80"), &dsr).is_ok());
         assert_eq!(
             err(check_service(&svc("[ff02::1]:80"))),
             "ff02::1 is not a unicast address"

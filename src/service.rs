@@ -11,7 +11,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
 use crate::conntrack;
 use crate::maglev;
-use crate::maps::{self, bytes, from_bytes, BackendEntry, Maps, SvcKey, SvcValue};
+use crate::maps::{self, bytes, from_bytes, BackendEntry, Maps, Svc6Key, SvcKey, SvcValue};
 use crate::reconcile::{self, Edit};
 
 pub use crate::model::{
@@ -42,10 +42,16 @@ pub fn list(m: &Maps) -> Result<Vec<ServiceInfo>> {
 /// Every service with its backends among `bes`, sorted.
 pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>> {
     let mut out = Vec::new();
-    let all: Vec<(SvcKey, SvcValue)> = maps::read_all(&m.services).context("reading services")?;
-    for (key, v) in all {
+    let v4: Vec<(SvcKey, SvcValue)> = maps::read_all(&m.services).context("reading services")?;
+    let v6: Vec<(Svc6Key, SvcValue)> =
+        maps::read_all(&m.services6).context("reading IPv6 services")?;
+    let all = v4
+        .iter()
+        .map(|(k, v)| (maps::service_of_key(k), v))
+        .chain(v6.iter().map(|(k, v)| (maps::service_of_key6(k), v)));
+    for (service, v) in all {
         let id = v.id;
-        let Some(service) = maps::service_of_key(&key) else {
+        let Some(service) = service else {
             continue;
         };
         let mut b: Vec<Backend> = bes.iter().filter(|b| b.svc_id == id).cloned().collect();
@@ -53,7 +59,7 @@ pub(crate) fn services_of(m: &Maps, bes: &[Backend]) -> Result<Vec<ServiceInfo>>
         out.push(ServiceInfo {
             service,
             id,
-            conf: maps::svc_conf(&v),
+            conf: maps::svc_conf(v),
             backends: b,
         });
     }
@@ -139,10 +145,8 @@ pub(crate) fn create_service(
         id,
         flags: maps::svc_flags(conf),
     };
-    if let Err(e) = m
-        .services
-        .update(bytes(&maps::svc_key(svc)?), bytes(&v), MapFlags::NO_EXIST)
-    {
+    let (map, key) = maps::svc_map_key(m, svc)?;
+    if let Err(e) = map.update(&key, bytes(&v), MapFlags::NO_EXIST) {
         let _ = m.maglev.delete(&id.to_ne_bytes());
         return Err(e).with_context(|| format!("adding service {svc}"));
     }
@@ -151,8 +155,8 @@ pub(crate) fn create_service(
 
 /// Removes service `id`, its backends `backend_ids` and their flows.
 pub(crate) fn remove_service(m: &Maps, svc: &Service, id: u32, backend_ids: &[u32]) -> Result<()> {
-    m.services
-        .delete(bytes(&maps::svc_key(svc)?))
+    let (map, key) = maps::svc_map_key(m, svc)?;
+    map.delete(&key)
         .with_context(|| format!("removing service {svc}"))?;
     let _ = m.maglev.delete(&id.to_ne_bytes());
     for b in backend_ids {

@@ -267,7 +267,7 @@ mod tests {
         "to_backend",
         "to_client",
         "new_flow",
-        "pass_not_ipv4",
+        "pass_not_ip",
         "pass_not_l4",
         "pass_not_ours",
         "pass_malformed",

@@ -82,19 +82,23 @@ fn inconsistent_configuration_is_refused() {
             attach_args(&ns.name, pins.arg(), &[A_IP, LB_IP], &[]),
             vec![LB_IP, "also the LB"],
         ),
-        // IPv6 parses, and is refused by name: the datapath has none yet.
+        // A service and its backends are of one family.
         (
             attach_args(&ns.name, pins.arg(), &[A_IP, "fd00::11"], &[]),
             vec!["backend [fd00::11]:0 is IPv6", LB_IP, "one family"],
         ),
         (
             {
-                let mut a = attach_args(&ns.name, pins.arg(), &["fd00::11"], &[]);
+                let mut a = attach_args(&ns.name, pins.arg(), &[A_IP], &[]);
                 let i = a.iter().position(|x| x == "--lb").unwrap();
                 a[i + 1] = "fd00::2".into();
                 a
             },
-            vec!["IPv6 services are not supported yet: [fd00::2]:0"],
+            vec![
+                "backend",
+                "is IPv4, service [fd00::2]:0/tcp is IPv6",
+                "one family",
+            ],
         ),
         (
             {
@@ -420,14 +424,14 @@ fn service_errors_change_nothing() {
             vec!["'rr'", "--scheduler", "possible values: maglev"],
         ),
         (
-            vec!["service", "add", "[fd00::2]:80"],
+            vec!["service", "add", "[fd00::2]:80", "--mode", "dsr"],
             1,
-            vec!["IPv6 services are not supported yet: [fd00::2]:80"],
+            vec!["service [fd00::2]:80/tcp: mode dsr is IPv4 only for now"],
         ),
         (
-            vec!["backend", "add", "[fd00::2]:80", "[fd00::11]:80"],
+            vec!["backend", "add", "[fd00::2]:80", "10.200.0.11:80"],
             1,
-            vec!["IPv6 services are not supported yet: [fd00::2]:80"],
+            vec!["backend 10.200.0.11:80 is IPv4, service [fd00::2]:80/tcp is IPv6"],
         ),
         (
             vec!["backend", "add", "10.200.0.2:80", "[fd00::11]:80"],

@@ -157,11 +157,12 @@ fn validation_messages() {
             format!("{BASE}port = 81\n"),
             "f.toml:7:1: duplicate key",
         ),
-        // IPv6 parses, and is refused by name (the datapath has none yet),
+        // An IPv6 service in a mode that is IPv4 only is refused by name,
         // as is a service with backends of the other family.
         (
-            BASE.replace("\"10.200.0.2\"", "\"fd00::2\""),
-            "f.toml:5:7: services.vip: IPv6 services are not supported yet: [fd00::2]:80",
+            BASE.replace("\"10.200.0.2\"", "\"fd00::2\"")
+                .replace("port = 80\n", "port = 80\nmode = \"dsr\"\n"),
+            "f.toml:7:8: services.mode: service [fd00::2]:80/tcp: mode dsr is IPv4 only for now (IPv6 services use nat)",
         ),
         (
             format!("{BASE}[[services.backends]]\naddr = \"10.200.0.11:80\"\n[[services.backends]]\naddr = \"[fd00::11]:80\"\n"),
@@ -497,8 +498,8 @@ fn apply_end_to_end() {
             "bad7.toml:17:8: services.backends.addr: backend [fd00::11]:80 is IPv6, service 10.200.0.2:80/tcp is IPv4: a service and its backends must be of one family",
         ),
         (
-            file(&[(a, 1)], "\n[[services]]\nvip = \"fd00::2\"\nport = 80\n"),
-            "bad8.toml:17:7: services.vip: IPv6 services are not supported yet: [fd00::2]:80",
+            file(&[(a, 1)], "\n[[services]]\nvip = \"fd00::2\"\nport = 80\nmode = \"dsr\"\n"),
+            "bad8.toml:19:8: services.mode: service [fd00::2]:80/tcp: mode dsr is IPv4 only for now (IPv6 services use nat)",
         ),
         (
             file(&[(a, 1)], "").replace("port = 80\n", "port = 80\nmode = \"ipip\"\n"),

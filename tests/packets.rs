@@ -1446,12 +1446,12 @@ fn fragment(name: &'static str, seg: Seg) -> PassFixture {
 fn pass_fixtures() -> Vec<PassFixture> {
     vec![
         // --- not IPv4 ----------------------------------------------------
-        pass("ARP request for the VIP", arp_request(), "pass_not_ipv4"),
-        pass("IPv6 TCP SYN", ipv6_syn(), "pass_not_ipv4"),
+        pass("ARP request for the VIP", arp_request(), "pass_not_ip"),
+        pass("IPv6 TCP SYN to no service", ipv6_syn(), "pass_not_ours"),
         pass(
             "VLAN-tagged client SYN to the VIP",
             vlan_syn(),
-            "pass_not_ipv4",
+            "pass_not_ip",
         ),
         // --- not TCP or UDP ----------------------------------------------
         pass("ICMP echo to the VIP", icmp_echo(), "pass_not_l4"),

@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/*
+ * One pass of the family-generic pipeline (see fam.h): lb.bpf.c includes
+ * this file once per address family. The headers below compile what does
+ * not depend on the family once (their *_ONCE blocks) and the rest once per
+ * pass; the IPv4-only parts (direct server return, fragments, ICMP errors)
+ * come with the IPv4 pass, using its functions. No include guard, on
+ * purpose.
+ */
+#include "fam.h"
+#include "ctstate.h"
+#include "select.h"
+#include "route.h"
+#include "nat.h"
+#include "natport.h"
+#include "conntrack.h"
+#if !LB_V6
+#include "dsr.h"
+#include "frag.h"
+#include "icmp.h"
+#endif
+#include "flow.h"

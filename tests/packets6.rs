@@ -1,0 +1,601 @@
+//! Packet fixtures for IPv6 full NAT: the XDP program run through
+//! BPF_PROG_TEST_RUN on frames built with etherparse, in a namespace whose
+//! FIB and neighbour table (fd00:200::/64 on eth0) `bpf_fib_lookup`
+//! consults. Every output frame is checked field by field against the
+//! connection the table lists, and its TCP/UDP checksum is verified by the
+//! RFC 1071 code below (IPv6 pseudo-header), not by etherparse. Counters:
+//! exactly the named ones move.
+
+mod common;
+
+use std::mem::MaybeUninit;
+use std::net::{Ipv6Addr, SocketAddr};
+
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use libbpf_rs::{OpenObject, ProgramInput};
+
+use lb::conntrack;
+use lb::maps::Maps;
+use lb::netns::NetnsGuard;
+use lb::service::{self, Proto, Service};
+use lb::settings::Settings;
+use lb::skel::lb::LbSkel;
+use lb::stats;
+
+use common::Netns;
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const LB: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x2);
+const VIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x100);
+const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
+const BACKEND_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x11);
+const BACKEND_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x12);
+
+const ETH0_MAC: [u8; 6] = [0x02, 0x4c, 0x42, 0x00, 0xe0, 0x01];
+
+fn mac_of(ip: Ipv6Addr) -> [u8; 6] {
+    [0x02, 0x66, 0, 0, 0, ip.octets()[15]]
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A namespace with eth0 (peer eth1) = fd00:200::2/64, IPv6 forwarding on
+/// (bpf_fib_lookup needs it), and permanent neighbours for the client and
+/// both backends.
+struct Lab {
+    ns: Netns,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let ns = Netns::new("lbp6");
+        ns.ip(&[
+            "link",
+            "add",
+            "name",
+            "eth0",
+            "address",
+            &mac_str(&ETH0_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+        ]);
+        for dev in ["lo", "eth1", "eth0"] {
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:200::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        for ip in [CLIENT, BACKEND_A, BACKEND_B] {
+            ns.ip(&[
+                "-6",
+                "neigh",
+                "add",
+                &ip.to_string(),
+                "lladdr",
+                &mac_str(&mac_of(ip)),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ]);
+        }
+        Self { ns }
+    }
+}
+
+struct Lb<'obj> {
+    skel: LbSkel<'obj>,
+    m: Maps,
+    ifindex: u32,
+    _pins: common::PinDir,
+    _guard: NetnsGuard,
+}
+
+impl<'obj> Lb<'obj> {
+    fn new(lab: &Lab, skb_mode: bool, storage: &'obj mut MaybeUninit<OpenObject>) -> Self {
+        let guard = NetnsGuard::enter(&lab.ns.name).expect("entering the test namespace");
+        let ifindex = lb::net::ifindex("eth0").expect("eth0");
+        let pins = common::PinDir::new("lbp6");
+        std::fs::create_dir(&pins.path).expect("creating the pin directory");
+        let bp = lb::bpffs::PinDir::new(&pins.path);
+        let settings = Settings {
+            max_flows: 4096,
+            max_half_open: 4096,
+            ..Default::default()
+        };
+        let mut skel =
+            lb::loader::load(&settings, skb_mode, None, storage).expect("loading the program");
+        lb::loader::pin_maps(&mut skel, &bp).expect("pinning the maps");
+        let m = Maps::open(&bp).expect("opening the maps");
+        Self {
+            skel,
+            m,
+            ifindex,
+            _pins: pins,
+            _guard: guard,
+        }
+    }
+
+    fn service(&self, port: u16, proto: Proto, backends: &[Ipv6Addr]) -> Service {
+        let svc = Service::new(SocketAddr::new(VIP.into(), port), proto);
+        service::service_add(&self.m, &svc).expect("adding a service");
+        for b in backends {
+            service::backend_add(&self.m, &svc, SocketAddr::new((*b).into(), port), 1)
+                .expect("adding a backend");
+        }
+        svc
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let md: [u32; 6] = [0, frame.len() as u32, 0, self.ifindex, 0, 0];
+        let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let input = ProgramInput {
+            context_in: Some(&mut ctx),
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
+        let (verdict, len) = {
+            let res = self.skel.progs.lb_xdp.test_run(input).expect("test_run");
+            (res.return_value, res.data.as_ref().map_or(0, |d| d.len()))
+        };
+        out.truncate(len);
+        (verdict, out)
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        stats::read(&self.m.stats)
+            .expect("reading counters")
+            .iter()
+            .map(|c| c.packets)
+            .collect()
+    }
+
+    /// Runs `frame`, checks that exactly the counters `moved` moved (by
+    /// one each), and returns the verdict and output.
+    fn step(&self, what: &str, frame: &[u8], moved: &[&str]) -> (u32, Vec<u8>) {
+        let before = self.counters();
+        let r = self.run(frame);
+        let after = self.counters();
+        for (i, name) in stats::NAMES.iter().enumerate() {
+            let want = u64::from(moved.contains(name));
+            assert_eq!(
+                after[i] - before[i],
+                want,
+                "{what}: counter {name} moved by {}, expected {want}",
+                after[i] - before[i]
+            );
+        }
+        r
+    }
+
+    /// The one connection listed.
+    fn conn(&self) -> conntrack::Conn {
+        let mut c = conntrack::list(&self.m).expect("listing connections");
+        assert_eq!(c.len(), 1, "one connection: {c:?}");
+        c.remove(0)
+    }
+}
+
+// Independent checksums (RFC 1071, RFC 8200 8.1), not etherparse's.
+
+fn sum16(data: &[u8]) -> u64 {
+    data.chunks(2)
+        .map(|c| u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut s: u64) -> u16 {
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// Whether the TCP/UDP segment `seg` (upper-layer protocol `proto`) from
+/// `src` to `dst` has a valid checksum.
+fn l4_valid(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, seg: &[u8]) -> bool {
+    let s = sum16(&src.octets())
+        + sum16(&dst.octets())
+        + (seg.len() as u64 >> 16)
+        + (seg.len() as u64 & 0xffff)
+        + u64::from(proto)
+        + sum16(seg);
+    fold(s) == 0xffff
+}
+
+/// The parts of an IPv6 TCP/UDP frame a fixture checks.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: SocketAddr,
+    dst: SocketAddr,
+    hop_limit: u8,
+    payload: Vec<u8>,
+}
+
+/// Parses `frame` and verifies its L4 checksum independently (after any
+/// extension headers).
+fn seen(frame: &[u8]) -> Seen {
+    let p = SlicedPacket::from_ethernet(frame).expect("an Ethernet frame");
+    let Some(etherparse::NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("not IPv6: {frame:02x?}");
+    };
+    let h = ip.header();
+    let (src, dst) = (h.source_addr(), h.destination_addr());
+    let (sport, dport, proto, seg, payload) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => (
+            t.source_port(),
+            t.destination_port(),
+            6,
+            t.slice(),
+            t.payload(),
+        ),
+        Some(TransportSlice::Udp(u)) => (
+            u.source_port(),
+            u.destination_port(),
+            17,
+            u.slice(),
+            u.payload(),
+        ),
+        other => panic!("not TCP or UDP: {other:?}"),
+    };
+    assert!(
+        l4_valid(src, dst, proto, seg),
+        "bad L4 checksum in {frame:02x?}"
+    );
+    Seen {
+        smac: frame[6..12].try_into().unwrap(),
+        dmac: frame[0..6].try_into().unwrap(),
+        src: SocketAddr::new(src.into(), sport),
+        dst: SocketAddr::new(dst.into(), dport),
+        hop_limit: h.hop_limit(),
+        payload: payload.to_vec(),
+    }
+}
+
+fn sa(ip: Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// A TCP segment with `flags` set by `f`.
+fn tcp(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: SocketAddr,
+    dst: SocketAddr,
+    f: impl FnOnce(
+        etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (SocketAddr::V6(s), SocketAddr::V6(d)) = (src, dst) else {
+        panic!("IPv6 only")
+    };
+    let b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv6(s.ip().octets(), d.ip().octets(), 64)
+        .tcp(s.port(), d.port(), 1000, 64240);
+    let mut out = Vec::new();
+    f(b).write(&mut out, payload).expect("building a frame");
+    out
+}
+
+fn udp(smac: [u8; 6], dmac: [u8; 6], src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let (SocketAddr::V6(s), SocketAddr::V6(d)) = (src, dst) else {
+        panic!("IPv6 only")
+    };
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv6(s.ip().octets(), d.ip().octets(), 64)
+        .udp(s.port(), d.port())
+        .write(&mut out, payload)
+        .expect("building a frame");
+    out
+}
+
+/// `frame` (IPv6) with extension headers `ext` (each: next-header type,
+/// bytes) put in front of its upper-layer header.
+fn with_ext(frame: &[u8], ext: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let (eth, rest) = frame.split_at(14);
+    let (ip, upper) = rest.split_at(40);
+    let mut ip = ip.to_vec();
+    let mut chain = Vec::new();
+    let mut next = ip[6];
+    for (ty, bytes) in ext.iter().rev() {
+        let mut h = bytes.clone();
+        h[0] = next;
+        next = *ty;
+        chain.splice(0..0, h);
+    }
+    ip[6] = next;
+    let plen = (chain.len() + upper.len()) as u16;
+    ip[4..6].copy_from_slice(&plen.to_be_bytes());
+    [eth, &ip, &chain, upper].concat()
+}
+
+/// An 8-byte options header (hop-by-hop or destination options): PadN.
+fn opts8() -> Vec<u8> {
+    vec![0, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A type-4-like routing header of 8 bytes with `left` segments left.
+fn routing8(left: u8) -> Vec<u8> {
+    vec![0, 0, 4, left, 0, 0, 0, 0]
+}
+
+/// A fragment header: offset 0, more fragments.
+fn frag8() -> Vec<u8> {
+    vec![0, 0, 0, 1, 0, 0, 0, 7]
+}
+
+#[test]
+fn tcp_connection_both_ways() {
+    if !common::root_or_skip("tcp_connection_both_ways") {
+        return;
+    }
+    let lab = Lab::new();
+    for skb in [false, true] {
+        let mut st = MaybeUninit::uninit();
+        let lb = Lb::new(&lab, skb, &mut st);
+        lb.service(80, Proto::Tcp, &[BACKEND_A, BACKEND_B]);
+        let client = sa(CLIENT, 40000);
+        let vip = sa(VIP, 80);
+        let cmac = mac_of(CLIENT);
+
+        // SYN: a new flow, to one of the backends, from the LB's address.
+        let syn = tcp(cmac, ETH0_MAC, client, vip, |b| b.syn(), &[]);
+        let (v, out) = lb.step("SYN", &syn, &["to_backend", "new_flow"]);
+        assert_eq!(v, XDP_TX, "SYN");
+        let c = lb.conn();
+        assert_eq!((c.client, c.vip), (client, vip));
+        assert!(
+            [sa(BACKEND_A, 80), sa(BACKEND_B, 80)].contains(&c.backend),
+            "{c:?}"
+        );
+        assert_eq!(c.nat.ip(), std::net::IpAddr::V6(LB), "the LB's source");
+        assert_eq!(c.state, "half-open");
+        let std::net::IpAddr::V6(be) = c.backend.ip() else {
+            unreachable!()
+        };
+        let want = Seen {
+            smac: ETH0_MAC,
+            dmac: mac_of(be),
+            src: c.nat,
+            dst: c.backend,
+            hop_limit: 64,
+            payload: vec![],
+        };
+        assert_eq!(seen(&out), want, "SYN to the backend");
+
+        // SYN-ACK from the backend: to the client, from the VIP.
+        let bmac = mac_of(be);
+        let synack = tcp(bmac, ETH0_MAC, c.backend, c.nat, |b| b.syn().ack(1001), &[]);
+        let (v, out) = lb.step("SYN-ACK", &synack, &["to_client"]);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            seen(&out),
+            Seen {
+                smac: ETH0_MAC,
+                dmac: cmac,
+                src: vip,
+                dst: client,
+                hop_limit: 64,
+                payload: vec![],
+            },
+            "SYN-ACK to the client"
+        );
+
+        // The client's ACK with a request: confirmed, promoted.
+        let req = tcp(cmac, ETH0_MAC, client, vip, |b| b.ack(1).psh(), b"GET /");
+        let (v, out) = lb.step("request", &req, &["to_backend", "established"]);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(seen(&out).payload, b"GET /", "request");
+        assert_eq!(seen(&out).dst, c.backend);
+        assert_eq!(lb.conn().state, "open");
+
+        // The answer, then FINs both ways: closing.
+        let ans = tcp(
+            bmac,
+            ETH0_MAC,
+            c.backend,
+            c.nat,
+            |b| b.ack(6).psh(),
+            b"200 OK",
+        );
+        let (_, out) = lb.step("answer", &ans, &["to_client"]);
+        assert_eq!(seen(&out).payload, b"200 OK");
+        let fin = tcp(bmac, ETH0_MAC, c.backend, c.nat, |b| b.ack(6).fin(), &[]);
+        lb.step("backend FIN", &fin, &["to_client"]);
+        assert_eq!(lb.conn().state, "half-closed");
+        let fin = tcp(cmac, ETH0_MAC, client, vip, |b| b.ack(2).fin(), &[]);
+        let (_, out) = lb.step("client FIN", &fin, &["to_backend"]);
+        assert_eq!(seen(&out).dst, c.backend);
+        assert_eq!(lb.conn().state, "closing");
+
+        // A second connection, reset by the backend.
+        let client2 = sa(CLIENT, 40001);
+        let syn = tcp(cmac, ETH0_MAC, client2, vip, |b| b.syn(), &[]);
+        let (_, out) = lb.step("SYN 2", &syn, &["to_backend", "new_flow"]);
+        let s = seen(&out);
+        let rst = tcp(
+            mac_of(be),
+            ETH0_MAC,
+            s.dst,
+            s.src,
+            |b| b.rst().ack(1001),
+            &[],
+        );
+        let (v, out) = lb.step("backend RST", &rst, &["to_client"]);
+        assert_eq!(v, XDP_TX);
+        assert_eq!(seen(&out).dst, client2);
+    }
+}
+
+#[test]
+fn udp_and_what_passes() {
+    if !common::root_or_skip("udp_and_what_passes") {
+        return;
+    }
+    let lab = Lab::new();
+    let mut st = MaybeUninit::uninit();
+    let lb = Lb::new(&lab, false, &mut st);
+    lb.service(53, Proto::Udp, &[BACKEND_A]);
+    lb.service(80, Proto::Tcp, &[BACKEND_A]);
+    let cmac = mac_of(CLIENT);
+    let client = sa(CLIENT, 5353);
+    let vip = sa(VIP, 53);
+
+    // UDP query and answer; the checksum (mandatory in IPv6) updated.
+    let q = udp(cmac, ETH0_MAC, client, vip, b"query");
+    let (v, out) = lb.step("UDP query", &q, &["to_backend", "new_flow"]);
+    assert_eq!(v, XDP_TX);
+    let s = seen(&out);
+    assert_eq!(s.dst, sa(BACKEND_A, 53));
+    assert_eq!(s.src.ip(), std::net::IpAddr::V6(LB));
+    let a = udp(mac_of(BACKEND_A), ETH0_MAC, s.dst, s.src, b"answer");
+    let (v, out) = lb.step("UDP answer", &a, &["to_client"]);
+    assert_eq!(v, XDP_TX);
+    let back = seen(&out);
+    assert_eq!((back.src, back.dst), (vip, client));
+    assert_eq!(back.payload, b"answer");
+
+    // What passes untouched, and under which counter.
+    let mut zero_csum = udp(cmac, ETH0_MAC, sa(CLIENT, 5354), vip, b"q");
+    let n = zero_csum.len();
+    zero_csum[n - 1 - 2..n - 1].copy_from_slice(&[0, 0]); // UDP checksum
+    let syn = |dport| {
+        tcp(
+            cmac,
+            ETH0_MAC,
+            sa(CLIENT, 41000),
+            sa(VIP, dport),
+            |b| b.syn(),
+            &[],
+        )
+    };
+    let ack = tcp(
+        cmac,
+        ETH0_MAC,
+        sa(CLIENT, 41001),
+        sa(VIP, 80),
+        |b| b.ack(1),
+        &[],
+    );
+    let mut ns = Vec::new(); // neighbour solicitation for the LB's address
+    PacketBuilder::ethernet2(cmac, [0x33, 0x33, 0xff, 0, 0, 2])
+        .ipv6(
+            CLIENT.octets(),
+            "ff02::1:ff00:2".parse::<Ipv6Addr>().unwrap().octets(),
+            255,
+        )
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: 135,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        })
+        .write(&mut ns, &LB.octets())
+        .unwrap();
+    let mut arp_like = syn(80);
+    arp_like[12..14].copy_from_slice(&[0x08, 0x06]);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("UDP without a checksum", zero_csum, "pass_malformed"),
+        ("SYN to no service", syn(81), "pass_not_ours"),
+        ("ACK of no flow", ack, "pass_not_ours"),
+        ("neighbour solicitation", ns, "pass_not_l4"),
+        ("not IP", arp_like, "pass_not_ip"),
+        (
+            "routing header with segments left",
+            with_ext(&syn(80), &[(43, routing8(1))]),
+            "pass_not_l4",
+        ),
+        (
+            "fragment header",
+            with_ext(&syn(80), &[(44, frag8())]),
+            "pass_fragment",
+        ),
+        (
+            "hop-by-hop not first",
+            with_ext(&syn(80), &[(60, opts8()), (0, opts8())]),
+            "pass_malformed",
+        ),
+        (
+            "five extension headers",
+            with_ext(&syn(80), &vec![(60, opts8()); 5]),
+            "pass_not_l4",
+        ),
+    ];
+    for (what, frame, counter) in cases {
+        let (v, out) = lb.step(what, &frame, &[counter]);
+        assert_eq!(v, XDP_PASS, "{what}");
+        assert_eq!(out, frame, "{what}: passed untouched");
+    }
+    assert_eq!(
+        conntrack::list(&lb.m).unwrap().len(),
+        1,
+        "only the UDP flow"
+    );
+}
+
+#[test]
+fn extension_headers_are_skipped_and_kept() {
+    if !common::root_or_skip("extension_headers_are_skipped_and_kept") {
+        return;
+    }
+    let lab = Lab::new();
+    let mut st = MaybeUninit::uninit();
+    let lb = Lb::new(&lab, false, &mut st);
+    lb.service(80, Proto::Tcp, &[BACKEND_A]);
+    let cmac = mac_of(CLIENT);
+    let ext = vec![(0, opts8()), (43, routing8(0)), (60, opts8())];
+    let syn = tcp(
+        cmac,
+        ETH0_MAC,
+        sa(CLIENT, 42000),
+        sa(VIP, 80),
+        |b| b.syn(),
+        &[],
+    );
+    let frame = with_ext(&syn, &ext);
+    let (v, out) = lb.step(
+        "SYN with 3 extension headers",
+        &frame,
+        &["to_backend", "new_flow"],
+    );
+    assert_eq!(v, XDP_TX);
+    assert_eq!(out.len(), frame.len());
+    assert_eq!(
+        &out[14 + 40..14 + 40 + 24],
+        &frame[14 + 40..14 + 40 + 24],
+        "headers kept"
+    );
+    let s = seen(&out);
+    assert_eq!(s.dst, sa(BACKEND_A, 80));
+
+    // Truncated anywhere: passed untouched as malformed (the frame is cut
+    // and its lengths left as they were).
+    for len in 14..frame.len() {
+        let cut = &frame[..len];
+        let (v, out) = lb.step(&format!("cut at {len}"), cut, &["pass_malformed"]);
+        assert_eq!((v, out.as_slice()), (XDP_PASS, cut), "cut at {len}");
+    }
+}

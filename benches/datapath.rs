@@ -15,7 +15,7 @@
 //! - passed: a packet for nobody is left untouched.
 
 use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -26,7 +26,7 @@ mod common;
 
 use common::*;
 use lb::bpffs::PinDir;
-use lb::maps::{self, BackendEntry, Flow, FlowKey, Maps};
+use lb::maps::{self, BackendEntry, Flow, Flow6, FlowKey, FlowKey6, Maps};
 use lb::service::{self, Proto, Service};
 use lb::settings::Settings;
 use lb::skel::pass::PassSkelBuilder;
@@ -145,6 +145,111 @@ fn put(m: &Maps, k: FlowKey, f: Flow) -> Result<()> {
     m.conntrack
         .update(maps::bytes(&k), maps::bytes(&f), MapFlags::ANY)
         .context("conntrack update")
+}
+
+fn put6(m: &Maps, k: FlowKey6, f: Flow6) -> Result<()> {
+    m.conntrack6
+        .update(maps::bytes(&k), maps::bytes(&f), MapFlags::ANY)
+        .context("conntrack6 update")
+}
+
+const C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x100);
+const LB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x2);
+const B6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x11);
+
+/// tcp_frame for IPv6 (the same 64 bytes of payload).
+fn tcp6_frame(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(PEER, MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 65535)
+        .ack(1);
+    let mut out = Vec::new();
+    b.write(&mut out, &[0u8; 64]).expect("building a frame");
+    out
+}
+
+fn key6(saddr: Ipv6Addr, sport: u16, daddr: Ipv6Addr, dport: u16) -> FlowKey6 {
+    FlowKey6 {
+        saddr: maps::in6_to_be(saddr),
+        daddr: maps::in6_to_be(daddr),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: 6,
+        ..Default::default()
+    }
+}
+
+/// `flow` for IPv6.
+fn flow6(saddr: Ipv6Addr, sport: u16, daddr: Ipv6Addr, dport: u16, dir: u8, ifindex: u32) -> Flow6 {
+    let f = flow(LB_IP, sport, BACKEND, dport, dir, ifindex, PEER);
+    Flow6 {
+        saddr: maps::in6_to_be(saddr),
+        daddr: maps::in6_to_be(daddr),
+        sport: f.sport,
+        dport: f.dport,
+        ifindex: f.ifindex,
+        smac: f.smac,
+        dmac: f.dmac,
+        dir: f.dir,
+        nh_ok: f.nh_ok,
+        created: f.created,
+        seen: f.seen,
+        ..Default::default()
+    }
+}
+
+/// The IPv6 established and return paths, set up as the IPv4 ones are
+/// (each rewritten frame is the mirror flow's, so every rerun takes the
+/// same path): (established, return) ns.
+fn ipv6_paths(
+    m: &Maps,
+    prog: &libbpf_rs::ProgramMut<'_>,
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(f64, f64)> {
+    let (tb, tc) = (maps::DIR_TO_BACKEND, maps::DIR_TO_CLIENT);
+    put6(
+        m,
+        key6(C6, 40000, VIP6, 80),
+        flow6(LB6, 5000, B6, 80, tb, ifindex),
+    )?;
+    put6(
+        m,
+        key6(LB6, 5000, B6, 80),
+        flow6(C6, 40000, VIP6, 80, tb, ifindex),
+    )?;
+    put6(
+        m,
+        key6(B6, 80, LB6, 5000),
+        flow6(VIP6, 80, C6, 40000, tc, ifindex),
+    )?;
+    put6(
+        m,
+        key6(VIP6, 80, C6, 40000),
+        flow6(B6, 80, LB6, 5000, tc, ifindex),
+    )?;
+    let before = counter(m, "to_backend")?;
+    let est = time(prog, ifindex, &tcp6_frame(C6, 40000, VIP6, 80), repeat)?;
+    if counter(m, "to_backend")? - before != 3 * u64::from(repeat) {
+        bail!("IPv6 established: not every run took the established path");
+    }
+    put6(
+        m,
+        key6(B6, 80, LB6, 5001),
+        flow6(VIP6, 80, C6, 40001, tc, ifindex),
+    )?;
+    put6(
+        m,
+        key6(VIP6, 80, C6, 40001),
+        flow6(B6, 80, LB6, 5001, tc, ifindex),
+    )?;
+    let before = counter(m, "to_client")?;
+    let ret = time(prog, ifindex, &tcp6_frame(B6, 80, LB6, 5001), repeat)?;
+    if counter(m, "to_client")? - before != 3 * u64::from(repeat) {
+        bail!("IPv6 return: not every run took the return path");
+    }
+    Ok((est, ret))
 }
 
 fn counter(m: &Maps, name: &str) -> Result<u64> {
@@ -371,7 +476,7 @@ fn main() -> Result<()> {
             if counter(&m, "pass_not_ours")? - before != 3 * u64::from(repeat) {
                 bail!("passed: not every run passed");
             }
-            // Passed early: not IPv4 (parsing and one counter only).
+            // Passed early: not IP (parsing and one counter only).
             let mut arp = tcp_frame(CLIENT, 40002, LB_IP, 22);
             arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
             let not_ip = time(prog, ifindex, &arp, repeat)?;
@@ -412,6 +517,7 @@ fn main() -> Result<()> {
             if counter(&m, "to_backend")? - before != 3 * u64::from(repeat) {
                 bail!("dsr: not every run was forwarded");
             }
+            let (est6, ret6) = ipv6_paths(&m, prog, ifindex, repeat)?;
             drop(m);
             drop(skel);
             let _ = std::fs::remove_dir_all(&dir);
@@ -419,8 +525,10 @@ fn main() -> Result<()> {
                 ("established", est),
                 ("return", ret),
                 ("new flow", new),
+                ("established IPv6", est6),
+                ("return IPv6", ret6),
                 ("passed (not ours)", passed),
-                ("passed (not IPv4)", not_ip),
+                ("passed (not IP)", not_ip),
                 ("dsr", dsr_ns),
             ] {
                 rows.push(Row {

@@ -127,3 +127,33 @@ static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 	}
 	return rc; /* 0, or LB_PASS_NO_NEIGH */
 }
+
+/* The entry that rewrites packets keyed `k` (in conntrack or ct_new), if it
+ * belongs to a live connection (a client entry's owner must point back):
+ * what an ICMP error quoting such a packet is matched by. */
+static __always_inline FLOW *FN(ct_live_entry)(const FKEY *k, __u64 now)
+{
+	FKEY ok = {};
+	FLOW *f, *o;
+	int est = 1;
+
+	f = bpf_map_lookup_elem(&CT, k);
+	if (!f) {
+		est = 0;
+		f = bpf_map_lookup_elem(&CT_NEW, k);
+		if (!f)
+			return NULL;
+	}
+	o = f;
+	if (f->dir == LB_DIR_TO_BACKEND) {
+		FN(ct_owner_key)(f, k->proto, &ok);
+		o = est ? bpf_map_lookup_elem(&CT, &ok)
+			: bpf_map_lookup_elem(&CT_NEW, &ok);
+		if (!o || !FN(ct_owner_of)(o, k))
+			return NULL;
+	}
+	if ((o->state & LB_CT_RECLAIMED) ||
+	    FN(ct_expired)(o, o->state, k->proto, est, now) || !f->nh_ok)
+		return NULL;
+	return f;
+}

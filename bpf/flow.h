@@ -130,7 +130,7 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 			FN(ct_seen)(o, now);
 			if (p->tcp_flags & (TCP_FIN | TCP_RST))
 				FN(ct_tcp_end)
-				(o, LB_DIR_TO_BACKEND, p->tcp_flags);
+			(o, LB_DIR_TO_BACKEND, p->tcp_flags);
 			if (!est && (state & LB_CT_REPLIED) &&
 			    FN(ct_confirms)(p))
 				count(ctx, FN(ct_promote)(&p->key, f, &ok, o),

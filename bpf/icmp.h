@@ -27,36 +27,6 @@
 #define ICMP_DEST_UNREACH 3
 #define ICMP_TIME_EXCEEDED 11
 
-/* The entry that rewrites packets keyed `k` (in conntrack or ct_new), if it
- * belongs to a live connection: a client entry's owner must point back. */
-static __always_inline struct flow *icmp_flow(const struct flow_key *k,
-					      __u64 now)
-{
-	struct flow_key ok = {};
-	struct flow *f, *o;
-	int est = 1;
-
-	f = bpf_map_lookup_elem(&conntrack, k);
-	if (!f) {
-		est = 0;
-		f = bpf_map_lookup_elem(&ct_new, k);
-		if (!f)
-			return NULL;
-	}
-	o = f;
-	if (f->dir == LB_DIR_TO_BACKEND) {
-		ct_owner_key(f, k->proto, &ok);
-		o = est ? bpf_map_lookup_elem(&conntrack, &ok)
-			: bpf_map_lookup_elem(&ct_new, &ok);
-		if (!o || !ct_owner_of(o, k))
-			return NULL;
-	}
-	if ((o->state & LB_CT_RECLAIMED) ||
-	    ct_expired(o, o->state, k->proto, est, now) || !f->nh_ok)
-		return NULL;
-	return f;
-}
-
 /*
  * An ICMP packet (p->eth and p->ip parsed, ip the outer header, whose
  * payload starts at `icmp`): translates an error about a tracked flow and
@@ -107,7 +77,7 @@ static __always_inline int icmp_error(struct xdp_md *ctx, struct pkt *p,
 	k.sport = ports[1];
 	k.dport = ports[0];
 	k.proto = proto;
-	f = icmp_flow(&k, lb_now());
+	f = ct_live_entry(&k, lb_now());
 	if (!f)
 		return -1;
 

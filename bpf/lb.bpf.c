@@ -160,6 +160,11 @@ static __always_inline int parse6(struct xdp_md *ctx, struct pkt6 *p)
 		p->l4_check = &udp->check;
 		p->tcp_flags = 0;
 	} else {
+		if (nexthdr == IPPROTO_ICMPV6) {
+			/* (for icmp6_error: where the message starts) */
+			p->ports = c.pos;
+			p->key.proto = nexthdr;
+		}
 		return LB_PASS_NOT_L4;
 	}
 	p->l4_len = dgram_end - (void *)p->ports;
@@ -200,13 +205,22 @@ static __noinline int process4(struct xdp_md *ctx, struct verdict_note *n)
 	return flow_process(ctx, n, &p);
 }
 
-/* An IPv6 packet: TCP and UDP through the connection table. */
+/* An IPv6 packet: ICMPv6 errors about tracked flows, and TCP and UDP
+ * through the connection table. */
 static __noinline int process6(struct xdp_md *ctx, struct verdict_note *n)
 {
 	struct pkt6 p = {};
 	int why;
 
 	why = parse6(ctx, &p);
+	if (why == LB_PASS_NOT_L4 && p.key.proto == IPPROTO_ICMPV6) {
+		int act = icmp6_error(ctx, &p, p.ports,
+				      (void *)(p.ip6 + 1) +
+					  bpf_ntohs(p.ip6->payload_len));
+
+		if (act >= 0)
+			return done(ctx, n, LB_ICMP_ERROR, act);
+	}
 	if (why)
 		return done(ctx, n, why, XDP_PASS);
 	return flow_process6(ctx, n, &p);

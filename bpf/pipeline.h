@@ -18,5 +18,7 @@
 #include "dsr.h"
 #include "frag.h"
 #include "icmp.h"
+#else
+#include "icmp6.h"
 #endif
 #include "flow.h"

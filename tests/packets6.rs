@@ -599,3 +599,108 @@ fn extension_headers_are_skipped_and_kept() {
         assert_eq!((v, out.as_slice()), (XDP_PASS, cut), "cut at {len}");
     }
 }
+
+/// An ICMPv6 error of `ty` from `src` to `dst` quoting `quoted` (an IPv6
+/// packet, as sent).
+fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, ty: etherparse::Icmpv6Type, quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(mac_of(src), ETH0_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .icmpv6(ty)
+        .write(&mut out, quoted)
+        .expect("building an ICMPv6 error");
+    out
+}
+
+/// The outer addresses and quoted packet of an ICMPv6 error, its checksum
+/// verified independently.
+fn icmp6_seen(frame: &[u8]) -> ([u8; 6], Ipv6Addr, Ipv6Addr, Vec<u8>) {
+    let ip = &frame[14..];
+    assert_eq!(ip[6], 58, "ICMPv6");
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+    let msg = &ip[40..];
+    assert!(
+        l4_valid(src, dst, 58, msg),
+        "bad ICMPv6 checksum: {frame:02x?}"
+    );
+    (frame[0..6].try_into().unwrap(), src, dst, msg[8..].to_vec())
+}
+
+#[test]
+fn icmpv6_errors_reach_the_other_end() {
+    if !common::root_or_skip("icmpv6_errors_reach_the_other_end") {
+        return;
+    }
+    use etherparse::Icmpv6Type;
+    let lab = Lab::new();
+    let mut st = MaybeUninit::uninit();
+    let lb = Lb::new(&lab, false, &mut st);
+    lb.service(80, Proto::Tcp, &[BACKEND_A]);
+    let (cmac, bmac) = (mac_of(CLIENT), mac_of(BACKEND_A));
+    let client = sa(CLIENT, 40000);
+    let vip = sa(VIP, 80);
+    let router = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x99);
+
+    let syn = tcp(cmac, ETH0_MAC, client, vip, |b| b.syn(), &[0u8; 100]);
+    let (_, to_backend) = lb.step("SYN", &syn, &["to_backend", "new_flow"]);
+    let c = lb.conn();
+    let synack = tcp(bmac, ETH0_MAC, c.backend, c.nat, |b| b.syn().ack(1001), &[]);
+    let (_, to_client) = lb.step("SYN-ACK", &synack, &["to_client"]);
+
+    // Packet too big from a router on the backend's leg, about what lb
+    // sent there: to the client, about what the client sent.
+    let ptb = icmp6_error(
+        router,
+        LB,
+        Icmpv6Type::PacketTooBig { mtu: 1280 },
+        &to_backend[14..],
+    );
+    let (v, out) = lb.step("packet too big, backend side", &ptb, &["icmp_error"]);
+    assert_eq!(v, XDP_TX);
+    let (dmac, src, dst, quoted) = icmp6_seen(&out);
+    assert_eq!(
+        (dmac, src, dst),
+        (cmac, VIP, CLIENT),
+        "to the client, from the VIP"
+    );
+    assert_eq!(quoted, syn[14..].to_vec(), "quotes the client's own SYN");
+    assert_eq!(
+        &out[14 + 40 + 4..14 + 40 + 8],
+        &1280u32.to_be_bytes(),
+        "MTU kept"
+    );
+
+    // Time exceeded from the client's side, about what lb sent the client:
+    // to the backend, about what the backend sent.
+    let te = icmp6_error(
+        router,
+        VIP,
+        Icmpv6Type::TimeExceeded(etherparse::icmpv6::TimeExceededCode::HopLimitExceeded),
+        &to_client[14..],
+    );
+    let (v, out) = lb.step("time exceeded, client side", &te, &["icmp_error"]);
+    assert_eq!(v, XDP_TX);
+    let (dmac, src, dst, quoted) = icmp6_seen(&out);
+    assert_eq!(
+        (dmac, src, dst),
+        (bmac, LB, BACKEND_A),
+        "to the backend, from the LB"
+    );
+    assert_eq!(
+        quoted,
+        synack[14..].to_vec(),
+        "quotes the backend's own SYN-ACK"
+    );
+
+    // Errors that match no flow pass untouched.
+    let stray = tcp(cmac, ETH0_MAC, sa(CLIENT, 40009), vip, |b| b.syn(), &[]);
+    let unmatched = icmp6_error(
+        router,
+        LB,
+        Icmpv6Type::PacketTooBig { mtu: 1280 },
+        &stray[14..],
+    );
+    let (v, out) = lb.step("unmatched packet too big", &unmatched, &["pass_not_l4"]);
+    assert_eq!((v, out), (XDP_PASS, unmatched));
+}

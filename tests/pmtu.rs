@@ -10,6 +10,9 @@
 //!   C (10.200.9.10, MTU 1500) ── c0 (MTU 1000) R br0 (10.200.8.1) ─┬─ L: lb (10.200.8.2)
 //!                                                                  └─ B: backend (10.200.8.11)
 //!
+//! The same over IPv6 (fd00:209::/64 and fd00:208::/64, the router's
+//! client side at 1280 bytes, IPv6's minimum): "packet too big".
+//!
 //! All traffic stays inside the test's namespaces (prefix lbm).
 
 mod common;
@@ -20,11 +23,69 @@ use std::time::{Duration, Instant};
 
 use common::{lb, root_or_skip, run, Netns, PinDir};
 
-const CLIENT: &str = "10.200.9.10";
-const ROUTER_C: &str = "10.200.9.1";
-const ROUTER_L: &str = "10.200.8.1";
-const LB: &str = "10.200.8.2";
-const BACKEND: &str = "10.200.8.11";
+/// The addresses and limits of one family's run.
+struct Fam {
+    client: &'static str,
+    router_c: &'static str,
+    router_l: &'static str,
+    lb: &'static str,
+    backend: &'static str,
+    /// Prefix length of both subnets.
+    len: u8,
+    /// MTU of the router's port towards the client.
+    mtu: &'static str,
+    /// The forwarding sysctl (the router's; for IPv6 the LB's too, which
+    /// bpf_fib_lookup needs).
+    forward: &'static str,
+    /// Extra `ip addr add` flags.
+    addr_flags: &'static [&'static str],
+    /// ICMP checksum error counter.
+    icmp_csum: &'static str,
+}
+
+const V4: Fam = Fam {
+    client: "10.200.9.10",
+    router_c: "10.200.9.1",
+    router_l: "10.200.8.1",
+    lb: "10.200.8.2",
+    backend: "10.200.8.11",
+    len: 24,
+    mtu: "1000",
+    forward: "net.ipv4.ip_forward=1",
+    addr_flags: &[],
+    icmp_csum: "IcmpInCsumErrors",
+};
+
+const V6: Fam = Fam {
+    client: "fd00:209::10",
+    router_c: "fd00:209::1",
+    router_l: "fd00:208::1",
+    lb: "fd00:208::2",
+    backend: "fd00:208::11",
+    len: 64,
+    mtu: "1280",
+    forward: "net.ipv6.conf.all.forwarding=1",
+    addr_flags: &["nodad"],
+    icmp_csum: "Icmp6InCsumErrors",
+};
+
+impl Fam {
+    /// Host `h` in URLs and service addresses.
+    fn host(h: &str) -> String {
+        if h.contains(':') {
+            format!("[{h}]")
+        } else {
+            h.to_string()
+        }
+    }
+
+    fn addr(&self, ns: &Netns, ip: &str, dev: &str) {
+        let cidr = format!("{ip}/{}", self.len);
+        let mut a = vec!["addr", "add", cidr.as_str(), "dev", dev];
+        a.extend_from_slice(self.addr_flags);
+        ns.ip(&a);
+    }
+}
 /// Bytes of the response: many full-size segments.
 const BIG: usize = 300_000;
 
@@ -68,13 +129,13 @@ struct Server {
 }
 
 impl Server {
-    fn start(ns: &Netns) -> Self {
+    fn start(ns: &Netns, bind: &str) -> Self {
         let dir = std::env::temp_dir().join(common::unique("lbm-www-"));
         std::fs::create_dir_all(&dir).expect("server directory");
         std::fs::write(dir.join("big"), vec![b'x'; BIG]).expect("big file");
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name, "timeout", "120"])
-            .args(["python3", "-m", "http.server", "80", "--bind", BACKEND])
+            .args(["python3", "-m", "http.server", "80", "--bind", bind])
             .arg("--directory")
             .arg(&dir)
             .stdin(Stdio::null())
@@ -124,11 +185,11 @@ impl Drop for Attached<'_> {
 
 /// Runs curl in the client namespace for the big file: (bytes received,
 /// curl's exit code).
-fn fetch(c: &Netns) -> (usize, i32) {
+fn fetch(c: &Netns, lb_ip: &str) -> (usize, i32) {
     let out = Command::new("ip")
         .args(["netns", "exec", &c.name, "curl", "-s", "-o", "-"])
         .args(["--max-time", "8", "--connect-timeout", "3"])
-        .arg(format!("http://{LB}/big"))
+        .arg(format!("http://{}/big", Fam::host(lb_ip)))
         .output()
         .expect("running curl");
     (out.stdout.len(), out.status.code().unwrap_or(-1))
@@ -139,6 +200,18 @@ fn large_responses_cross_a_smaller_mtu_on_the_clients_path() {
     if !root_or_skip("large_responses_cross_a_smaller_mtu_on_the_clients_path") {
         return;
     }
+    through_a_smaller_mtu(&V4);
+}
+
+#[test]
+fn large_ipv6_responses_cross_a_smaller_mtu_on_the_clients_path() {
+    if !root_or_skip("large_ipv6_responses_cross_a_smaller_mtu_on_the_clients_path") {
+        return;
+    }
+    through_a_smaller_mtu(&V6);
+}
+
+fn through_a_smaller_mtu(f: &Fam) {
     let c = Netns::new("lbm");
     let r = Netns::new("lbm");
     let l = Netns::new("lbm");
@@ -156,17 +229,18 @@ fn large_responses_cross_a_smaller_mtu_on_the_clients_path() {
     }
     // The router forwards at most 1000 bytes towards the client; the
     // client itself (MTU 1500) advertises a 1460-byte MSS.
-    r.ip(&["link", "set", "dev", "c0", "mtu", "1000"]);
-    r.ip(&["addr", "add", &format!("{ROUTER_C}/24"), "dev", "c0"]);
-    r.ip(&["addr", "add", &format!("{ROUTER_L}/24"), "dev", "br0"]);
-    sysctl(&r, "net.ipv4.ip_forward=1");
-    c.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"]);
-    c.ip(&["route", "add", "default", "via", ROUTER_C]);
-    l.ip(&["addr", "add", &format!("{LB}/24"), "dev", "eth0"]);
-    l.ip(&["route", "add", "default", "via", ROUTER_L]);
-    b.ip(&["addr", "add", &format!("{BACKEND}/24"), "dev", "eth0"]);
-    b.ip(&["route", "add", "default", "via", ROUTER_L]);
-    let _server = Server::start(&b);
+    r.ip(&["link", "set", "dev", "c0", "mtu", f.mtu]);
+    f.addr(&r, f.router_c, "c0");
+    f.addr(&r, f.router_l, "br0");
+    sysctl(&r, f.forward);
+    sysctl(&l, f.forward);
+    f.addr(&c, f.client, "eth0");
+    c.ip(&["route", "add", "default", "via", f.router_c]);
+    f.addr(&l, f.lb, "eth0");
+    l.ip(&["route", "add", "default", "via", f.router_l]);
+    f.addr(&b, f.backend, "eth0");
+    b.ip(&["route", "add", "default", "via", f.router_l]);
+    let _server = Server::start(&b, f.backend);
 
     let pins = PinDir::new("lbm");
     let out = lb(&[
@@ -177,9 +251,9 @@ fn large_responses_cross_a_smaller_mtu_on_the_clients_path() {
         "--pin-dir",
         pins.arg(),
         "--lb",
-        LB,
+        f.lb,
         "--backend",
-        BACKEND,
+        f.backend,
         "--port",
         "80",
         "--mode",
@@ -195,7 +269,7 @@ fn large_responses_cross_a_smaller_mtu_on_the_clients_path() {
         pins: &pins,
     };
 
-    let (got, code) = fetch(&c);
+    let (got, code) = fetch(&c, f.lb);
     let stats = lb(&[
         "stats",
         "--json",
@@ -210,7 +284,7 @@ fn large_responses_cross_a_smaller_mtu_on_the_clients_path() {
         .expect("icmp_error counter");
     let csum: Vec<_> = [&c, &b]
         .iter()
-        .flat_map(|ns| nstat(ns, &["TcpInCsumErrors", "IcmpInCsumErrors"]))
+        .flat_map(|ns| nstat(ns, &["TcpInCsumErrors", f.icmp_csum]))
         .collect();
     eprintln!(
         "curl: {got} of {BIG} bytes (exit {code}); lb icmp_error {icmp}; \

@@ -722,11 +722,14 @@ fn print_attachment(a: &loader::Attachment) {
 }
 
 /// What the one-liner's edit cannot say: a backend twice, the LB's address
-/// as a backend, an IPv6 client ([`Edit::check`] checks the service's and
-/// backends' addresses).
+/// as a backend, a client of the other family ([`Edit::check`] checks the
+/// service's and backends' addresses).
 fn check_one_liner(svc: &Service, client: Option<IpAddr>, backends: &[IpAddr]) -> Result<()> {
-    if let Some(c) = client.filter(IpAddr::is_ipv6) {
-        bail!("IPv6 clients are not supported yet: --client {c}");
+    if let Some(c) = client.filter(|c| c.is_ipv6() != svc.vip.is_ipv6()) {
+        bail!(
+            "--client {c} and --lb {} are of two families: a service's clients are of its own",
+            svc.vip
+        );
     }
     let mut seen = std::collections::HashSet::new();
     for b in backends {

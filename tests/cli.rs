@@ -92,6 +92,8 @@ fn inconsistent_configuration_is_refused() {
                 let mut a = attach_args(&ns.name, pins.arg(), &[A_IP], &[]);
                 let i = a.iter().position(|x| x == "--lb").unwrap();
                 a[i + 1] = "fd00::2".into();
+                let i = a.iter().position(|x| x == "--client").unwrap();
+                a.drain(i..i + 2);
                 a
             },
             vec![
@@ -107,7 +109,7 @@ fn inconsistent_configuration_is_refused() {
                 a[i + 1] = "fd00::10".into();
                 a
             },
-            vec!["IPv6 clients are not supported yet: --client fd00::10"],
+            vec!["--client fd00::10 and --lb 10.200.0.2 are of two families"],
         ),
     ];
     for (args, needles) in cases {

@@ -29,7 +29,10 @@ const volatile __u32 nat_size = 36279;
  * bit i of snat_full: snat_addr[i] is lb's alone, every port from 1024. */
 const volatile __be32 snat_addr[LB_MAX_SNAT] = {};
 const volatile __u32 snat_count = 0;
-const volatile __u32 snat_full = 0;
+const volatile __u32 snat_full = 0; /* bits 16..: of snat_addr6 */
+/* The IPv6 SNAT pool (none: the FIB's source). */
+const volatile struct lb_in6 snat_addr6[LB_MAX_SNAT] = {};
+const volatile __u32 snat_count6 = 0;
 const volatile __u32 maglev_size = 65537;  /* entries of every Maglev table */
 const volatile __u32 hz = 250;		   /* clock ticks (jiffies) a second */
 const volatile __u32 tcp_timeout = 150000; /* idle TCP flow, ticks */

@@ -38,6 +38,12 @@ static __always_inline int snat_is_full(__u32 idx)
 	return (snat_full >> (idx & (LB_MAX_SNAT - 1))) & 1;
 }
 
+/* The same for IPv6 SNAT address `idx` (bits from 16). */
+static __always_inline int snat_is_full6(__u32 idx)
+{
+	return (snat_full >> (16 + (idx & (LB_MAX_SNAT - 1)))) & 1;
+}
+
 /* The `i`-th port of the NAT ranges (of 1024-65535 if `full`). */
 static __always_inline __u16 nat_port_at(__u32 i, int full)
 {
@@ -172,7 +178,7 @@ static long FN(nat_try)(__u32 i, void *arg)
 {
 	struct FN(nat_search) *s = ((struct FN(nat_loop) *)arg)->s;
 #if LB_V6
-	__u32 n = 0, idx, k; /* (no IPv6 SNAT pool yet: the FIB's source) */
+	__u32 n = snat_count6, idx, k;
 #else
 	__u32 n = snat_count, idx, k;
 #endif
@@ -181,15 +187,25 @@ static long FN(nat_try)(__u32 i, void *arg)
 	if (i == 0) {
 		idx = n ? s->h % n : 0;
 		port = bpf_ntohs(s->ck.sport);
-		if (!nat_port_ok(port, n && snat_is_full(idx)))
+		if (!nat_port_ok(port, n && FN(snat_is_full)(idx)))
 			return 0;
 	} else {
 		k = s->cursor + nat_step(i);
 		idx = n ? k % n : 0;
-		port = nat_port_at(n ? k / n : k, n && snat_is_full(idx));
+		port = nat_port_at(n ? k / n : k, n && FN(snat_is_full)(idx));
 	}
 #if LB_V6
-	s->t.daddr = s->fib_saddr;
+	if (n) {
+		/* word by word: clang folds a copy of a const volatile array
+		 * to its zero initializer */
+		idx &= LB_MAX_SNAT - 1;
+		s->t.daddr.w[0] = snat_addr6[idx].w[0];
+		s->t.daddr.w[1] = snat_addr6[idx].w[1];
+		s->t.daddr.w[2] = snat_addr6[idx].w[2];
+		s->t.daddr.w[3] = snat_addr6[idx].w[3];
+	} else {
+		s->t.daddr = s->fib_saddr;
+	}
 #else
 	s->t.daddr = n ? snat_addr[idx & (LB_MAX_SNAT - 1)] : s->fib_saddr;
 #endif

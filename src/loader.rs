@@ -52,13 +52,28 @@ pub fn load<'obj>(
     }
     ro.nat_size = settings.nat_size();
     let full = net::snat_check(&settings.snat)?;
+    // IPv4 addresses in snat_addr (full bits from 0), IPv6 ones in
+    // snat_addr6 (full bits from 16); at most MAX_SNAT in all.
     ro.snat_addr = [0; settings::MAX_SNAT];
+    ro.snat_addr6 = Default::default();
     ro.snat_full = 0;
-    for (i, a) in settings.snat.iter().take(settings::MAX_SNAT).enumerate() {
-        ro.snat_addr[i] = maps::be32_of(*a)?;
-        ro.snat_full |= u32::from(full[i]) << i;
+    let (mut n4, mut n6) = (0usize, 0usize);
+    for (a, f) in settings.snat.iter().take(settings::MAX_SNAT).zip(&full) {
+        match a {
+            std::net::IpAddr::V4(v4) => {
+                ro.snat_addr[n4] = maps::ip_to_be(*v4);
+                ro.snat_full |= u32::from(*f) << n4;
+                n4 += 1;
+            }
+            std::net::IpAddr::V6(v6) => {
+                ro.snat_addr6[n6] = maps::in6_to_be(*v6);
+                ro.snat_full |= u32::from(*f) << (16 + n6);
+                n6 += 1;
+            }
+        }
     }
-    ro.snat_count = settings.snat.len().min(settings::MAX_SNAT) as u32;
+    ro.snat_count = n4 as u32;
+    ro.snat_count6 = n6 as u32;
     ro.maglev_size = settings.maglev_size;
     let hz = crate::clock::hz()?;
     ro.hz = hz;
@@ -439,10 +454,10 @@ pub fn status(pins: &PinDir) -> Result<Status> {
             let snat = st
                 .snat
                 .iter()
-                .enumerate()
-                .map(|(i, a)| SnatInfo {
+                .zip(full)
+                .map(|(a, full)| SnatInfo {
                     addr: *a,
-                    ports: if full >> i & 1 == 1 {
+                    ports: if full {
                         format!("{}-65535", settings::FIRST_PORT)
                     } else {
                         settings::ports_string(&st.nat_ports)

@@ -654,9 +654,15 @@ impl Maps {
         )
     }
 
-    /// Bit i: SNAT address i is lb's alone (every port from 1024).
-    pub fn snat_full(&self) -> Result<u32> {
-        Ok(rodata_of(&self.config)?.snat_full)
+    /// For each SNAT address, in the order of `settings().snat` (IPv4 ones,
+    /// then IPv6 ones): whether it is lb's alone (every port from 1024).
+    pub fn snat_full(&self) -> Result<Vec<bool>> {
+        let ro = rodata_of(&self.config)?;
+        let bit = |i: u32| ro.snat_full >> i & 1 == 1;
+        Ok((0..ro.snat_count.min(16))
+            .map(bit)
+            .chain((0..ro.snat_count6.min(16)).map(|j| bit(16 + j)))
+            .collect())
     }
 
     /// The program's timeouts in clock ticks, as the datapath compares them.
@@ -727,9 +733,15 @@ pub fn settings_of(
             .filter(|(lo, hi)| lo <= hi)
             .map(|(&lo, &hi)| PortRange { lo, hi })
             .collect(),
+        // IPv4 addresses first, then IPv6 ones.
         snat: ro.snat_addr[..(ro.snat_count as usize).min(ro.snat_addr.len())]
             .iter()
             .map(|a| IpAddr::V4(ip_from_be(*a)))
+            .chain(
+                ro.snat_addr6[..(ro.snat_count6 as usize).min(ro.snat_addr6.len())]
+                    .iter()
+                    .map(|a| IpAddr::V6(in6_from_be(a))),
+            )
             .collect(),
         maglev_size: ro.maglev_size,
         max_flows: conntrack_entries / 2,

@@ -324,13 +324,10 @@ pub fn check_mode_backend(conf: &SvcConf, svc: &Service, addr: SocketAddr) -> Re
 }
 
 /// Checks that `ip` can be a source address towards backends (SNAT):
-/// unicast, not loopback, IPv4 (the datapath has no IPv6 yet).
+/// unicast, not loopback (either family: IPv6 services use the IPv6 ones).
 pub fn check_snat(ip: IpAddr) -> Result<()> {
     if !is_unicast(ip) || ip.is_loopback() {
         bail!("SNAT address {ip} cannot be a source address");
-    }
-    if ip.is_ipv6() {
-        bail!("IPv6 SNAT addresses are not supported yet: {ip}");
     }
     Ok(())
 }
@@ -415,9 +412,10 @@ mod tests {
             err(check_backend(&v4, "255.255.255.255:80".parse().unwrap())),
             "255.255.255.255 is not a unicast address"
         );
+        assert!(check_snat("fd00::1".parse().unwrap()).is_ok());
         assert_eq!(
-            err(check_snat("fd00::1".parse().unwrap())),
-            "IPv6 SNAT addresses are not supported yet: fd00::1"
+            err(check_snat("::1".parse().unwrap())),
+            "SNAT address ::1 cannot be a source address"
         );
         assert_eq!(
             err(check_snat("127.0.0.1".parse().unwrap())),

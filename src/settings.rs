@@ -375,10 +375,10 @@ mod tests {
             )
         );
         assert_eq!(
-            field(|s| s.snat = vec!["fd00::1".parse().unwrap()]),
+            field(|s| s.snat = vec!["::1".parse().unwrap()]),
             (
                 Field::Snat,
-                "IPv6 SNAT addresses are not supported yet: fd00::1".into()
+                "SNAT address ::1 cannot be a source address".into()
             )
         );
         assert_eq!(field(|s| s.max_flows = 5).0, Field::MaxFlows,);

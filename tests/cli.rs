@@ -569,7 +569,7 @@ fn snat_addresses_are_checked() {
     assert_error(
         &lb_s(&args),
         1,
-        &["IPv6 SNAT addresses are not supported yet: fd00::1"],
+        &["SNAT address fd00::1 is not an address of this host"],
     );
     assert_no_pins(&pins);
     assert_no_xdp(&ns.name, "eth0");

@@ -174,7 +174,7 @@ fn validation_messages() {
         ),
         (
             "[settings]\nsnat = [\"fd00::1\"]\n".to_string(),
-            "f.toml:2:8: settings.snat: IPv6 SNAT addresses are not supported yet: fd00::1",
+            "f.toml:2:8: settings.snat: SNAT address fd00::1 is not an address of this host (add it, e.g. on lo)",
         ),
     ];
     for (src, want) in cases {

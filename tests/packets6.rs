@@ -110,6 +110,15 @@ struct Lb<'obj> {
 
 impl<'obj> Lb<'obj> {
     fn new(lab: &Lab, skb_mode: bool, storage: &'obj mut MaybeUninit<OpenObject>) -> Self {
+        Self::with_snat(lab, skb_mode, vec![], storage)
+    }
+
+    fn with_snat(
+        lab: &Lab,
+        skb_mode: bool,
+        snat: Vec<std::net::IpAddr>,
+        storage: &'obj mut MaybeUninit<OpenObject>,
+    ) -> Self {
         let guard = NetnsGuard::enter(&lab.ns.name).expect("entering the test namespace");
         let ifindex = lb::net::ifindex("eth0").expect("eth0");
         let pins = common::PinDir::new("lbp6");
@@ -118,12 +127,14 @@ impl<'obj> Lb<'obj> {
         let settings = Settings {
             max_flows: 4096,
             max_half_open: 4096,
+            snat,
             ..Default::default()
         };
         let mut skel =
             lb::loader::load(&settings, skb_mode, None, storage).expect("loading the program");
         lb::loader::pin_maps(&mut skel, &bp).expect("pinning the maps");
         let m = Maps::open(&bp).expect("opening the maps");
+        assert_eq!(m.settings().expect("reading the settings back"), settings);
         Self {
             skel,
             m,
@@ -703,4 +714,58 @@ fn icmpv6_errors_reach_the_other_end() {
     );
     let (v, out) = lb.step("unmatched packet too big", &unmatched, &["pass_not_l4"]);
     assert_eq!((v, out), (XDP_PASS, unmatched));
+}
+
+#[test]
+fn snat_pool_spreads_new_flows() {
+    if !common::root_or_skip("snat_pool_spreads_new_flows") {
+        return;
+    }
+    let lab = Lab::new();
+    let pool: Vec<Ipv6Addr> = ["fd00:200::a0", "fd00:200::a1"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    for a in &pool {
+        lab.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+    }
+    let mut st = MaybeUninit::uninit();
+    let lb = Lb::with_snat(
+        &lab,
+        false,
+        pool.iter().map(|a| (*a).into()).collect(),
+        &mut st,
+    );
+    lb.service(80, Proto::Tcp, &[BACKEND_A]);
+    let cmac = mac_of(CLIENT);
+    let mut used = std::collections::BTreeSet::new();
+    for port in 40000..40016 {
+        let syn = tcp(
+            cmac,
+            ETH0_MAC,
+            sa(CLIENT, port),
+            sa(VIP, 80),
+            |b| b.syn(),
+            &[],
+        );
+        let (v, out) = lb.step("SYN", &syn, &["to_backend", "new_flow"]);
+        assert_eq!(v, XDP_TX);
+        let s = seen(&out);
+        let std::net::IpAddr::V6(src) = s.src.ip() else {
+            unreachable!()
+        };
+        assert!(pool.contains(&src), "source {src} from the pool");
+        // Both are on lo, lb's alone: every port from 1024, the client's kept.
+        assert_eq!(s.src.port(), port, "client port kept");
+        used.insert(src);
+    }
+    assert_eq!(used.len(), 2, "both pool addresses used: {used:?}");
 }

@@ -8,7 +8,7 @@
 //! the events and prints one line (or JSON object) a packet.
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -108,7 +108,7 @@ impl Filter {
     }
 }
 
-/// A packet's IPv4 header fields and ports (0 when it has none).
+/// A packet's IP header fields and ports (0 when it has none).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Tuple {
     /// tcp, udp, icmp or the protocol number.
@@ -132,19 +132,37 @@ impl std::fmt::Display for Tuple {
     }
 }
 
-/// Decodes an Ethernet frame's first bytes: IPv4 with its ports, or None
-/// (another ethertype, or cut too short).
+/// Decodes an Ethernet frame's first bytes: IPv4 or IPv6 with its ports,
+/// or None (another ethertype, or cut too short).
 pub fn tuple_of(frame: &[u8]) -> Option<Tuple> {
     let ip = frame.get(14..)?;
-    if frame.get(12..14)? != [0x08, 0x00] || ip.len() < 20 || ip[0] >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(ip[0] & 0xf) * 4;
-    let proto = ip[9];
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
-    let l4 = ip.get(ihl..).filter(|_| !later_fragment);
+    let (proto, src, dst, l4): (u8, IpAddr, IpAddr, Option<&[u8]>) = match frame.get(12..14)? {
+        [0x08, 0x00] => {
+            if ip.len() < 20 || ip[0] >> 4 != 4 {
+                return None;
+            }
+            let ihl = usize::from(ip[0] & 0xf) * 4;
+            let later_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
+            (
+                ip[9],
+                Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).into(),
+                Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]).into(),
+                ip.get(ihl..).filter(|_| !later_fragment),
+            )
+        }
+        [0x86, 0xdd] => {
+            if ip.len() < 40 || ip[0] >> 4 != 6 {
+                return None;
+            }
+            let addr = |at: usize| -> IpAddr {
+                let o: [u8; 16] = ip[at..at + 16].try_into().expect("16 bytes");
+                Ipv6Addr::from(o).into()
+            };
+            // (the next header: ports only right after the fixed header)
+            (ip[6], addr(8), addr(24), ip.get(40..))
+        }
+        _ => return None,
+    };
     let ports = l4
         .filter(|_| proto == 6 || proto == 17)
         .and_then(|l| Some((l.get(0..2)?, l.get(2..4)?)))
@@ -169,10 +187,11 @@ pub fn tuple_of(frame: &[u8]) -> Option<Tuple> {
             6 => "tcp".into(),
             17 => "udp".into(),
             1 => "icmp".into(),
+            58 => "icmpv6".into(),
             p => p.to_string(),
         },
-        src: SocketAddr::new(src.into(), ports.0),
-        dst: SocketAddr::new(dst.into(), ports.1),
+        src: SocketAddr::new(src, ports.0),
+        dst: SocketAddr::new(dst, ports.1),
         flags,
     })
 }
@@ -186,7 +205,7 @@ pub struct Event {
     pub iface: String,
     /// Its length.
     pub len: u32,
-    /// As it came (None: not IPv4, or cut short).
+    /// As it came (None: not IP, or cut short).
     #[serde(rename = "in")]
     pub inp: Option<Tuple>,
     /// As lb left it (the same as `in` if untouched).
@@ -471,11 +490,24 @@ mod tests {
         let t = tuple_of(&frame(17, 185, &tcp)).unwrap();
         assert_eq!(t.to_string(), "udp 10.200.0.10:0 -> 10.200.0.2:0");
         assert_eq!(tuple_of(&frame(1, 0, &[8, 0])).unwrap().proto, "icmp");
-        // Not IPv4, or cut inside the IP header.
+        // Not IP, or cut inside the IP header.
         let mut arp = frame(6, 0, &tcp);
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         assert!(tuple_of(&arp).is_none());
         assert!(tuple_of(&frame(6, 0, &tcp)[..30]).is_none());
+        // IPv6.
+        let mut v6 = vec![0u8; 14];
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        v6.extend([0x60, 0, 0, 0, 0, 20, 6, 64]);
+        v6.extend("fd00:200::10".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend("fd00:200::2".parse::<Ipv6Addr>().unwrap().octets());
+        v6.extend(&tcp);
+        let t = tuple_of(&v6).unwrap();
+        assert_eq!(
+            t.to_string(),
+            "tcp [fd00:200::10]:40000 -> [fd00:200::2]:80 [SA]"
+        );
+        assert!(tuple_of(&v6[..14 + 39]).is_none());
     }
 
     #[test]

@@ -518,6 +518,19 @@ fn main() -> Result<()> {
                 bail!("dsr: not every run was forwarded");
             }
             let (est6, ret6) = ipv6_paths(&m, prog, ifindex, repeat)?;
+            // Tracing on (every packet into the ring buffer, nobody reading:
+            // once it is full, each event is a failed reserve counted
+            // lost), then off again.
+            let cfg = pins.map("trace_cfg");
+            lb::trace::set_pinned(&cfg, true, u64::MAX)?;
+            let est_traced = time(prog, ifindex, &tcp_frame(CLIENT, 40000, VIP, 80), repeat)?;
+            let new_traced = time_frames(
+                prog,
+                ifindex,
+                |i, k| tcp_frame_flags(CLIENT, 20000 + k as u16, VIP, 81 + i, true),
+                new_repeat,
+            )?;
+            lb::trace::set_pinned(&cfg, false, 0)?;
             drop(m);
             drop(skel);
             let _ = std::fs::remove_dir_all(&dir);
@@ -526,6 +539,8 @@ fn main() -> Result<()> {
                 ("return", ret),
                 ("new flow", new),
                 ("established IPv6", est6),
+                ("established, traced", est_traced),
+                ("new flow, traced", new_traced),
                 ("return IPv6", ret6),
                 ("passed (not ours)", passed),
                 ("passed (not IP)", not_ip),

@@ -9,6 +9,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -288,6 +289,15 @@ pub struct Bounds {
 /// The per-CPU tracing state of the instance at `pins`.
 struct TraceCfg {
     map: MapHandle,
+}
+
+/// Turns tracing of every packet on (until `until`, jiffies) or off in
+/// the `trace_cfg` map pinned at `path`, with no reader (for the datapath
+/// benchmark: what tracing costs the program).
+pub fn set_pinned(path: &Path, on: bool, until: u64) -> Result<()> {
+    let map =
+        MapHandle::from_pinned_path(path).with_context(|| format!("opening {}", path.display()))?;
+    TraceCfg { map }.set(on, 1, until)
 }
 
 impl TraceCfg {

@@ -15,7 +15,7 @@
 //! - passed: a packet for nobody is left untouched.
 
 use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -63,6 +63,44 @@ fn namespace() -> Result<Ns> {
         "sysctl",
         "-qw",
         "net.ipv4.conf.eth0.forwarding=1",
+    ])?;
+    // IPv6 beside it, forwarding on (bpf_fib_lookup needs it), the backend
+    // a permanent neighbour.
+    sh(&[
+        "ip",
+        "-n",
+        n,
+        "-6",
+        "addr",
+        "add",
+        "fd00:200::2/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        n,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.forwarding=1",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        n,
+        "-6",
+        "neigh",
+        "add",
+        "fd00:200::11",
+        "lladdr",
+        "02:00:00:00:00:0b",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
     ])?;
     for (ip, mac) in [
         (VIP, "02:00:00:00:01:00"),
@@ -160,10 +198,15 @@ const B6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x11);
 
 /// tcp_frame for IPv6 (the same 64 bytes of payload).
 fn tcp6_frame(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+    tcp6_frame_flags(src, sport, dst, dport, false)
+}
+
+/// tcp_frame_flags for IPv6.
+fn tcp6_frame_flags(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, syn: bool) -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2(PEER, MAC)
         .ipv6(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, 1, 65535)
-        .ack(1);
+        .tcp(sport, dport, 1, 65535);
+    let b = if syn { b.syn() } else { b.ack(1) };
     let mut out = Vec::new();
     b.write(&mut out, &[0u8; 64]).expect("building a frame");
     out
@@ -207,7 +250,8 @@ fn ipv6_paths(
     prog: &libbpf_rs::ProgramMut<'_>,
     ifindex: u32,
     repeat: u32,
-) -> Result<(f64, f64)> {
+    new_repeat: u32,
+) -> Result<(f64, f64, f64)> {
     let (tb, tc) = (maps::DIR_TO_BACKEND, maps::DIR_TO_CLIENT);
     put6(
         m,
@@ -249,7 +293,27 @@ fn ipv6_paths(
     if counter(m, "to_client")? - before != 3 * u64::from(repeat) {
         bail!("IPv6 return: not every run took the return path");
     }
-    Ok((est, ret))
+    // New flows, as the IPv4 ones: a port of their own per round.
+    for i in 0..3u16 {
+        let svc = Service::new(SocketAddr::new(VIP6.into(), 81 + i), Proto::Tcp);
+        service::service_add(m, &svc)?;
+        service::backend_add(m, &svc, SocketAddr::new(B6.into(), 81 + i), 1)?;
+    }
+    let before = counter(m, "new_flow")?;
+    let new = time_frames(
+        prog,
+        ifindex,
+        |i, k| tcp6_frame_flags(C6, 2000 + k as u16, VIP6, 81 + i, true),
+        new_repeat,
+    )?;
+    let made = counter(m, "new_flow")? - before;
+    if made != 3 * u64::from(new_repeat) {
+        bail!(
+            "IPv6 new flow: {made} of {} runs created a flow",
+            3 * new_repeat
+        );
+    }
+    Ok((est, ret, new))
 }
 
 fn counter(m: &Maps, name: &str) -> Result<u64> {
@@ -517,7 +581,7 @@ fn main() -> Result<()> {
             if counter(&m, "to_backend")? - before != 3 * u64::from(repeat) {
                 bail!("dsr: not every run was forwarded");
             }
-            let (est6, ret6) = ipv6_paths(&m, prog, ifindex, repeat)?;
+            let (est6, ret6, new6) = ipv6_paths(&m, prog, ifindex, repeat, new_repeat)?;
             // Tracing on (every packet into the ring buffer, nobody reading:
             // once it is full, each event is a failed reserve counted
             // lost), then off again.
@@ -542,6 +606,7 @@ fn main() -> Result<()> {
                 ("established, traced", est_traced),
                 ("new flow, traced", new_traced),
                 ("return IPv6", ret6),
+                ("new flow IPv6", new6),
                 ("passed (not ours)", passed),
                 ("passed (not IP)", not_ip),
                 ("dsr", dsr_ns),

@@ -33,7 +33,9 @@ import subprocess
 PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not IP)", "dsr", "established IPv6", "return IPv6", "new flow IPv6", "established, traced", "new flow, traced"]
 SCENARIOS = [("lb", "lb (XDP, native), defaults"), ("nft", "nftables DNAT + masquerade"),
              ("haproxy", "haproxy (mode tcp)"), ("direct", "direct to one backend"),
-             ("fwd", "XDP forward-only (ceiling)")]
+             ("fwd", "XDP forward-only (ceiling)"),
+             ("lb6", "IPv6: lb, defaults"), ("nft6", "IPv6: nftables ip6 DNAT + masquerade"),
+             ("direct6", "IPv6: direct to one backend")]
 TESTS = [("keepalive", "wrk keep-alive, req/s"), ("close", "new connection per request, req/s"),
          ("close3", "new connection per request, 3 clients, req/s"), ("iperf3", "iperf3 one stream, Gbit/s")]
 SYN = "TcpExtTCPSynRetrans"
@@ -314,7 +316,7 @@ def main():
         L.append("Not measured in this run.\n")
 
     # ------------------------------------------------------------ end to end
-    L.append("## 2. End to end: lb vs nftables vs haproxy vs direct vs forward-only\n")
+    L.append("## 2. End to end: lb vs nftables vs haproxy vs direct vs forward-only (and IPv6)\n")
     if val:
         L.append("The talk's topology (`scripts/topo up P native --clients 3`: three clients, the LB and two "
                  "backends on one bridge, veth, native XDP), rebuilt for every scenario. Backends run nginx "
@@ -327,6 +329,10 @@ def main():
                  "{ 0 : .11, 1 : .12 }`, `ct status dnat masquerade`, ip_forward=1 (5201 -> .11);")
         L.append("- **haproxy**: mode tcp, one thread, roundrobin, on 10.200.0.2:80 (and :5201 -> .11);")
         L.append("- **direct**: the clients talk to backend 10.200.0.11 themselves;")
+        L.append("- **IPv6** (keep-alive and new connection per request, one client; ratios to IPv6 direct): "
+                 "the same topology's fd00:200::/64 addresses; lb with the service [fd00:200::2]:80 -> "
+                 "[fd00:200::11]:80, [fd00:200::12]:80 (defaults), nftables `table ip6` with the same DNAT "
+                 "and masquerade, direct to [fd00:200::11];")
         L.append("- **XDP forward-only (ceiling)**: `bpf/fwd.bpf.c` on the LB's eth0 (loaded by "
                  "`cargo bench --bench fwd -- attach ...`): the same hop as lb (client -> VIP becomes "
                  "LB -> backend, and back, XDP_TX, full NAT) done by the cheapest program there is: one client "
@@ -349,7 +355,8 @@ def main():
         for sc, name in SCENARIOS:
             cells = []
             for t, _ in TESTS:
-                rs = ratios(sc, "direct", t)
+                # IPv6 scenarios against IPv6 direct
+                rs = ratios(sc, "direct6" if sc.endswith("6") else "direct", t)
                 vs = list(val.get((sc, t), {}).values())
                 if not vs:
                     cells.append("-")
@@ -543,8 +550,11 @@ def main():
     open(a.out, "w").write("\n".join(L))
 
     # Headline for the README.
-    h = {(sc, t): statistics.median(ratios(sc, "direct", t)) for sc, _ in SCENARIOS for t, _ in TESTS
-         if ratios(sc, "direct", t)}
+    def base(sc):
+        return "direct6" if sc.endswith("6") else "direct"
+
+    h = {(sc, t): statistics.median(ratios(sc, base(sc), t)) for sc, _ in SCENARIOS for t, _ in TESTS
+         if ratios(sc, base(sc), t)}
     print("headline: " + "; ".join(f"{sc} {t} {v:.2f}" for (sc, t), v in h.items()))
 
 

@@ -346,7 +346,7 @@ struct Cluster {
     client: Netns,
     nodes: Vec<Netns>,
     backends: Vec<Netns>,
-    _br: Netns,
+    br: Netns,
     dir: TempDir,
 }
 
@@ -410,13 +410,28 @@ fn lb_toml(mode: &str) -> String {
     s
 }
 
-/// BIRD on node `ip`: contrib/bird/bird.conf with this node's addresses and
-/// short timers. Each line replaced must be in the shipped file, so the
-/// example and the test stay one.
-fn node_bird(ip: &str) -> String {
-    let shipped = include_str!("../contrib/bird/bird.conf");
+/// BGP timers of the test: a lost session is noticed within 3 s, and a
+/// session comes up within a second or two of both daemons starting.
+const TIMERS: &str = "hold time 3; keepalive time 1; connect delay time 1; connect retry time 1;";
+
+/// A shipped BIRD example (contrib/bird/FILE) with each `from` replaced:
+/// each must be in the file, so the examples and the test stay one.
+fn from_shipped(file: &str, shipped: &str, edits: &[(String, String)]) -> String {
     let mut conf = shipped.to_string();
-    for (from, to) in [
+    for (from, to) in edits {
+        assert!(
+            conf.contains(from.as_str()),
+            "contrib/bird/{file} has no {from:?}: update tests/scaleout.rs with it"
+        );
+        conf = conf.replace(from.as_str(), to);
+    }
+    conf
+}
+
+/// BIRD on node `ip`: contrib/bird/bird.conf with this node's addresses
+/// and the test's timers.
+fn node_bird(ip: &str) -> String {
+    let edits = [
         ("log syslog all;", String::new()),
         ("router id 10.200.5.2;", format!("router id {ip};")),
         (
@@ -427,37 +442,42 @@ fn node_bird(ip: &str) -> String {
             "neighbor 10.200.5.1 as 65000;",
             format!("neighbor {ROUTER} as 65000;"),
         ),
-        (
-            "hold time 9;",
-            "hold time 3; keepalive time 1; connect delay time 1; connect retry time 1;".into(),
-        ),
-    ] {
-        assert!(
-            conf.contains(from),
-            "contrib/bird/bird.conf has no {from:?}: update tests/scaleout.rs with it"
-        );
-        conf = conf.replace(from, &to);
-    }
-    conf
+        ("hold time 9;", TIMERS.to_string()),
+    ];
+    let edits: Vec<(String, String)> = edits.into_iter().map(|(f, t)| (f.into(), t)).collect();
+    from_shipped(
+        "bird.conf",
+        include_str!("../contrib/bird/bird.conf"),
+        &edits,
+    )
 }
 
-/// BIRD on the router: every node's VIPs over eBGP, installed in the
-/// kernel as one multipath route (ECMP).
+/// BIRD on the router: contrib/bird/router.conf (eBGP from every node, one
+/// multipath kernel route per VIP) with the test's addresses and timers.
 fn router_bird() -> String {
-    let mut s = format!(
-        "router id {ROUTER};\n\
-         protocol device {{ }}\n\
-         protocol kernel {{\n\tipv4 {{ import none; export all; }};\n\tmerge paths yes;\n}}\n\
-         template bgp lbnode {{\n\tlocal {ROUTER} as 65000;\n\tipv4 {{ import all; export none; }};\n\
-         \thold time 3; keepalive time 1; connect delay time 1; connect retry time 1;\n}}\n"
-    );
+    let mut edits: Vec<(String, String)> = vec![
+        ("log syslog all;".into(), String::new()),
+        (
+            "router id 10.200.5.1;".into(),
+            format!("router id {ROUTER};"),
+        ),
+        (
+            "local 10.200.5.1 as 65000;".into(),
+            format!("local {ROUTER} as 65000;"),
+        ),
+        ("hold time 9;".into(), TIMERS.to_string()),
+    ];
     for (i, ip) in NODES.iter().enumerate() {
-        s += &format!(
-            "protocol bgp n{} from lbnode {{ neighbor {ip} as 65001; }}\n",
-            i + 1
-        );
+        edits.push((
+            format!("neighbor 10.200.5.{} as 65001;", i + 2),
+            format!("neighbor {ip} as 65001;"),
+        ));
     }
-    s
+    from_shipped(
+        "router.conf",
+        include_str!("../contrib/bird/router.conf"),
+        &edits,
+    )
 }
 
 impl Cluster {
@@ -534,7 +554,7 @@ impl Cluster {
             client,
             nodes,
             backends,
-            _br: br,
+            br,
             dir,
         };
         for (ns, (name, _)) in c.backends.iter().zip(BACKENDS) {
@@ -897,6 +917,22 @@ fn dsr_nodes_behind_ecmp_survive_a_node_loss() {
         }
     }
     c.assert_checksums();
+
+    // A node cut off (its link down, its lb and BIRD running on): the
+    // router drops it when the BGP hold time (3 s here) runs out, and new
+    // connections go to the node left.
+    let first = c.nexthops()[0].clone();
+    let cut = NODES.iter().position(|&a| a == first).unwrap();
+    let t0 = Instant::now();
+    c.br.ip(&["link", "set", "dev", &format!("pn{}", cut + 1), "down"]);
+    let (left, at) = c.wait_nexthops(1, Duration::from_secs(15));
+    eprintln!(
+        "cut n{}'s link: the router has {left:?} after {:?} (BGP hold time 3 s)",
+        cut + 1,
+        at - t0
+    );
+    let (ok, failed) = c.curls(10);
+    assert_eq!((ok.len(), failed), (10, 0), "after the cut: {ok:?}");
 }
 
 /// Full NAT, each node with its own SNAT address (`lb run --snat`): a

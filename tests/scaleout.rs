@@ -404,7 +404,7 @@ fn lb_toml(mode: &str) -> String {
     for (_, ip) in BACKENDS {
         s += &format!(
             "\n[[services.backends]]\naddr = \"{ip}:{PORT}\"\n\
-             check = {{ kind = \"tcp\", interval_ms = 500, timeout_ms = 400 }}\n"
+             check = {{ kind = \"tcp\", interval_ms = 1000, timeout_ms = 900, fall = 3 }}\n"
         );
     }
     s
@@ -825,6 +825,11 @@ fn lose_a_node(c: &mut Cluster, n: usize, position: usize) -> Loss {
     holder.send("stopping");
     let t0 = Instant::now();
     c.daemons[stopped].as_mut().unwrap().stop();
+    let lo = text(&c.nodes[stopped].ip(&["addr", "show", "dev", "lo"]).stdout);
+    assert!(
+        !lo.contains(VIP),
+        "the stopped node still holds the VIP:\n{lo}"
+    );
     let (left, at) = c.wait_nexthops(2, Duration::from_secs(15));
     holder.send("converged");
     eprintln!(

@@ -953,6 +953,19 @@ fn nat_nodes_behind_ecmp_lose_only_the_lost_nodes_connections() {
     }
     let mut c = Cluster::up("nat");
     converge_and_spread(&c, "nat");
+    // A reload reads the file again with the node's --snat: the same
+    // settings, so it applies.
+    let d = c.daemons[0].as_ref().unwrap();
+    kill(Pid::from_raw(d.child.id() as i32), Signal::SIGHUP).expect("SIGHUP");
+    let t0 = Instant::now();
+    while d.log().matches("config applied").count() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10) && !d.log().contains("reload failed"),
+            "n1 did not reload:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let l = lose_a_node(&mut c, 30, 1);
     let gone = snat(l.stopped);

@@ -236,6 +236,9 @@ pub enum Command {
         /// Print the changes only.
         #[arg(long)]
         dry_run: bool,
+        /// This node's SNAT addresses, in place of the file's settings.snat.
+        #[arg(long, value_name = "ADDR[,ADDR...]", value_parser = parse_snat)]
+        snat: Option<Addrs>,
     },
     /// Run in the foreground: apply FILE, health-check backends, reload on
     /// SIGHUP, stop on SIGTERM (the datapath stays attached).
@@ -246,6 +249,10 @@ pub enum Command {
         /// Serve Prometheus metrics on ADDR (IP:PORT, in the LB's namespace).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// This node's SNAT addresses, in place of the file's settings.snat
+        /// (every node runs the same file; in full NAT each needs its own).
+        #[arg(long, value_name = "ADDR[,ADDR...]", value_parser = parse_snat)]
+        snat: Option<Addrs>,
     },
     /// Test-topology helper: attach (or --remove) an XDP program that passes
     /// everything, as the peer of a veth needs for XDP_TX in native mode.
@@ -520,9 +527,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 _ => unreachable!("a backend edit"),
             }
         }
-        Command::Apply { file, dry_run } => {
+        Command::Apply {
+            file,
+            dry_run,
+            snat,
+        } => {
             let (_ns, pins) = prepare(&place)?;
-            let cfg = config::load(&file)?;
+            let mut cfg = config::load(&file)?;
+            if let Some(a) = snat {
+                cfg = cfg.with_snat(&a.0)?;
+            }
             let target = cfg.target(&Default::default());
             // A dry run reads only: no lock, nothing made.
             let _lock = if dry_run { None } else { Some(lock(&pins)?) };
@@ -550,7 +564,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("applied {} changes", plan.changes.len());
             }
         }
-        Command::Run { file, metrics } => {
+        Command::Run {
+            file,
+            metrics,
+            snat,
+        } => {
             if out.json {
                 bail!("lb run has no JSON output (it logs to stderr)");
             }
@@ -561,6 +579,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 netns: place.netns.clone(),
                 pin_dir: place.pin_dir.clone(),
                 metrics,
+                snat: snat.map(|a| a.0),
             })?;
         }
         Command::List => {

@@ -608,6 +608,20 @@ fn check_of(cx: &Ctx, c: &Spanned<RawCheck>) -> Result<Check> {
 // ----------------------------------------------------------------- target
 
 impl Config {
+    /// This node's SNAT addresses (`lb run --snat`, `lb apply --snat`) in
+    /// place of the file's `settings.snat`: the nodes of a scale-out run
+    /// one file (one Maglev table everywhere), and in full NAT each needs
+    /// addresses of its own, since replies must come back to the node that
+    /// made the mapping. Without a `[settings]` table: the defaults with
+    /// these addresses. Validated as the file's would be.
+    pub fn with_snat(mut self, snat: &[IpAddr]) -> Result<Self> {
+        let mut s = self.settings.take().unwrap_or_default();
+        s.snat = snat.to_vec();
+        s.validate().map_err(|e| anyhow!("--snat: {}", e.msg))?;
+        self.settings = Some(s);
+        Ok(self)
+    }
+
     /// What the file asks of an instance (interfaces attached if they are
     /// not, settings, exactly its services); backends in `out` get weight 0.
     pub fn target(&self, out: &HashSet<(Service, SocketAddr)>) -> Target {

@@ -37,6 +37,18 @@ pub struct Options {
     pub pin_dir: PathBuf,
     /// Where to serve metrics.
     pub metrics: Option<SocketAddr>,
+    /// This node's SNAT addresses (`--snat`), in place of the file's.
+    pub snat: Option<Vec<std::net::IpAddr>>,
+}
+
+/// The file, with this node's SNAT addresses if given (at start and at
+/// each reload).
+fn load(o: &Options) -> Result<Config> {
+    let cfg = config::load(&o.file)?;
+    match &o.snat {
+        Some(a) => cfg.with_snat(a),
+        None => Ok(cfg),
+    }
 }
 
 type Key = (Service, SocketAddr);
@@ -303,7 +315,7 @@ pub fn run(o: &Options) -> Result<()> {
     // health checks and metrics sockets too.
     let _ns = netns::enter_opt(o.netns.as_deref())?;
     let pins = PinDir::new(&o.pin_dir);
-    let cfg = config::load(&o.file)?;
+    let cfg = load(o)?;
     let view: HealthView = Arc::default();
     let mut st = State {
         cfg: cfg.clone(),
@@ -366,7 +378,7 @@ pub fn run(o: &Options) -> Result<()> {
         match ev {
             Event::Signal(Signal::SIGHUP) => {
                 info!(file = %o.file.display(), "SIGHUP: reloading");
-                match config::load(&o.file) {
+                match load(o) {
                     Err(e) => {
                         error!(error = %format!("{e:#}"), "reload failed: keeping the running config")
                     }

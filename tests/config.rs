@@ -667,3 +667,65 @@ fn concurrent_applies_take_turns() {
         }
     }
 }
+
+/// `--snat` (lb apply, lb run) puts this node's SNAT addresses in place of
+/// the file's `settings.snat` and keeps the file's other settings, so that
+/// the nodes of a scale-out run one file; an address that is not the
+/// node's is one error line naming `--snat`, and nothing is made.
+#[test]
+fn snat_flag_overrides_the_files() {
+    if !common::root_or_skip("snat_flag_overrides_the_files") {
+        return;
+    }
+    let ns = common::Netns::new("lbcfg");
+    ns.ip(&[
+        "link", "add", "name", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    for i in ["eth0", "eth1", "lo"] {
+        ns.ip(&["link", "set", "dev", i, "up"]);
+    }
+    ns.ip(&["addr", "add", "10.200.77.2/24", "dev", "eth0"]);
+    ns.ip(&["addr", "add", "10.200.78.1/32", "dev", "lo"]);
+    let pins = common::PinDir::new("lbcfg");
+    let inst = Inst {
+        ns: ns.name.clone(),
+        pins: &pins,
+        dir: tempdir::Dir::new(),
+    };
+    let src = "[settings]\nmax_flows = 65536\nmaglev_size = 1021\nsnat = [\"10.200.77.2\"]\n\n\
+               [[interfaces]]\nname = \"eth0\"\nmode = \"skb\"\n";
+    let f = inst.dir.0.join("lb.toml");
+    std::fs::write(&f, src).unwrap();
+    let f = f.to_str().unwrap();
+
+    let out = inst.lb(&["apply", "-f", f, "--snat", "10.200.78.9"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines().count() == 1 && err.contains("--snat") && err.contains("10.200.78.9"),
+        "{err}"
+    );
+    assert!(
+        !pins.path.join("conntrack").exists(),
+        "an instance was made"
+    );
+
+    let out = inst.lb(&["apply", "-f", f, "--snat", "10.200.78.1"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let st: Value =
+        serde_json::from_slice(&inst.lb(&["status", "--json"], &[]).stdout).expect("status");
+    assert_eq!(st["snat"][0]["addr"], "10.200.78.1", "{st:#}");
+    assert_eq!(st["snat"].as_array().unwrap().len(), 1, "{st:#}");
+    assert_eq!(st["settings"]["maglev_size"], 1021, "{st:#}");
+    // The same file and node again: the same settings, nothing to do; the
+    // file's own SNAT address is now another instance's settings.
+    let out = inst.lb(&["apply", "-f", f, "--snat", "10.200.78.1"], &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no changes"),
+        "{out:?}"
+    );
+    let out = inst.lb(&["apply", "-f", f], &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = inst.lb(&["detach", "eth0"], &[]);
+    assert!(out.status.success(), "{out:?}");
+}

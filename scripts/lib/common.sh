@@ -3,7 +3,7 @@
 
 # Debian packages the build, the tests and the demo need.
 LB_PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make bpftool iproute2
-	ethtool curl python3 util-linux clang-format wrk nginx)
+	ethtool curl python3 util-linux clang-format wrk nginx bird2)
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 

@@ -4,7 +4,7 @@
  * tracked flow is rewritten and sent on; a SYN (or UDP datagram) to a
  * service makes a flow; a SYN on a finished flow's ports reopens it; the
  * rest passes. Part of the pipeline (fam.h): compiled once per family
- * (direct server return, and fragments, are IPv4 only).
+ * (direct server return is IPv4 only).
  */
 
 /* The service of a packet to `k`: VIP:port, else VIP:0 (every port). */
@@ -191,10 +191,8 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 		return done(ctx, n, LB_PASS_NO_ROUTE, XDP_PASS);
 
 xmit:
-#if !LB_V6
 	if (p->frag && f->nh_ok)
-		frag_first(p, f, now);
-#endif
+		FN(frag_first)(p, f, now);
 	FN(nat_rewrite)(ctx, p, f);
 	count_backend(ctx, f->backend, new_flow);
 	if (new_flow)

@@ -140,10 +140,29 @@ static __always_inline int parse6(struct xdp_md *ctx, struct pkt6 *p)
 	ext = ipv6_skip_ext(&c, &nexthdr, dgram_end);
 	if (ext == IPV6_EXT_BAD)
 		return LB_PASS_MALFORMED;
-	if (ext == IPV6_EXT_FRAGMENT)
-		return LB_PASS_FRAGMENT;
-	if (ext != IPV6_EXT_OK)
+	if (ext == IPV6_EXT_FRAGMENT) {
+		/* RFC 8200 4.5: next header, reserved, offset (13 bits, in
+		 * 8 bytes) and M, identification. Only the first fragment
+		 * (offset 0) has the ports (frag6.h). */
+		__u8 *h = c.pos;
+		__u16 off;
+
+		if ((void *)(h + 8) > c.end || (void *)(h + 8) > dgram_end)
+			return LB_PASS_MALFORMED;
+		nexthdr = h[0];
+		off = ((__u16)h[2] << 8 | h[3]) >> 3;
+		p->frag_id = *(__be32 *)(h + 4);
+		p->key.proto = nexthdr;
+		if (off) {
+			p->frag = LB_FRAG_LATER;
+			return LB_PASS_FRAGMENT;
+		}
+		if (h[3] & 1)
+			p->frag = LB_FRAG_FIRST;
+		c.pos = h + 8;
+	} else if (ext != IPV6_EXT_OK) {
 		return LB_PASS_NOT_L4;
+	}
 	if (nexthdr == IPPROTO_TCP) {
 		struct tcphdr *tcp = parse_tcp(&c, dgram_end);
 
@@ -216,7 +235,13 @@ static __noinline int process6(struct xdp_md *ctx, struct verdict_note *n)
 	int why;
 
 	why = parse6(ctx, &p);
-	if (why == LB_PASS_NOT_L4 && p.key.proto == IPPROTO_ICMPV6) {
+	if (why == LB_PASS_FRAGMENT && p.frag == LB_FRAG_LATER) {
+		int act = frag_later6(ctx, &p, lb_now());
+
+		if (act >= 0)
+			return done(ctx, n, LB_FRAGMENT, act);
+	}
+	if (why == LB_PASS_NOT_L4 && p.key.proto == IPPROTO_ICMPV6 && p.ports) {
 		int act = icmp6_error(ctx, &p, p.ports,
 				      (void *)(p.ip6 + 1) +
 					  bpf_ntohs(p.ip6->payload_len));

@@ -192,6 +192,15 @@ struct frag_key {
 	__u8 pad;
 };
 
+/* An IPv6 datagram's fragments: what they share (RFC 8200 4.5). */
+struct frag6_key {
+	struct lb_in6 saddr;
+	struct lb_in6 daddr;
+	__be32 id;
+	__u8 proto;
+	__u8 pad[3];
+};
+
 /* Connection table key: a packet's addresses, ports and protocol. */
 struct flow_key {
 	__be32 saddr;

@@ -140,6 +140,14 @@ struct {
 	__type(value, struct flow);
 } frags SEC(".maps");
 
+/* The same for IPv6 datagrams (frag6.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct frag6_key);
+	__type(value, struct flow6);
+} frags6 SEC(".maps");
+
 /*
  * Direct server return: flow -> backend id, a cache that keeps a flow on
  * its backend while the Maglev table changes (the table alone gives the

@@ -69,7 +69,7 @@ static __always_inline int l4_csum_partial6(struct xdp_md *ctx, struct pkt6 *p)
 {
 	__u16 ps;
 
-	if (!skb_mode)
+	if (!skb_mode || p->frag)
 		return 0;
 	ps = pseudo_sum6(&p->key.saddr, &p->key.daddr, p->key.proto, p->l4_len);
 	if (*p->l4_check != ps)

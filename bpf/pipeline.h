@@ -19,6 +19,7 @@
 #include "frag.h"
 #include "icmp.h"
 #else
+#include "frag6.h"
 #include "icmp6.h"
 #endif
 #include "flow.h"

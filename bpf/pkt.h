@@ -25,9 +25,10 @@ struct pkt6 {
 	__be16 *ports;
 	__sum16 *l4_check;
 	struct flow6_key key;
-	__u16 l4_len; /* of the TCP or UDP segment */
+	__u16 l4_len; /* of the TCP or UDP segment (of this fragment) */
 	__u8 tcp_flags;
-	__u8 frag; /* always LB_FRAG_NONE: IPv6 fragments pass */
+	__u8 frag;	/* LB_FRAG_* */
+	__be32 frag_id; /* a fragment's: its datagram's identification */
 };
 
 #define LB_FRAG_NONE 0

@@ -150,6 +150,7 @@ pub const PINNED: &[&str] = &[
     "tx_ports",
     "nexthops",
     "frags",
+    "frags6",
     "dsr_flows",
     "dsr_services",
     "trace_rb",

@@ -354,9 +354,12 @@ fn routing8(left: u8) -> Vec<u8> {
     vec![0, 0, 4, left, 0, 0, 0, 0]
 }
 
-/// A fragment header: offset 0, more fragments.
-fn frag8() -> Vec<u8> {
-    vec![0, 0, 0, 1, 0, 0, 0, 7]
+/// A fragment header: offset `off` (8-byte units), more fragments if
+/// `more`, identification 7.
+fn frag8(off: u16, more: bool) -> Vec<u8> {
+    let v = (off << 3) | u16::from(more);
+    let [a, b] = v.to_be_bytes();
+    vec![0, 0, a, b, 0, 0, 0, 7]
 }
 
 #[test]
@@ -540,8 +543,8 @@ fn udp_and_what_passes() {
             "pass_not_l4",
         ),
         (
-            "fragment header",
-            with_ext(&syn(80), &[(44, frag8())]),
+            "later fragment of no datagram lb forwarded",
+            with_ext(&syn(80), &[(44, frag8(3, false))]),
             "pass_fragment",
         ),
         (
@@ -768,4 +771,63 @@ fn snat_pool_spreads_new_flows() {
         used.insert(src);
     }
     assert_eq!(used.len(), 2, "both pool addresses used: {used:?}");
+}
+
+#[test]
+fn fragments_follow_their_first() {
+    if !common::root_or_skip("fragments_follow_their_first") {
+        return;
+    }
+    let lab = Lab::new();
+    let mut st = MaybeUninit::uninit();
+    let lb = Lb::new(&lab, false, &mut st);
+    lb.service(53, Proto::Udp, &[BACKEND_A]);
+    let cmac = mac_of(CLIENT);
+    let (client, vip) = (sa(CLIENT, 5353), sa(VIP, 53));
+    // A 64-byte datagram (8 UDP + 56) cut in two: the first fragment has
+    // the UDP header and 24 bytes, the second the other 32 (offset 4).
+    let payload: Vec<u8> = (0..56u8).collect();
+    let whole = udp(cmac, ETH0_MAC, client, vip, &payload);
+    let seg = &whole[14 + 40..];
+    let mut first = with_ext(&whole[..14 + 40 + 32], &[(44, frag8(0, true))]);
+    first[18..20].copy_from_slice(&(8u16 + 32).to_be_bytes());
+    let mut later = [&whole[..14 + 40], &seg[32..]].concat();
+    later = with_ext(&later, &[(44, frag8(4, false))]);
+    later[14 + 40] = 17; // the fragment header's next header: UDP
+    let (v, out1) = lb.step("first fragment", &first, &["to_backend", "new_flow"]);
+    assert_eq!(v, XDP_TX);
+    let (v, out2) = lb.step("later fragment", &later, &["to_backend", "fragment"]);
+    assert_eq!(v, XDP_TX);
+    let c = lb.conn();
+    let std::net::IpAddr::V6(nat) = c.nat.ip() else {
+        unreachable!()
+    };
+    for (what, out, src) in [("first", &out1, &first), ("later", &out2, &later)] {
+        assert_eq!(&out[0..6], &mac_of(BACKEND_A), "{what}: to the backend");
+        assert_eq!(
+            &out[14 + 8..14 + 24],
+            &nat.octets(),
+            "{what}: from the NAT address"
+        );
+        assert_eq!(
+            &out[14 + 24..14 + 40],
+            &BACKEND_A.octets(),
+            "{what}: to the backend"
+        );
+        assert_eq!(out.len(), src.len(), "{what}");
+    }
+    assert_eq!(
+        &out2[14 + 40..],
+        &later[14 + 40..],
+        "the later fragment's rest unchanged"
+    );
+    // Reassembled, the datagram's checksum holds for the new addresses.
+    let mut dgram = out1[14 + 48..].to_vec();
+    dgram.extend_from_slice(&out2[14 + 48..]);
+    assert_eq!(dgram.len(), 64);
+    assert!(
+        l4_valid(nat, BACKEND_A, 17, &dgram),
+        "UDP checksum of the reassembled datagram"
+    );
+    assert_eq!(u16::from_be_bytes([dgram[0], dgram[1]]), c.nat.port());
 }

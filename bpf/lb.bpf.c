@@ -7,8 +7,9 @@
  *
  * A connection table remembers both directions of every flow; a new flow
  * picks its backend from the service's Maglev table. ICMP errors about a
- * tracked flow go to its other end, translated (icmp.h). Everything else
- * passes to the kernel untouched.
+ * tracked flow go to its other end, translated (icmp.h). Services in
+ * DSR or IP-in-IP mode send the client's packet itself to the backend
+ * (dsr.h, ipip.h). Everything else passes to the kernel untouched.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -263,13 +264,13 @@ static __always_inline int process(struct xdp_md *ctx, struct verdict_note *n)
 		/* Only a SYN opens a TCP connection: a stray segment (of a
 		 * flow that ended, or a flood of ACKs) goes to the kernel,
 		 * which answers with a RST, and costs no table entries;
-		 * unless it is for a DSR service (any packet there). */
+		 * unless it is for a DSR or IPIP service (any packet there). */
 		if (p.key.proto == IPPROTO_TCP && !is_syn(&p) && !dsr_any())
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		svc = service_of(&p.key);
 		if (!svc)
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-		if (svc->flags & LB_SVC_DSR) {
+		if (svc->flags & (LB_SVC_DSR | LB_SVC_IPIP)) {
 			int dsr_why = 0, dsr_new = 0;
 			int act = dsr_forward(ctx, &p, svc->id, svc->flags, now,
 					      &dsr_why, &dsr_new);

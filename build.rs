@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use libbpf_cargo::SkeletonBuilder;
 use libbpf_rs::btf::{types::Enum, Btf};
 
-const PROGRAMS: &[&str] = &["lb", "pass", "fwd"];
+const PROGRAMS: &[&str] = &["lb", "pass", "fwd", "decap"];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));

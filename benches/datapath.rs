@@ -12,7 +12,10 @@
 //! - new flow: the rewritten packet (LB:natport -> backend) is itself a
 //!   service whose backend is the first VIP, so every run misses the table
 //!   and creates a flow with a fresh NAT port;
-//! - passed: a packet for nobody is left untouched.
+//! - passed: a packet for nobody is left untouched;
+//! - ipip: the output is wrapped once more at every rerun, so it is timed
+//!   one run a call, as the new flows are (compare with "empty (1 run a
+//!   call)").
 
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
@@ -581,6 +584,23 @@ fn main() -> Result<()> {
             if counter(&m, "to_backend")? - before != 3 * u64::from(repeat) {
                 bail!("dsr: not every run was forwarded");
             }
+            // IPIP: a packet of an IPIP service, its flow cached. The
+            // output is wrapped in an outer header, which a rerun would
+            // wrap again: timed one run a call (distinct copies of one
+            // frame), like the new flows, next to "empty (1 run a call)".
+            let ipip = Service::new(SocketAddrV4::new(VIP, 91), Proto::Tcp);
+            let conf = lb::model::SvcConf {
+                mode: lb::model::FwdMode::Ipip,
+                ..Default::default()
+            };
+            service::service_add_conf(&m, &ipip, conf)?;
+            service::backend_add(&m, &ipip, SocketAddrV4::new(BACKEND, 91), 1)?;
+            let ipip_frame = tcp_frame(CLIENT, 40004, VIP, 91);
+            let before = counter(&m, "to_backend")?;
+            let ipip_ns = time_frames(prog, ifindex, |_, _| ipip_frame.clone(), new_repeat)?;
+            if counter(&m, "to_backend")? - before != 3 * u64::from(new_repeat) {
+                bail!("ipip: not every run was encapsulated");
+            }
             let (est6, ret6, new6) = ipv6_paths(&m, prog, ifindex, repeat, new_repeat)?;
             // Tracing on (every packet into the ring buffer, nobody reading:
             // once it is full, each event is a failed reserve counted
@@ -610,6 +630,7 @@ fn main() -> Result<()> {
                 ("passed (not ours)", passed),
                 ("passed (not IP)", not_ip),
                 ("dsr", dsr_ns),
+                ("ipip (1 run a call)", ipip_ns),
             ] {
                 rows.push(Row {
                     path: path.into(),

@@ -7,6 +7,7 @@
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86dd
 #define IPPROTO_ICMP 1
+#define IPPROTO_IPIP 4 /* IPv4 in IPv4 (RFC 2003) */
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define IPPROTO_ICMPV6 58
@@ -20,6 +21,7 @@
 #define IPV6_DSTOPTS 60
 
 /* frag_off bits (host order) */
+#define IP_DF 0x4000
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 

@@ -1,14 +1,18 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /*
- * Direct server return (L2), a service's other forwarding mode: the packet
- * goes to the backend unchanged but for its MACs (the backend holds the VIP
- * on its loopback and answers the client itself; the return path never
- * touches the LB). Every packet of a DSR service is forwarded, not only a
- * SYN: a flow this node has not seen (moved here from another lb node by
- * ECMP) gets the backend the Maglev table gives, which every node computes
- * alike. dsr_flows caches each flow's backend so that a Maglev change
- * (weights, a backend added) does not move established flows; a cached
- * backend that no longer belongs to the service is replaced.
+ * The forwarding modes in which the backend answers the client itself:
+ * direct server return (L2: the packet goes to the backend unchanged but
+ * for its MACs, so the backend must be on the LB's link) and IP-in-IP (the
+ * packet, unchanged, in an outer header to the backend, anywhere it is
+ * routed: ipip.h). The backend holds the VIP on its loopback; the return
+ * path never touches the LB. The two share everything but the rewrite:
+ *
+ * Every packet of such a service is forwarded, not only a SYN: a flow this
+ * node has not seen (moved here from another lb node by ECMP) gets the
+ * backend the Maglev table gives, which every node computes alike.
+ * dsr_flows caches each flow's backend so that a Maglev change (weights, a
+ * backend added) does not move established flows; a cached backend that no
+ * longer belongs to the service is replaced.
  */
 #ifndef LB_DSR_H
 #define LB_DSR_H
@@ -17,7 +21,7 @@
 #include "maps.h"
 #include "pkt.h"
 
-/* Whether any service is DSR. */
+/* Whether any service is DSR or IPIP (the CLI counts both). */
 static __always_inline int dsr_any(void)
 {
 	__u32 zero = 0, *n = bpf_map_lookup_elem(&dsr_services, &zero);
@@ -36,8 +40,9 @@ static __always_inline struct backend *dsr_cached(__u32 id, __u32 svc_id)
 	return be;
 }
 
-/* Forwards a packet of DSR service `svc_id`; its verdict, the counter to
- * count it under in *why, and whether it made a flow in *new_flow. */
+/* Forwards a packet of DSR or IPIP service `svc_id` (by svc_flags); its
+ * verdict, the counter to count it under in *why, and whether it made a
+ * flow in *new_flow. A flow is cached (made) once its packet goes on. */
 static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
 				       __u32 svc_id, __u32 svc_flags, __u64 now,
 				       int *why, int *new_flow)
@@ -45,7 +50,7 @@ static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
 	struct dsr_flow *c = bpf_map_lookup_elem(&dsr_flows, &p->key);
 	struct flow f = {};
 	struct backend *be = NULL;
-	int rc;
+	int rc, ipip = svc_flags & LB_SVC_IPIP;
 
 	if (c)
 		be = dsr_cached(c->backend, svc_id);
@@ -54,33 +59,45 @@ static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
 		if (c->seen != now)
 			c->seen = now;
 	} else {
-		struct dsr_flow nc = {.seen = now};
-
 		be = backend_pick(svc_id, pick_hash(&p->key, svc_flags),
 				  &f.backend);
 		if (!be) {
 			*why = LB_DROP_NO_BACKEND;
 			return XDP_DROP;
 		}
-		nc.backend = f.backend;
-		bpf_map_update_elem(&dsr_flows, &p->key, &nc, BPF_ANY);
 		*new_flow = 1;
 	}
 	f.daddr = be->ip;
 	f.svc = svc_id;
 	rc = backend_route(ctx, &f, now);
 	if (rc == LB_PASS_NO_ROUTE) {
+		*new_flow = 0;
 		*why = LB_PASS_NO_ROUTE;
 		return XDP_PASS;
 	}
-	if (rc) {
-		/* The kernel would deliver it to the VIP it holds: drop, and
-		 * the backend's neighbour gets resolved (lb resolves it when a
-		 * backend is added; a retransmission then goes through). */
+	/* DSR, unresolved: the kernel would deliver it to the VIP it holds:
+	 * drop, and the backend's neighbour gets resolved (lb resolves it
+	 * when a backend is added; a retransmission then goes through). IPIP,
+	 * unresolved: wrapped, the packet is addressed to the backend, and
+	 * the kernel forwards it (ipip_xmit). */
+	if (rc && !ipip) {
+		*new_flow = 0;
 		*why = LB_DROP_NO_NEIGH;
 		return XDP_DROP;
 	}
+	if (ipip && !ipip_fits(ctx, p, f.ifindex)) {
+		*new_flow = 0;
+		*why = LB_DROP_TOO_BIG;
+		return XDP_DROP;
+	}
+	if (*new_flow) {
+		struct dsr_flow nc = {.backend = f.backend, .seen = now};
+
+		bpf_map_update_elem(&dsr_flows, &p->key, &nc, BPF_ANY);
+	}
 	count_backend(ctx, f.backend, *new_flow);
+	if (ipip)
+		return ipip_xmit(ctx, p, &f, why);
 	*why = LB_TO_BACKEND;
 	return nat_xmit(ctx, p, &f);
 }

@@ -143,7 +143,7 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 		/* Only a SYN opens a TCP connection: a stray segment (of a
 		 * flow that ended, or a flood of ACKs) goes to the kernel,
 		 * which answers with a RST, and costs no table entries;
-		 * unless it is for a DSR service (any packet there). */
+		 * unless it is for a DSR or IPIP service (any packet there). */
 #if LB_V6
 		if (p->key.proto == IPPROTO_TCP && !is_syn(p))
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
@@ -155,7 +155,7 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 		if (!svc)
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 #if !LB_V6
-		if (svc->flags & LB_SVC_DSR) {
+		if (svc->flags & (LB_SVC_DSR | LB_SVC_IPIP)) {
 			int dsr_why = 0, dsr_new = 0;
 			int act = dsr_forward(ctx, p, svc->id, svc->flags, now,
 					      &dsr_why, &dsr_new);

@@ -9,8 +9,10 @@
  * A connection table remembers both directions of every flow; a new flow
  * picks its backend from the service's Maglev table. The pipeline that does
  * it is written once and compiled per family (pipeline.h, fam.h). ICMP
- * errors about a tracked flow go to its other end, translated (icmp.h).
- * Everything else passes to the kernel untouched.
+ * errors about a tracked flow go to its other end, translated (icmp.h,
+ * icmp6.h). IPv4 services in DSR or IP-in-IP mode send the client's packet
+ * itself to the backend (dsr.h, ipip.h). Everything else passes to the
+ * kernel untouched.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>

@@ -59,6 +59,8 @@ enum lb_stat {
 			    connection lost (--max-flows, --max-half-open) */
 	LB_DROP_NO_NEIGH, /* DSR: the backend's MAC is not resolved yet (the
 			     kernel cannot forward for a VIP it holds) */
+	LB_DROP_TOO_BIG,  /* IPIP: with the outer header the packet would
+			     exceed the egress interface's MTU */
 	LB_STAT_MAX,
 };
 
@@ -151,6 +153,10 @@ enum svc_flags {
 	/* Client affinity: a new flow's backend from the hash of the client
 	 * address alone, so all of a client's connections go to one. */
 	LB_SVC_CLIENT_IP = 2,
+	/* IP-in-IP: the packet, unchanged, in an outer IPv4 header LB ->
+	 * backend; the backend decapsulates it and answers the client itself
+	 * (bpf/ipip.h). Never with LB_SVC_DSR. */
+	LB_SVC_IPIP = 4,
 	/* The scheduler (the datapath does not read these: lb run adjusts
 	 * the Maglev weights of such a service). */
 	LB_SVC_LEAST_CONN = 0x100,

@@ -98,23 +98,30 @@ static __always_inline void nat_rewrite6(struct xdp_md *ctx, struct pkt6 *p,
 	p->ports[1] = f->dport;
 }
 
+/* The verdict that sends the frame out of `ifindex`, another interface
+ * than the ingress one: a redirect, through the devmap of lb's interfaces
+ * when it is one of them. */
+static __always_inline int xmit_ifindex(struct xdp_md *ctx, __u32 ifindex)
+{
+	long act = bpf_redirect_map(&tx_ports, ifindex, XDP_PASS);
+
+	if (act == XDP_PASS)
+		act = bpf_redirect(ifindex, 0);
+	return act;
+}
+
 #endif /* LB_NAT_ONCE */
 
 /* Send a rewritten packet to the flow's next hop: XDP_TX when it leaves by
- * the ingress interface, else a redirect (through the devmap of lb's
- * interfaces when it is one of them). */
+ * the ingress interface, else a redirect (xmit_ifindex). */
 static __always_inline int FN(nat_xmit)(struct xdp_md *ctx, PKT *p,
 					const FLOW *f)
 {
 	__u32 ifindex = f->ifindex;
-	long act;
 
 	__builtin_memcpy(p->eth->h_source, f->smac, ETH_ALEN);
 	__builtin_memcpy(p->eth->h_dest, f->dmac, ETH_ALEN);
 	if (ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
-	act = bpf_redirect_map(&tx_ports, ifindex, XDP_PASS);
-	if (act == XDP_PASS)
-		act = bpf_redirect(ifindex, 0);
-	return act;
+	return xmit_ifindex(ctx, ifindex);
 }

@@ -15,6 +15,7 @@
 #include "natport.h"
 #include "conntrack.h"
 #if !LB_V6
+#include "ipip.h"
 #include "dsr.h"
 #include "frag.h"
 #include "icmp.h"

@@ -254,6 +254,25 @@ pub enum Command {
         #[arg(long, value_name = "ADDR[,ADDR...]", value_parser = parse_snat)]
         snat: Option<Addrs>,
     },
+    /// On a backend of an IPIP service: attach to IFACE (or --detach) the
+    /// XDP program that removes the outer header of IP-in-IP packets and
+    /// hands the client's packet to the kernel; --stats: its counters.
+    /// Pinned under --pin-dir [/sys/fs/bpf/lb-decap], apart from lb's.
+    Decap {
+        /// Interface to decapsulate on.
+        #[arg(required_unless_present = "stats", conflicts_with = "stats")]
+        iface: Option<String>,
+        /// XDP mode.
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        /// Detach from IFACE and remove its pins instead.
+        #[arg(long)]
+        detach: bool,
+        /// Print the counters: decapsulated, passed (not IPIP, fragment,
+        /// malformed).
+        #[arg(long, conflicts_with = "detach")]
+        stats: bool,
+    },
     /// Test-topology helper: attach (or --remove) an XDP program that passes
     /// everything, as the peer of a veth needs for XDP_TX in native mode.
     #[command(hide = true)]
@@ -687,6 +706,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 eprintln!("lb: {lost} packets not traced: the ring buffer was full (try --sample)");
             }
         }
+        Command::Decap {
+            iface,
+            mode,
+            detach,
+            stats,
+        } => return decap(&place, out, iface, mode, detach, stats),
         Command::PeerPass {
             iface,
             remove,
@@ -702,6 +727,64 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `lb decap`: attach, detach or show the counters of the decapsulation
+/// program. Its pins default to their own directory, not lb's.
+fn decap(
+    place: &Place,
+    out: Out,
+    iface: Option<String>,
+    mode: Mode,
+    detach: bool,
+    stats: bool,
+) -> Result<()> {
+    let dir = if place.pin_dir == std::path::Path::new(bpffs::DEFAULT_PIN_DIR) {
+        PathBuf::from(crate::decap::DEFAULT_PIN_DIR)
+    } else {
+        place.pin_dir.clone()
+    };
+    net::require_root()?;
+    bpffs::ensure_mounted(&dir)?;
+    let _ns = netns::enter_opt(place.netns.as_deref())?;
+    let pins = PinDir::new(&dir);
+    if stats {
+        let c = crate::decap::stats(&pins)?;
+        if out.json {
+            return print_json(
+                &serde_json::json!({"pin_dir": dir.display().to_string(), "counters": crate::output::Counters(&c)}),
+            );
+        }
+        print_counters(&c);
+        return Ok(());
+    }
+    let iface = iface.expect("clap requires IFACE without --stats");
+    if detach {
+        let removed = crate::decap::detach(&iface, &pins)?;
+        if out.json {
+            return print_json(&serde_json::json!({"iface": iface, "removed": removed}));
+        }
+        println!("detached lb decap from {iface}");
+        for r in removed {
+            println!("removed {r}");
+        }
+        return Ok(());
+    }
+    let a = crate::decap::attach(&iface, mode, &pins)?;
+    if out.json {
+        return print_json(&a);
+    }
+    let verb = if a.replaced {
+        "replaced the decap program on"
+    } else {
+        "decapsulating IP-in-IP on"
+    };
+    println!(
+        "{verb} {} (ifindex {}): program id {}, {} mode",
+        a.iface, a.ifindex, a.prog_id, a.mode
+    );
+    println!("pinned under {}: link {}", dir.display(), a.link_pin);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;
+pub mod decap;
 pub mod health;
 pub mod loader;
 pub mod lock;

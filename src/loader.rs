@@ -178,7 +178,7 @@ pub struct Attachment {
 }
 
 /// Removes, on drop, the pins created so far unless disarmed.
-struct PinRollback(Vec<PathBuf>);
+pub(crate) struct PinRollback(pub(crate) Vec<PathBuf>);
 
 impl Drop for PinRollback {
     fn drop(&mut self) {
@@ -319,7 +319,7 @@ pub fn attach(
 /// namespace. Interface indexes repeat across namespaces and pins are shared
 /// by all of them, so the index alone is not enough: the program the
 /// interface runs must be the link's.
-fn link_is_on(info: &xdp::LinkInfo, ifindex: u32) -> Result<bool> {
+pub(crate) fn link_is_on(info: &xdp::LinkInfo, ifindex: u32) -> Result<bool> {
     Ok(info.ifindex == ifindex && xdp::query(ifindex)?.prog_id == info.prog_id)
 }
 

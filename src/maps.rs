@@ -89,6 +89,7 @@ pub fn svc_flags(conf: &crate::model::SvcConf) -> u32 {
     let mode = match conf.mode {
         crate::model::FwdMode::Nat => 0,
         crate::model::FwdMode::Dsr => types::svc_flags::LB_SVC_DSR.0,
+        crate::model::FwdMode::Ipip => types::svc_flags::LB_SVC_IPIP.0,
     };
     let affinity = match conf.affinity {
         crate::model::Affinity::None => 0,
@@ -107,6 +108,8 @@ pub fn svc_conf(v: &SvcValue) -> crate::model::SvcConf {
     crate::model::SvcConf {
         mode: if v.flags & types::svc_flags::LB_SVC_DSR.0 != 0 {
             crate::model::FwdMode::Dsr
+        } else if v.flags & types::svc_flags::LB_SVC_IPIP.0 != 0 {
+            crate::model::FwdMode::Ipip
         } else {
             crate::model::FwdMode::Nat
         },
@@ -125,8 +128,8 @@ pub fn svc_conf(v: &SvcValue) -> crate::model::SvcConf {
     }
 }
 
-/// Tells the datapath how many DSR services there are (it looks a stray
-/// TCP segment's service up only while there are).
+/// Tells the datapath how many DSR and IPIP services there are (it looks a
+/// stray TCP segment's service up only while there are).
 pub fn set_dsr_services(m: &Maps, n: u32) -> Result<()> {
     m.dsr_services
         .update(&0u32.to_ne_bytes(), &n.to_ne_bytes(), MapFlags::ANY)

@@ -126,12 +126,24 @@ pub struct Backend {
 #[serde(rename_all = "lowercase")]
 pub enum FwdMode {
     /// Full NAT: the destination becomes the backend, the source an SNAT
-    /// address and port, both ways (the only mode of the datapath today).
+    /// address and port, both ways.
     #[default]
     Nat,
     /// Direct server return (L2): only the destination MAC changes; the
     /// backend holds the VIP on its loopback and answers the client itself.
     Dsr,
+    /// IP-in-IP: the packet, unchanged, in an outer IPv4 header to the
+    /// backend (on any routed subnet), which decapsulates it (`lb decap`),
+    /// holds the VIP on its loopback and answers the client itself.
+    Ipip,
+}
+
+impl FwdMode {
+    /// Whether the backend answers the client itself (DSR, IPIP): the
+    /// packet keeps its destination, and the answers bypass the LB.
+    pub fn is_direct(self) -> bool {
+        matches!(self, FwdMode::Dsr | FwdMode::Ipip)
+    }
 }
 
 /// How a service picks a backend for a new flow.
@@ -311,12 +323,13 @@ pub fn check_backend(svc: &Service, addr: SocketAddr) -> Result<()> {
 }
 
 /// Checks what a service's forwarding mode asks of its backend `addr`: in
-/// DSR the packet keeps its destination, so the backend's port is the
-/// service's (or 0, the port the client used).
+/// DSR and IPIP the packet keeps its destination, so the backend's port is
+/// the service's (or 0, the port the client used).
 pub fn check_mode_backend(conf: &SvcConf, svc: &Service, addr: SocketAddr) -> Result<()> {
-    if conf.mode == FwdMode::Dsr && addr.port() != 0 && addr.port() != svc.port {
+    if conf.mode.is_direct() && addr.port() != 0 && addr.port() != svc.port {
+        let m = conf.mode.to_string().to_uppercase();
         bail!(
-            "backend {addr} of DSR service {svc}: in DSR the backend's port must be the service's ({}) or 0",
+            "backend {addr} of {m} service {svc}: in {m} the backend's port must be the service's ({}) or 0",
             svc.port
         );
     }
@@ -351,13 +364,15 @@ mod tests {
         assert_eq!(FwdMode::Nat.to_string(), "nat");
         assert_eq!(Scheduler::Maglev.to_string(), "maglev");
         assert_eq!(
-            format!("{:#}", "ipip".parse::<FwdMode>().unwrap_err()),
-            "'ipip' is not one of nat, dsr"
+            format!("{:#}", "gre".parse::<FwdMode>().unwrap_err()),
+            "'gre' is not one of nat, dsr, ipip"
         );
         assert_eq!("dsr".parse::<FwdMode>().unwrap(), FwdMode::Dsr);
+        assert_eq!("ipip".parse::<FwdMode>().unwrap(), FwdMode::Ipip);
+        assert_eq!(FwdMode::Ipip.to_string(), "ipip");
         assert_eq!(
             format!("{:#}", "NAT".parse::<FwdMode>().unwrap_err()),
-            "'NAT' is not one of nat, dsr"
+            "'NAT' is not one of nat, dsr, ipip"
         );
         assert_eq!(
             format!("{:#}", "rr".parse::<Scheduler>().unwrap_err()),

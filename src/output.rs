@@ -17,6 +17,15 @@ pub fn by_name<S: Serializer>(c: &[(String, Counter)], s: S) -> Result<S::Ok, S:
     m.end()
 }
 
+/// Counters by name, serialised as an object keyed by name.
+pub struct Counters<'a>(pub &'a [(String, Counter)]);
+
+impl serde::Serialize for Counters<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        by_name(self.0, s)
+    }
+}
+
 /// One change as JSON: `{"op": ..., ...}`, a service as everywhere else
 /// (`{"vip", "port", "proto"}`) and, once made (`after`), the ids given.
 pub fn change(c: &Change, after: Option<&Loaded>) -> Value {

@@ -562,10 +562,11 @@ impl Writer<'_> {
                     svc_id: ls.id,
                 };
                 service::create_backend(m, &b, &ls.table(), size)?;
-                if ls.conf.mode == crate::model::FwdMode::Dsr {
+                if ls.conf.mode.is_direct() {
                     // The datapath forwards a DSR packet only to a
-                    // resolved MAC (the kernel would take it for the VIP):
-                    // have the kernel resolve it now.
+                    // resolved MAC (the kernel would take it for the VIP),
+                    // and an IPIP one best so: have the kernel resolve it
+                    // now (an IPIP backend's router, if it is behind one).
                     crate::net::resolve_neighbour(a.ip());
                 }
                 st.used_backends.insert(id);
@@ -614,11 +615,12 @@ impl Writer<'_> {
             }
         }
         if matches!(c, Change::AddService(..) | Change::DelService(..)) {
-            // The datapath looks for DSR services only while there are.
+            // The datapath looks for DSR and IPIP services only while
+            // there are.
             let n = st
                 .services
                 .values()
-                .filter(|l| l.conf.mode == crate::model::FwdMode::Dsr)
+                .filter(|l| l.conf.mode.is_direct())
                 .count();
             maps::set_dsr_services(m, n as u32)?;
         }

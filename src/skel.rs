@@ -16,3 +16,8 @@ pub mod pass {
 pub mod lb_stat {
     include!(concat!(env!("OUT_DIR"), "/lb_stat.rs"));
 }
+
+/// The IP-in-IP decapsulation program of IPIP backends (bpf/decap.bpf.c).
+pub mod decap {
+    include!(concat!(env!("OUT_DIR"), "/decap.skel.rs"));
+}

@@ -285,6 +285,7 @@ mod tests {
         "fragment",
         "evicted",
         "drop_no_neigh",
+        "drop_too_big",
     ];
 
     #[test]

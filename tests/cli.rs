@@ -416,9 +416,9 @@ fn service_errors_change_nothing() {
             vec!["not a unicast address"],
         ),
         (
-            vec!["service", "add", "10.200.0.2:82", "--mode", "ipip"],
+            vec!["service", "add", "10.200.0.2:82", "--mode", "gue"],
             2,
-            vec!["'ipip'", "--mode", "possible values: nat, dsr"],
+            vec!["'gue'", "--mode", "possible values: nat, dsr, ipip"],
         ),
         (
             vec!["service", "add", "10.200.0.2:82", "--scheduler", "rr"],

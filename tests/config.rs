@@ -114,8 +114,8 @@ fn validation_messages() {
             "f.toml:7:9: services.proto: 'sctp' is not tcp or udp",
         ),
         (
-            format!("{BASE}mode = \"ipip\"\n"),
-            "f.toml:7:8: services.mode: 'ipip' is not one of nat, dsr",
+            format!("{BASE}mode = \"gre\"\n"),
+            "f.toml:7:8: services.mode: 'gre' is not one of nat, dsr, ipip",
         ),
         (
             format!("{BASE}mode = \"dsr\"\n[[services.backends]]\naddr = \"10.200.0.11:8080\"\n"),
@@ -502,8 +502,8 @@ fn apply_end_to_end() {
             "bad8.toml:19:8: services.mode: service [fd00::2]:80/tcp: mode dsr is IPv4 only for now (IPv6 services use nat)",
         ),
         (
-            file(&[(a, 1)], "").replace("port = 80\n", "port = 80\nmode = \"ipip\"\n"),
-            "bad9.toml:11:8: services.mode: 'ipip' is not one of nat, dsr",
+            file(&[(a, 1)], "").replace("port = 80\n", "port = 80\nmode = \"gre\"\n"),
+            "bad9.toml:11:8: services.mode: 'gre' is not one of nat, dsr, ipip",
         ),
     ];
     for (i, (src, want)) in bad.iter().enumerate() {

@@ -867,39 +867,7 @@ impl<'obj> Lb<'obj> {
     /// Runs the program once on `frame` as if it arrived on `ifindex`;
     /// returns the verdict and the frame as the program left it.
     fn run(&self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>), libbpf_rs::Error> {
-        // The kernel wants at least an Ethernet header of input. A shorter
-        // frame is given behind metadata (xdp_md.data = metadata length),
-        // which the program's data..data_end does not cover. Kernels that
-        // count the minimum after the metadata (6.18 does) refuse it with
-        // EINVAL.
-        let meta = if frame.len() < ETH_HLEN {
-            (ETH_HLEN - frame.len()).div_ceil(4) * 4
-        } else {
-            0
-        };
-        let mut data_in = vec![0u8; meta];
-        data_in.extend_from_slice(frame);
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
-        //                 rx_queue_index, egress_ifindex }
-        let md: [u32; 6] = [meta as u32, data_in.len() as u32, 0, ifindex, 0, 0];
-        let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut out = vec![0u8; data_in.len() + 256];
-        let input = ProgramInput {
-            context_in: Some(&mut ctx),
-            data_in: Some(&data_in),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        };
-        let res = self.skel.progs.lb_xdp.test_run(input)?;
-        let verdict = res.return_value;
-        let len = res.data.as_ref().map_or(0, |d| d.len());
-        assert!(
-            len >= meta,
-            "test_run returned {len} bytes, less than the metadata"
-        );
-        out.truncate(len);
-        Ok((verdict, out.split_off(meta)))
+        run_prog(&self.skel.progs.lb_xdp, ifindex, frame)
     }
 
     fn counters(&self) -> Vec<stats::Counter> {
@@ -1356,6 +1324,48 @@ impl<'obj> Lb<'obj> {
             &["to_client"],
         )
     }
+}
+
+/// Runs `prog` once on `frame` as if it arrived on `ifindex`; returns the
+/// verdict and the frame as the program left it.
+fn run_prog(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    ifindex: u32,
+    frame: &[u8],
+) -> Result<(u32, Vec<u8>), libbpf_rs::Error> {
+    // The kernel wants at least an Ethernet header of input. A shorter
+    // frame is given behind metadata (xdp_md.data = metadata length),
+    // which the program's data..data_end does not cover. Kernels that
+    // count the minimum after the metadata (6.18 does) refuse it with
+    // EINVAL.
+    let meta = if frame.len() < ETH_HLEN {
+        (ETH_HLEN - frame.len()).div_ceil(4) * 4
+    } else {
+        0
+    };
+    let mut data_in = vec![0u8; meta];
+    data_in.extend_from_slice(frame);
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
+    //                 rx_queue_index, egress_ifindex }
+    let md: [u32; 6] = [meta as u32, data_in.len() as u32, 0, ifindex, 0, 0];
+    let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let mut out = vec![0u8; data_in.len() + 256];
+    let input = ProgramInput {
+        context_in: Some(&mut ctx),
+        data_in: Some(&data_in),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    };
+    let res = prog.test_run(input)?;
+    let verdict = res.return_value;
+    let len = res.data.as_ref().map_or(0, |d| d.len());
+    assert!(
+        len >= meta,
+        "test_run returned {len} bytes, less than the metadata"
+    );
+    out.truncate(len);
+    Ok((verdict, out.split_off(meta)))
 }
 
 /// The counters that moved, for messages.
@@ -3972,4 +3982,367 @@ fn unanswered_syns_are_counted() {
         (2, 1, 1),
         "{st:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// IP-in-IP: the LB's encapsulation and the backends' decapsulation.
+
+const IPIP: u8 = 4;
+
+/// `inner` (an Ethernet frame) as an IPIP service sends it, built with
+/// etherparse: the IP packet unchanged (padding included) after an outer
+/// header `src` -> `dst` (protocol 4, TTL 64, TOS and DF of the inner, id 0
+/// with DF, else the inner's), between the MACs given.
+fn encapsulated(
+    inner: &[u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+) -> Vec<u8> {
+    let ip = &inner[ETH_HLEN..];
+    let tot = u16::from_be_bytes([ip[2], ip[3]]);
+    let df = ip[6] & 0x40 != 0;
+    let mut outer = Ipv4Header::new(tot, 64, IpNumber(IPIP), src.octets(), dst.octets()).unwrap();
+    outer.dscp = etherparse::IpDscp::try_new(ip[1] >> 2).unwrap();
+    outer.ecn = etherparse::IpEcn::try_new(ip[1] & 3).unwrap();
+    outer.dont_fragment = df;
+    outer.identification = if df {
+        0
+    } else {
+        u16::from_be_bytes([ip[4], ip[5]])
+    };
+    outer.header_checksum = outer.calc_header_checksum();
+    let mut out = Vec::new();
+    Ethernet2Header {
+        source: smac,
+        destination: dmac,
+        ether_type: EtherType::IPV4,
+    }
+    .write(&mut out)
+    .unwrap();
+    outer.write_raw(&mut out).unwrap();
+    out.extend_from_slice(ip);
+    out
+}
+
+/// Runs `frame` through lb on eth0; checks that exactly `moved` counters
+/// moved by one packet (of the frame as sent; a drop: as it came) and, for
+/// an encapsulated output, its outer header checksum (RFC 1071, the code
+/// above) and the inner packet's checksums.
+fn ipip_run(lb: &Lb, frame: &[u8], moved: &[&str]) -> (u32, Vec<u8>) {
+    let before = lb.counters();
+    let (v, out) = lb.run(lb.ifs.eth0, frame).expect("BPF_PROG_TEST_RUN");
+    let after = lb.counters();
+    let bytes = if v == XDP_DROP {
+        frame.len()
+    } else {
+        out.len()
+    };
+    must(counter_delta(&before, &after, moved, bytes), "counters");
+    if out.len() == frame.len() + 20 {
+        assert_eq!(out[ETH_HLEN + 9], IPIP, "outer protocol");
+        assert_eq!(
+            fold(sum16(&out[ETH_HLEN..ETH_HLEN + 20])),
+            0xffff,
+            "outer header checksum"
+        );
+        let mut inner = out[..ETH_HLEN].to_vec();
+        inner.extend_from_slice(&out[ETH_HLEN + 20..]);
+        assert_eq!(verify_checksums(&inner, Csum::Complete), Ok(true));
+    }
+    (v, out)
+}
+
+/// Which of `backends` (on eth0) `out` is `frame` sent to, in IPIP.
+fn ipip_backend(frame: &[u8], out: &[u8], backends: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    backends
+        .iter()
+        .copied()
+        .find(|b| out == encapsulated(frame, LB, *b, ETH0_MAC, mac_of(*b)))
+}
+
+fn ipip_conf() -> lb::model::SvcConf {
+    lb::model::SvcConf {
+        mode: lb::model::FwdMode::Ipip,
+        ..Default::default()
+    }
+}
+
+/// An IPIP service: every packet (a SYN or not) goes, unchanged, in an
+/// outer header LB -> backend to the backend's next hop; the backend the
+/// Maglev table gives (another lb node picks the same), kept by the flow;
+/// DF and TOS copied; a packet too big for the MTU once wrapped is dropped
+/// and counted; a backend behind a router gets the router's MAC and the
+/// LB's address on that side; an unresolved one goes to the kernel wrapped.
+#[test]
+fn ipip_wraps_the_unchanged_packet_towards_its_backend() {
+    if !common::root_or_skip("ipip_wraps_the_unchanged_packet_towards_its_backend") {
+        return;
+    }
+    let lab = Lab::new();
+    let (_guard, ifs) = lab.enter();
+    let mut storage = MaybeUninit::uninit();
+    let lb = Lb::new(ifs, settings(), false, &mut storage);
+    // Another lb node with the same configuration (ECMP may move a flow).
+    let mut storage2 = MaybeUninit::uninit();
+    let lb2 = Lb::new(ifs, settings(), false, &mut storage2);
+    let both = [BACKEND_A, BACKEND_B];
+    let mut svcs = Vec::new();
+    for l in [&lb, &lb2] {
+        let svc = l.service_conf(VIP, 80, Proto::Tcp, ipip_conf());
+        l.backend(&svc, BACKEND_A, 80, 1);
+        l.backend(&svc, BACKEND_B, 0, 1);
+        svcs.push(svc);
+    }
+    let svc = svcs[0];
+    assert_eq!(
+        service::list(&lb.m).unwrap()[0].conf.mode,
+        lb::model::FwdMode::Ipip
+    );
+
+    // A SYN, then its flow's data: the same backend; DF set, so id 0.
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let (v, out) = ipip_run(&lb, &syn.frame(), &["to_backend", "new_flow"]);
+    assert_eq!(v, XDP_TX, "{}", verdict_name(v));
+    let first = ipip_backend(&syn.frame(), &out, &both).expect("wrapped to a backend");
+    assert_eq!(out[ETH_HLEN + 6] & 0x40, 0x40, "DF copied");
+    assert_eq!(out[ETH_HLEN + 4..ETH_HLEN + 6], [0, 0], "id 0 with DF");
+    assert_eq!(out[ETH_HLEN + 8], 64, "TTL");
+    assert_eq!(
+        out[ETH_HLEN + 12..ETH_HLEN + 16],
+        LB.octets(),
+        "outer source"
+    );
+    let data = syn.clone().data(HTTP_GET);
+    let (_, out) = ipip_run(&lb, &data.frame(), &["to_backend"]);
+    assert_eq!(ipip_backend(&data.frame(), &out, &both), Some(first));
+    assert!(lb.entries().is_empty(), "IPIP makes no NAT entries");
+
+    // Segments of flows this node never saw: forwarded to the Maglev
+    // choice, which the other node makes alike; both backends used.
+    let mut used = std::collections::BTreeSet::new();
+    for port in 41000..41032 {
+        let stray = Seg::tcp(CLIENT, port, VIP, 80).data(HTTP_GET);
+        let (v, out) = ipip_run(&lb, &stray.frame(), &["to_backend", "new_flow"]);
+        assert_eq!(v, XDP_TX);
+        let b = ipip_backend(&stray.frame(), &out, &both).expect("wrapped to a backend");
+        let (_, out2) = ipip_run(&lb2, &stray.frame(), &["to_backend", "new_flow"]);
+        assert_eq!(
+            ipip_backend(&stray.frame(), &out2, &both),
+            Some(b),
+            "the other node picks the same backend for port {port}"
+        );
+        used.insert(b);
+    }
+    assert_eq!(used.len(), 2, "32 flows on one backend");
+
+    // No DF, a TOS: both copied, the id taken from the inner header.
+    let mut frame = data.frame();
+    frame[ETH_HLEN + 1] = 0xb8;
+    frame[ETH_HLEN + 6] &= !0x40;
+    fix_ip_checksum(&mut frame);
+    let (_, out) = ipip_run(&lb, &frame, &["to_backend"]);
+    assert_eq!(ipip_backend(&frame, &out, &both), Some(first));
+    assert_eq!(out[ETH_HLEN + 1], 0xb8, "TOS copied");
+    assert_eq!(out[ETH_HLEN + 6] & 0x40, 0, "no DF");
+    assert_eq!(
+        out[ETH_HLEN + 4..ETH_HLEN + 6],
+        [0x1c, 0x46],
+        "the inner id"
+    );
+
+    // Not a VIP: passes untouched, SYN or not.
+    for seg in [
+        Seg::syn(CLIENT, 40000, OTHER_HOST, 80),
+        Seg::tcp(CLIENT, 40000, OTHER_HOST, 80).data(HTTP_GET),
+    ] {
+        must(lb.passes(&seg.frame(), "pass_not_ours"), "not a VIP");
+    }
+
+    // The MTU (1500): 1480 bytes of IP fit once wrapped, 1481 do not.
+    let fits = syn.clone().data(&vec![b'x'; 1480 - 40]);
+    let (v, out) = ipip_run(&lb, &fits.frame(), &["to_backend"]);
+    assert_eq!((v, out.len()), (XDP_TX, ETH_HLEN + 1500));
+    let big = syn.clone().data(&vec![b'x'; 1481 - 40]);
+    must(
+        lb.drops(&big.frame(), "drop_too_big"),
+        "too big once wrapped",
+    );
+    // A new flow's too-big first packet makes no flow.
+    let big_new = Seg::tcp(CLIENT, 42000, VIP, 80).data(&vec![b'x'; 1460]);
+    must(lb.drops(&big_new.frame(), "drop_too_big"), "too big, new");
+
+    // In IPIP the backend's port is the service's.
+    let e = service::backend_add(&lb.m, &svc, sa(BACKEND_C, 8080), 1).unwrap_err();
+    assert!(format!("{e:#}").contains("IPIP"), "{e:#}");
+
+    // Behind a router (backend c routes 10.200.9.0/24): the router's MAC,
+    // out of eth2, from the LB's address there.
+    lab.ns
+        .ip(&["route", "add", "10.200.9.0/24", "via", "10.200.1.11"]);
+    let far = Ipv4Addr::new(10, 200, 9, 5);
+    let svc2 = lb.service_conf(VIP2, 80, Proto::Tcp, ipip_conf());
+    lb.backend(&svc2, far, 80, 1);
+    let syn2 = Seg::syn(CLIENT, 40000, VIP2, 80);
+    let (v, out) = ipip_run(&lb, &syn2.frame(), &["to_backend", "new_flow"]);
+    assert_eq!(v, XDP_REDIRECT, "{}", verdict_name(v));
+    must(
+        same_frame(
+            &out,
+            &encapsulated(&syn2.frame(), LB2, far, ETH2_MAC, BACKEND_C_MAC),
+        ),
+        "routed backend",
+    );
+
+    // Unresolved: wrapped, MACs as they came, to the kernel (which
+    // forwards it to the backend and resolves it); then with its MAC.
+    let vip3 = Ipv4Addr::new(10, 200, 0, 102);
+    let svc3 = lb.service_conf(vip3, 80, Proto::Tcp, ipip_conf());
+    lb.backend(&svc3, BACKEND_UNRESOLVED, 80, 1);
+    let syn3 = Seg::syn(CLIENT, 40000, vip3, 80);
+    let (v, out) = ipip_run(&lb, &syn3.frame(), &["pass_no_neigh", "new_flow"]);
+    assert_eq!(v, XDP_PASS, "{}", verdict_name(v));
+    must(
+        same_frame(
+            &out,
+            &encapsulated(&syn3.frame(), LB, BACKEND_UNRESOLVED, PEER_MAC, ETH0_MAC),
+        ),
+        "unresolved backend",
+    );
+    // (lb asked the kernel to resolve it when it was added: an
+    // incomplete entry is there.)
+    let mac = mac_str(&UNRESOLVED_MAC);
+    lab.ns.ip(&[
+        "neigh",
+        "replace",
+        &BACKEND_UNRESOLVED.to_string(),
+        "lladdr",
+        &mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let data3 = syn3.clone().data(HTTP_GET);
+    let (v, out) = ipip_run(&lb, &data3.frame(), &["to_backend"]);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(
+        ipip_backend(&data3.frame(), &out, &[BACKEND_UNRESOLVED]),
+        Some(BACKEND_UNRESOLVED)
+    );
+}
+
+/// The decapsulation program (lb decap): an IPIP packet loses its outer
+/// header (options too) and passes as the inner packet, MACs kept; what is
+/// not IPIP, fragments and malformed outer headers pass untouched; each is
+/// counted. The LB's own output comes out as the client's packet.
+#[test]
+fn decap_removes_the_outer_header_and_passes_the_rest() {
+    if !common::root_or_skip("decap_removes_the_outer_header_and_passes_the_rest") {
+        return;
+    }
+    let lab = Lab::new();
+    let (_guard, ifs) = lab.enter();
+    let mut st = MaybeUninit::uninit();
+    let skel = lb::decap::load(None, &mut st).expect("loading the decap program");
+    let stats = libbpf_rs::MapHandle::try_from(&skel.maps.decap_stats).expect("decap_stats");
+    let prog = &skel.progs.lb_decap;
+    let read = || lb::decap::read_map(&stats).expect("decap counters");
+    let check = |name: &str, input: &[u8], want: &[u8]| {
+        let before = read();
+        let (v, out) = run_prog(prog, ifs.eth0, input).expect("BPF_PROG_TEST_RUN");
+        let after = read();
+        assert_eq!(v, XDP_PASS, "{name}: {}", verdict_name(v));
+        must(same_frame(&out, want), name);
+        for ((n, b), (_, a)) in before.iter().zip(&after) {
+            let want = if n == name {
+                (1, input.len() as u64)
+            } else {
+                (0, 0)
+            };
+            assert_eq!(
+                (a.packets - b.packets, a.bytes - b.bytes),
+                want,
+                "counter {n} for {name}"
+            );
+        }
+    };
+    let (lb_mac, be_mac) = (ETH1_MAC, ETH0_MAC);
+    for inner in [
+        Seg::syn(CLIENT, 40000, VIP, 80),
+        Seg::udp(CLIENT, 40000, VIP, 53, DNS_QUERY),
+    ] {
+        let enc = encapsulated(&inner.frame(), LB, BACKEND_A, lb_mac, be_mac);
+        let want = inner.clone().macs(lb_mac, be_mac).frame();
+        check("decapsulated", &enc, &want);
+        assert_eq!(verify_checksums(&want, Csum::Complete), Ok(true));
+        // Outer options (IHL 6) go with the outer header.
+        let mut opt = enc[..ETH_HLEN].to_vec();
+        let mut h = Ipv4Header::from_slice(&enc[ETH_HLEN..]).unwrap().0;
+        h.options = Ipv4Options::try_from(&[1u8, 1, 1, 0][..]).unwrap();
+        h.total_len += 4;
+        h.header_checksum = h.calc_header_checksum();
+        h.write_raw(&mut opt).unwrap();
+        opt.extend_from_slice(&enc[ETH_HLEN + 20..]);
+        check("decapsulated", &opt, &want);
+    }
+    // The LB's own output, decapsulated: the client's packet, to the
+    // backend's MAC.
+    let mut st2 = MaybeUninit::uninit();
+    let lb = Lb::new(ifs, settings(), false, &mut st2);
+    let svc = lb.service_conf(VIP, 80, Proto::Tcp, ipip_conf());
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let seg = Seg::syn(CLIENT, 40000, VIP, 80).data(HTTP_GET);
+    let (_, out) = ipip_run(&lb, &seg.frame(), &["to_backend", "new_flow"]);
+    check(
+        "decapsulated",
+        &out,
+        &seg.clone().macs(ETH0_MAC, BACKEND_A_MAC).frame(),
+    );
+
+    // Untouched.
+    let enc = encapsulated(&seg.frame(), LB, BACKEND_A, lb_mac, be_mac);
+    let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut e = enc.clone();
+        f(&mut e);
+        e
+    };
+    let outer_csum = |e: &mut Vec<u8>| {
+        e[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
+        let c = !fold(sum16(&e[ETH_HLEN..ETH_HLEN + 20]));
+        e[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&c.to_be_bytes());
+    };
+    for (name, input) in [
+        ("pass_not_ipip", seg.frame()),
+        ("pass_not_ipip", arp_request()),
+        ("pass_not_ipip", ipv6_syn()),
+        ("pass_not_ipip", other_proto(47, b"gre!")),
+        ("pass_malformed", enc[..ETH_HLEN + 12].to_vec()),
+        ("pass_malformed", enc[..ETH_HLEN + 30].to_vec()),
+        (
+            "pass_malformed",
+            edit(&|e| e[ETH_HLEN + 10] ^= 0x55), // bad outer checksum
+        ),
+        (
+            "pass_malformed",
+            edit(&|e| {
+                e[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&30u16.to_be_bytes());
+                outer_csum(e);
+            }), // no room for an inner header
+        ),
+        (
+            "pass_malformed",
+            edit(&|e| e[ETH_HLEN + 20] = 0x65), // IPv6 inside protocol 4
+        ),
+        (
+            "pass_fragment",
+            edit(&|e| {
+                e[ETH_HLEN + 6] |= 0x20; // more fragments
+                outer_csum(e);
+            }),
+        ),
+    ] {
+        check(name, &input, &input);
+    }
 }

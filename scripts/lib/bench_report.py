@@ -30,7 +30,7 @@ import platform
 import statistics
 import subprocess
 
-PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not IP)", "dsr", "established IPv6", "return IPv6", "new flow IPv6", "established, traced", "new flow, traced"]
+PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not IP)", "dsr", "established IPv6", "return IPv6", "new flow IPv6", "established, traced", "new flow, traced", "ipip (1 run a call)"]
 SCENARIOS = [("lb", "lb (XDP, native), defaults"), ("nft", "nftables DNAT + masquerade"),
              ("haproxy", "haproxy (mode tcp)"), ("direct", "direct to one backend"),
              ("fwd", "XDP forward-only (ceiling)"),

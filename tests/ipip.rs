@@ -1,0 +1,248 @@
+//! IP-in-IP end to end, in the talk's topology, native and skb mode: the
+//! VIP 10.200.0.100 is on the LB's `lo` and on each backend's `lo` (with
+//! the ARP sysctls of DSR); an IPIP service VIP:8080 -> a, b; each backend
+//! runs `lb decap eth0`. Every request is answered by a backend, both
+//! backends serve, each sees the real client address (it answers with
+//! it), the answers never cross the LB (to_client stays 0), the backends'
+//! decap counters show the packets, and no receiver sees a bad checksum.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{curl, lb, root_or_skip, run, PinDir, Topo, A_IP, B_IP, CLIENT_IP};
+use serde_json::Value;
+
+const VIP: &str = "10.200.0.100";
+const PORT: &str = "8080";
+
+/// An HTTP server answering "backend NAME" on 0.0.0.0:PORT in `ns`, under
+/// `timeout`; killed by PID on drop.
+struct Server(Child);
+
+impl Server {
+    fn start(ns: &str, name: &str) -> Self {
+        let script = format!(
+            "import http.server\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       b = ('backend {name} client %s\\n' % self.client_address[0]).encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(b)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(b)\n\
+             \x20   def log_message(self, *a):\n\
+             \x20       pass\n\
+             http.server.ThreadingHTTPServer(('0.0.0.0', {PORT}), H).serve_forever()\n"
+        );
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "timeout", "60", "python3", "-c", &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a server");
+        let net = format!("--net=/run/netns/{ns}");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let out = run(
+                "nsenter",
+                &[&net, "ss", "-Htln", &format!("sport = :{PORT}")],
+            );
+            if !out.stdout.is_empty() {
+                return Self(child);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        common::stop_child(&mut child);
+        panic!("no server on :{PORT} in {ns}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        common::stop_child(&mut self.0);
+    }
+}
+
+fn nstat(ns: &str, name: &str) -> u64 {
+    let out = run("ip", &["netns", "exec", ns, "nstat", "-az", name]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+fn ipip_through(test: &str, mode: &str) {
+    if !root_or_skip(test) {
+        return;
+    }
+    let t = Topo::up(mode);
+    let lbns = t.ns("lb");
+    run(
+        "ip",
+        &[
+            "-n",
+            &lbns,
+            "addr",
+            "add",
+            &format!("{VIP}/32"),
+            "dev",
+            "lo",
+        ],
+    );
+    let pins = PinDir::new("lbip");
+    let p = pins.arg();
+    let ok = |args: &[&str]| {
+        let out = lb(args);
+        assert!(
+            out.status.success(),
+            "lb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let mut servers = Vec::new();
+    let mut decap_pins = Vec::new();
+    for h in ["a", "b"] {
+        let ns = t.ns(h);
+        run(
+            "ip",
+            &["-n", &ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+        );
+        for kv in [
+            "net.ipv4.conf.all.arp_ignore=1",
+            "net.ipv4.conf.all.arp_announce=2",
+        ] {
+            run("ip", &["netns", "exec", &ns, "sysctl", "-qw", kv]);
+        }
+        let dp = PinDir::new("lbid");
+        ok(&[
+            "decap",
+            "eth0",
+            "--mode",
+            mode,
+            "--netns",
+            &ns,
+            "--pin-dir",
+            dp.arg(),
+        ]);
+        decap_pins.push((ns.clone(), dp));
+        servers.push(Server::start(&ns, h));
+    }
+    ok(&[
+        "attach",
+        "eth0",
+        "--mode",
+        mode,
+        "--netns",
+        &lbns,
+        "--pin-dir",
+        p,
+    ]);
+    let svc = format!("{VIP}:{PORT}");
+    ok(&[
+        "service",
+        "add",
+        &svc,
+        "--mode",
+        "ipip",
+        "--netns",
+        &lbns,
+        "--pin-dir",
+        p,
+    ]);
+    for b in [A_IP, B_IP] {
+        ok(&[
+            "backend",
+            "add",
+            &svc,
+            &format!("{b}:{PORT}"),
+            "--netns",
+            &lbns,
+            "--pin-dir",
+            p,
+        ]);
+    }
+    let list: Value =
+        serde_json::from_slice(&ok(&["list", "--json", "--netns", &lbns, "--pin-dir", p]).stdout)
+            .unwrap();
+    assert_eq!(list[0]["mode"], "ipip", "{list:#}");
+
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let body = curl(&t.ns("c"), &format!("http://{svc}/"), "3");
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    let st: Value =
+        serde_json::from_slice(&ok(&["stats", "--json", "--netns", &lbns, "--pin-dir", p]).stdout)
+            .unwrap();
+    let packets = |c: &str| st["counters"][c]["packets"].as_u64().unwrap_or(0);
+    eprintln!(
+        "{mode}: answers {seen:?}; to_backend {}, to_client {}",
+        packets("to_backend"),
+        packets("to_client")
+    );
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        [
+            format!("backend a client {CLIENT_IP}"),
+            format!("backend b client {CLIENT_IP}")
+        ],
+        "every request answered, by both backends, which see the client: {seen:?}"
+    );
+    assert!(packets("to_backend") >= 40 * 3, "{st:#}");
+    assert_eq!(packets("to_client"), 0, "answers crossed the LB: {st:#}");
+    for c in ["drop_too_big", "drop_no_backend", "pass_no_neigh"] {
+        assert_eq!(packets(c), 0, "{c}: {st:#}");
+    }
+    for (ns, dp) in &decap_pins {
+        let out = ok(&[
+            "decap",
+            "--stats",
+            "--json",
+            "--netns",
+            ns,
+            "--pin-dir",
+            dp.arg(),
+        ]);
+        let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+        eprintln!("{ns}: decap {d}");
+        let n = d["counters"]["decapsulated"]["packets"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(n >= 3 * 15, "{ns} decapsulated {n}: {d}");
+    }
+    for h in ["c", "a", "b"] {
+        assert_eq!(nstat(&t.ns(h), "TcpInCsumErrors"), 0, "{h}");
+    }
+    ok(&["detach", "eth0", "--netns", &lbns, "--pin-dir", p]);
+    for (ns, dp) in &decap_pins {
+        ok(&[
+            "decap",
+            "eth0",
+            "--detach",
+            "--netns",
+            ns,
+            "--pin-dir",
+            dp.arg(),
+        ]);
+    }
+    drop(servers);
+}
+
+#[test]
+fn ipip_native() {
+    ipip_through("ipip_native", "native");
+}
+
+#[test]
+fn ipip_skb() {
+    ipip_through("ipip_skb", "skb");
+}

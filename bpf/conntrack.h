@@ -36,23 +36,21 @@ static __always_inline int FN(ct_promote)(const FKEY *ck, FLOW *f,
 /*
  * First packet of a flow to a service: pick a backend (Maglev), route to it,
  * claim a NAT tuple (see natport.h) and record both directions in ct_new.
- * Fills *fwd with the client->backend entry and returns 0 (or
- * LB_PASS_NO_NEIGH: recorded, next hop not resolved yet), or the counter
- * that says why the flow could not be made.
+ * Works in scratch slot `sc`; fills sc->fwd with the client->backend entry and
+ * returns 0 (or LB_PASS_NO_NEIGH: recorded, next hop not resolved yet), or the
+ * counter that says why the flow could not be made.
  */
 static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 					__u32 svc_id, __u32 svc_flags,
-					__u64 now, FLOW *fwd)
+					__u64 now, struct FN(new_scratch) * sc)
 {
-	struct FN(new_scratch) *sc = FN(new_scratch_get)();
-	struct FN(nat_search) *sp = sc ? &sc->s : NULL;
+	FLOW *fwd = &sc->fwd;
+	struct FN(nat_search) *sp = &sc->s;
 	struct FN(nat_loop) loop = {sp};
 	struct backend *be;
 	__u32 *cursor;
 	int rc;
 
-	if (!sp)
-		return LB_DROP_NAT_FULL;
 	__builtin_memset(sp, 0, sizeof(*sp));
 	__builtin_memset(fwd, 0, sizeof(*fwd));
 	sp->h = FN(pick_hash)(&p->key, svc_flags);

@@ -32,6 +32,7 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 {
 	FLOW *f, *o;
 	FLOW *nf; /* a new flow's entry, set by flow_new (in new_scratch) */
+	int slot = -1, verdict; /* the scratch slot taken for a new flow */
 	FKEY ok = {};
 	__u32 state;
 	__u64 now;
@@ -169,17 +170,20 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 		if (p->key.proto == IPPROTO_TCP && !is_syn(p))
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		{
-			struct FN(new_scratch) *sc = FN(new_scratch_get)();
+			struct FN(new_scratch) *sc = FN(new_scratch_get)(&slot);
 
 			if (!sc)
-				return done(ctx, n, LB_DROP_NAT_FULL, XDP_DROP);
+				return done(ctx, n, LB_DROP_CT_RACE, XDP_DROP);
 			nf = &sc->fwd;
+			why =
+			    FN(flow_new)(ctx, p, svc->id, svc->flags, now, sc);
 		}
-		why = FN(flow_new)(ctx, p, svc->id, svc->flags, now, nf);
-		if (why && why != LB_PASS_NO_NEIGH)
+		if (why && why != LB_PASS_NO_NEIGH) {
+			FN(new_scratch_put)(slot);
 			return done(ctx, n, why,
 				    why == LB_PASS_NO_ROUTE ? XDP_PASS
 							    : XDP_DROP);
+		}
 		f = nf; /* the entry as written: no need to look it up */
 		new_flow = 1;
 		routed = 1;
@@ -199,8 +203,12 @@ xmit:
 		count(ctx, LB_NEW_FLOW, 0);
 	n->new_flow = new_flow;
 	if (!f->nh_ok) /* the kernel forwards it, resolving the neighbour */
-		return done(ctx, n, LB_PASS_NO_NEIGH, XDP_PASS);
-	return done(ctx, n,
-		    f->dir == LB_DIR_TO_BACKEND ? LB_TO_BACKEND : LB_TO_CLIENT,
-		    FN(nat_xmit)(ctx, p, f));
+		verdict = done(ctx, n, LB_PASS_NO_NEIGH, XDP_PASS);
+	else
+		verdict = done(ctx, n,
+			       f->dir == LB_DIR_TO_BACKEND ? LB_TO_BACKEND
+							   : LB_TO_CLIENT,
+			       FN(nat_xmit)(ctx, p, f));
+	FN(new_scratch_put)(slot);
+	return verdict;
 }

@@ -94,7 +94,11 @@ struct FN(nat_search) {
 /* A new flow's working state: the NAT search and the client entry made.
  * Too big for the stack beside the rest (a program has 512 bytes, shared
  * by its call chain), it lives in a per-CPU scratch entry, and bpf_loop
- * (which takes a stack pointer) gets a pointer to the search. */
+ * (which takes a stack pointer) gets a pointer to the search. Two slots a
+ * CPU, each taken while a packet uses it: a run of the program can be
+ * interrupted on its CPU by another (BPF_PROG_TEST_RUN from a process by
+ * the NIC's softirq; generic XDP from process context), which then takes
+ * the other slot. */
 struct FN(new_scratch) {
 	struct FN(nat_search) s;
 	FLOW fwd;
@@ -104,18 +108,50 @@ struct FN(nat_loop) {
 	struct FN(nat_search) * s;
 };
 
+struct FN(new_slots) {
+	struct FN(new_scratch) slot[2];
+	__u32 busy[2];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct FN(new_scratch));
+	__type(value, struct FN(new_slots));
 } FN(new_scratch) SEC(".maps");
 
-static __always_inline struct FN(new_scratch) * FN(new_scratch_get)(void)
+/* Takes a free slot of this CPU's scratch (its index in *i), or NULL. */
+static __always_inline struct FN(new_scratch) * FN(new_scratch_get)(int *i)
 {
 	__u32 zero = 0;
+	struct FN(new_slots) *s = bpf_map_lookup_elem(&FN(new_scratch), &zero);
 
-	return bpf_map_lookup_elem(&FN(new_scratch), &zero);
+	if (!s)
+		return NULL;
+	if (!s->busy[0]) {
+		s->busy[0] = 1;
+		*i = 0;
+		return &s->slot[0];
+	}
+	if (!s->busy[1]) {
+		s->busy[1] = 1;
+		*i = 1;
+		return &s->slot[1];
+	}
+	return NULL;
+}
+
+/* Gives slot `i` back (a negative `i`: none was taken). */
+static __always_inline void FN(new_scratch_put)(int i)
+{
+	__u32 zero = 0;
+	struct FN(new_slots) * s;
+
+	if (i < 0)
+		return;
+	s = bpf_map_lookup_elem(&FN(new_scratch), &zero);
+	if (s)
+		s->busy[i & 1] = 0;
 }
 
 /*

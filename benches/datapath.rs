@@ -660,8 +660,8 @@ fn main() -> Result<()> {
         let mut s = String::from("path,backends,flows,ns,ratio\n");
         for r in &rows {
             s += &format!(
-                "{},{},{},{:.1},{:.3}\n",
-                r.path,
+                "\"{}\",{},{},{:.1},{:.3}\n",
+                r.path.replace('"', "\"\""),
                 r.backends,
                 r.flows,
                 r.ns,

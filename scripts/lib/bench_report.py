@@ -266,9 +266,9 @@ def main():
              for b in dp if b["path"] == "established IPv6"
              and (b["backends"], b["flows"]) == (a["backends"], a["flows"])]
     if pairs:
-        ratios = [v6 / v4 for v4, v6 in pairs]
+        r6 = [v6 / v4 for v4, v6 in pairs]
         L.append(f"| IPv6 established <= 1.3x IPv4 established (issue 10) | "
-                 f"{min(ratios):.2f}-{max(ratios):.2f}x | {met(max(ratios) <= 1.3)} |")
+                 f"{min(r6):.2f}-{max(r6):.2f}x | {met(max(r6) <= 1.3)} |")
     L.append("")
 
     # ------------------------------------------------------------ datapath

@@ -569,6 +569,30 @@ fn main() -> Result<()> {
             if made != 3 * u64::from(new_repeat) {
                 bail!("new flow: {made} of {} runs created a flow", 3 * new_repeat);
             }
+            // Profiling aid (LB_BENCH_PROFILE_NEW=ROUNDS): that many more
+            // rounds of new flows, one service port each, for `perf record`.
+            if let Some(n) = std::env::var("LB_BENCH_PROFILE_NEW")
+                .ok()
+                .and_then(|v| v.parse::<u16>().ok())
+            {
+                let mut sum = 0.0;
+                for r in 0..n.min(200) {
+                    let port = 200 + r;
+                    let fwd = Service::new(SocketAddrV4::new(VIP, port), Proto::Tcp);
+                    service::service_add(&m, &fwd)?;
+                    service::backend_add(&m, &fwd, SocketAddrV4::new(BACKEND, port), 1)?;
+                    for k in 0..new_repeat {
+                        let f = tcp_frame_flags(CLIENT, 2000 + k as u16, VIP, port, true);
+                        sum += time_once(prog, ifindex, &f, 1)?;
+                    }
+                }
+                println!(
+                    "profile: new flow {:.1} ns over {} runs",
+                    sum / f64::from(u32::from(n.min(200)) * new_repeat),
+                    u32::from(n.min(200)) * new_repeat
+                );
+                return Ok(());
+            }
             // DSR: any packet of a DSR service, its flow cached (the
             // frame is left as it was but for its MACs: every rerun
             // takes the same path).

@@ -558,17 +558,6 @@ fn main() -> Result<()> {
                 service::service_add(&m, &back)?;
                 service::backend_add(&m, &back, SocketAddrV4::new(VIP, 81 + i), 1)?;
             }
-            let before = counter(&m, "new_flow")?;
-            let new = time_frames(
-                prog,
-                ifindex,
-                |i, k| tcp_frame_flags(CLIENT, 2000 + k as u16, VIP, 81 + i, true),
-                new_repeat,
-            )?;
-            let made = counter(&m, "new_flow")? - before;
-            if made != 3 * u64::from(new_repeat) {
-                bail!("new flow: {made} of {} runs created a flow", 3 * new_repeat);
-            }
             // Profiling aid (LB_BENCH_PROFILE_NEW=ROUNDS): that many more
             // rounds of new flows, one service port each, for `perf record`.
             if let Some(n) = std::env::var("LB_BENCH_PROFILE_NEW")
@@ -592,6 +581,17 @@ fn main() -> Result<()> {
                     u32::from(n.min(200)) * new_repeat
                 );
                 return Ok(());
+            }
+            let before = counter(&m, "new_flow")?;
+            let new = time_frames(
+                prog,
+                ifindex,
+                |i, k| tcp_frame_flags(CLIENT, 2000 + k as u16, VIP, 81 + i, true),
+                new_repeat,
+            )?;
+            let made = counter(&m, "new_flow")? - before;
+            if made != 3 * u64::from(new_repeat) {
+                bail!("new flow: {made} of {} runs created a flow", 3 * new_repeat);
             }
             // DSR: any packet of a DSR service, its flow cached (the
             // frame is left as it was but for its MACs: every rerun

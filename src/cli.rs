@@ -613,12 +613,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         s.service, s.id, s.conf.mode, s.conf.scheduler, s.conf.affinity
                     );
                     for b in &s.backends {
-                        println!(
-                            "  {:<21} weight {:<5} id {}",
-                            b.addr.to_string(),
-                            b.weight,
-                            b.id
-                        );
+                        println!("  {:<21} weight {:<5} id {}", b.shown(), b.weight, b.id);
                     }
                 }
             }
@@ -883,7 +878,7 @@ fn print_status(s: &loader::Status) {
         let b: Vec<String> = svc
             .backends
             .iter()
-            .map(|b| format!("{} (w{})", b.addr, b.weight))
+            .map(|b| format!("{} (w{})", b.shown(), b.weight))
             .collect();
         println!("service {} -> {}", svc.service, b.join(", "));
     }
@@ -930,7 +925,7 @@ fn print_report(r: &stats::Report) {
             let h = &b.handshake;
             println!(
                 "  {:<26} {:>10} {:>12} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
-                b.backend.addr.to_string(),
+                b.backend.shown(),
                 t.packets,
                 t.bytes,
                 t.new_flows,

@@ -109,6 +109,18 @@ pub struct Backend {
     pub svc_id: u32,
 }
 
+impl Backend {
+    /// The address as text output shows it: without a port when the port
+    /// is the client's (0), as it was given.
+    pub fn shown(&self) -> String {
+        if self.addr.port() == 0 {
+            self.addr.ip().to_string()
+        } else {
+            self.addr.to_string()
+        }
+    }
+}
+
 /// How a service forwards packets to its backends.
 #[derive(
     Debug,

@@ -10,6 +10,7 @@
 #define IPPROTO_IPIP 4 /* IPv4 in IPv4 (RFC 2003) */
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define IPPROTO_IPV6 41 /* IPv6 in IPv6 (RFC 2473) */
 #define IPPROTO_ICMPV6 58
 #define AF_INET 2
 #define AF_INET6 10

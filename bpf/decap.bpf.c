@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
  * IP-in-IP decapsulation, for the backends of an IPIP service (`lb decap
- * IFACE`): an IPv4 packet of protocol 4 loses its outer header and goes to
- * the kernel as the client's packet to the VIP, which the backend holds on
- * its loopback. Everything else passes untouched.
+ * IFACE`): an IPv4 packet of protocol 4 (IPv4 inside), or an IPv6 packet
+ * whose next header is 41 (IPv6 inside, no extension headers before it),
+ * loses its outer header and goes to the kernel as the client's packet to
+ * the VIP, which the backend holds on its loopback. Everything else passes
+ * untouched.
  *
  * Any outer destination is taken, not only this host's addresses: the
  * frame was already addressed to this host's MAC, and a list of "local"
@@ -65,6 +67,58 @@ static __always_inline int ipv4_csum_ok(struct xdp_md *ctx, __u32 off,
 	return csum_fold(sum) == 0xffff;
 }
 
+/* Moves the Ethernet header `hlen` bytes on, over the outer header, and
+ * marks the frame `proto`. */
+static __always_inline int strip_outer(struct xdp_md *ctx, __u32 hlen,
+				       __be16 proto, __u32 len)
+{
+	struct ethhdr *eth = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
+
+	if ((void *)(eth + 1) > end)
+		return XDP_ABORTED;
+	__builtin_memcpy(dmac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(smac, eth->h_source, ETH_ALEN);
+	if (bpf_xdp_adjust_head(ctx, hlen))
+		return counted(ctx, LB_DECAP_PASS_MALFORMED, len);
+	/* The packet pointers are stale: the Ethernet header goes where the
+	 * outer IP header ended. */
+	eth = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	if ((void *)(eth + 1) > end)
+		return XDP_ABORTED; /* (an inner header follows: never) */
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	eth->h_proto = proto;
+	return counted(ctx, LB_DECAP_DONE, len);
+}
+
+/* IPv6 in IPv6 (RFC 2473): an outer header with next header 41 right
+ * after it (a tunnel encapsulation limit option, or any other extension
+ * header, is not taken: passed as not ours) and a whole IPv6 header
+ * inside. IPv6 headers have no checksum. */
+static __always_inline int decap6(struct xdp_md *ctx, struct ipv6hdr *outer,
+				  void *end, __u32 len)
+{
+	struct ipv6hdr *inner = (void *)(outer + 1);
+
+	if ((void *)(outer + 1) > end)
+		return counted(ctx, LB_DECAP_PASS_MALFORMED, len);
+	if (outer->nexthdr == IPV6_FRAGMENT)
+		return counted(ctx, LB_DECAP_PASS_FRAGMENT, len);
+	if (outer->nexthdr != IPPROTO_IPV6)
+		return counted(ctx, LB_DECAP_PASS_NOT_IPIP, len);
+	if (outer->version != 6 ||
+	    (void *)(outer + 1) + bpf_ntohs(outer->payload_len) > end ||
+	    bpf_ntohs(outer->payload_len) < sizeof(*inner) ||
+	    (void *)(inner + 1) > end || inner->version != 6 ||
+	    sizeof(*inner) + bpf_ntohs(inner->payload_len) >
+		bpf_ntohs(outer->payload_len))
+		return counted(ctx, LB_DECAP_PASS_MALFORMED, len);
+	return strip_outer(ctx, sizeof(*outer), bpf_htons(ETH_P_IPV6), len);
+}
+
 SEC("xdp")
 int lb_decap(struct xdp_md *ctx)
 {
@@ -73,9 +127,12 @@ int lb_decap(struct xdp_md *ctx)
 	__u32 len = end - data, hlen;
 	struct ethhdr *eth = data;
 	struct iphdr *outer, *inner;
-	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
 
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > end)
+		return counted(ctx, LB_DECAP_PASS_NOT_IPIP, len);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return decap6(ctx, (void *)(eth + 1), end, len);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return counted(ctx, LB_DECAP_PASS_NOT_IPIP, len);
 	outer = (void *)(eth + 1);
 	if ((void *)(outer + 1) > end)
@@ -94,22 +151,7 @@ int lb_decap(struct xdp_md *ctx)
 	inner = (void *)outer + hlen;
 	if ((void *)(inner + 1) > end || inner->version != 4)
 		return counted(ctx, LB_DECAP_PASS_MALFORMED, len);
-
-	__builtin_memcpy(dmac, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(smac, eth->h_source, ETH_ALEN);
-	if (bpf_xdp_adjust_head(ctx, hlen))
-		return counted(ctx, LB_DECAP_PASS_MALFORMED, len);
-	/* The packet pointers are stale: the Ethernet header goes where the
-	 * outer IP header ended. */
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > end)
-		return XDP_ABORTED; /* (an inner header follows: never) */
-	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IP);
-	return counted(ctx, LB_DECAP_DONE, len);
+	return strip_outer(ctx, hlen, bpf_htons(ETH_P_IP), len);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

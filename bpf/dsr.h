@@ -12,10 +12,11 @@
  * backend the Maglev table gives, which every node computes alike.
  * dsr_flows caches each flow's backend so that a Maglev change (weights, a
  * backend added) does not move established flows; a cached backend that no
- * longer belongs to the service is replaced.
+ * longer belongs to the service is replaced. Part of the pipeline (fam.h):
+ * the forwarding once per family.
  */
-#ifndef LB_DSR_H
-#define LB_DSR_H
+#ifndef LB_DSR_ONCE
+#define LB_DSR_ONCE
 
 #include "consts.h"
 #include "maps.h"
@@ -40,36 +41,39 @@ static __always_inline struct backend *dsr_cached(__u32 id, __u32 svc_id)
 	return be;
 }
 
+#endif /* LB_DSR_ONCE */
+
 /* Forwards a packet of DSR or IPIP service `svc_id` (by svc_flags); its
  * verdict, the counter to count it under in *why, and whether it made a
- * flow in *new_flow. A flow is cached (made) once its packet goes on. */
-static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
-				       __u32 svc_id, __u32 svc_flags, __u64 now,
-				       int *why, int *new_flow)
+ * flow in *new_flow. A flow is cached (made) once its packet goes on. The
+ * next hop is worked out in `f`, zeroed by the caller. */
+static __always_inline int FN(dsr_forward)(struct xdp_md *ctx, PKT *p,
+					   __u32 svc_id, __u32 svc_flags,
+					   __u64 now, int *why, int *new_flow,
+					   FLOW *f)
 {
-	struct dsr_flow *c = bpf_map_lookup_elem(&dsr_flows, &p->key);
-	struct flow f = {};
+	struct dsr_flow *c = bpf_map_lookup_elem(&DSR_FLOWS, &p->key);
 	struct backend *be = NULL;
 	int rc, ipip = svc_flags & LB_SVC_IPIP;
 
 	if (c)
 		be = dsr_cached(c->backend, svc_id);
 	if (be) {
-		f.backend = c->backend;
+		f->backend = c->backend;
 		if (c->seen != now)
 			c->seen = now;
 	} else {
-		be = backend_pick(svc_id, pick_hash(&p->key, svc_flags),
-				  &f.backend);
+		be = backend_pick(svc_id, FN(pick_hash)(&p->key, svc_flags),
+				  &f->backend);
 		if (!be) {
 			*why = LB_DROP_NO_BACKEND;
 			return XDP_DROP;
 		}
 		*new_flow = 1;
 	}
-	f.daddr = be->ip;
-	f.svc = svc_id;
-	rc = backend_route(ctx, &f, now);
+	f->daddr = BE_ADDR(be);
+	f->svc = svc_id;
+	rc = FN(backend_route)(ctx, f, now);
 	if (rc == LB_PASS_NO_ROUTE) {
 		*new_flow = 0;
 		*why = LB_PASS_NO_ROUTE;
@@ -85,21 +89,19 @@ static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
 		*why = LB_DROP_NO_NEIGH;
 		return XDP_DROP;
 	}
-	if (ipip && !ipip_fits(ctx, p, f.ifindex)) {
+	if (ipip && !FN(ipip_fits)(ctx, p, f->ifindex)) {
 		*new_flow = 0;
 		*why = LB_DROP_TOO_BIG;
 		return XDP_DROP;
 	}
 	if (*new_flow) {
-		struct dsr_flow nc = {.backend = f.backend, .seen = now};
+		struct dsr_flow nc = {.backend = f->backend, .seen = now};
 
-		bpf_map_update_elem(&dsr_flows, &p->key, &nc, BPF_ANY);
+		bpf_map_update_elem(&DSR_FLOWS, &p->key, &nc, BPF_ANY);
 	}
-	count_backend(ctx, f.backend, *new_flow);
+	count_backend(ctx, f->backend, *new_flow);
 	if (ipip)
-		return ipip_xmit(ctx, p, &f, why);
+		return FN(ipip_xmit)(ctx, p, f, why);
 	*why = LB_TO_BACKEND;
-	return nat_xmit(ctx, p, &f);
+	return FN(nat_xmit)(ctx, p, f);
 }
-
-#endif /* LB_DSR_H */

@@ -3,8 +3,7 @@
  * A parsed TCP or UDP packet through the connection table: a packet of a
  * tracked flow is rewritten and sent on; a SYN (or UDP datagram) to a
  * service makes a flow; a SYN on a finished flow's ports reopens it; the
- * rest passes. Part of the pipeline (fam.h): compiled once per family
- * (direct server return is IPv4 only).
+ * rest passes. Part of the pipeline (fam.h): compiled once per family.
  */
 
 /* The service of a packet to `k`: VIP:port, else VIP:0 (every port). */
@@ -145,28 +144,35 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 		 * flow that ended, or a flood of ACKs) goes to the kernel,
 		 * which answers with a RST, and costs no table entries;
 		 * unless it is for a DSR or IPIP service (any packet there). */
-#if LB_V6
-		if (p->key.proto == IPPROTO_TCP && !is_syn(p))
-			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-#else
 		if (p->key.proto == IPPROTO_TCP && !is_syn(p) && !dsr_any())
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-#endif
 		svc = FN(service_of)(&p->key);
 		if (!svc)
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
-#if !LB_V6
 		if (svc->flags & (LB_SVC_DSR | LB_SVC_IPIP)) {
-			int dsr_why = 0, dsr_new = 0;
-			int act = dsr_forward(ctx, p, svc->id, svc->flags, now,
-					      &dsr_why, &dsr_new);
+			int dsr_why = 0, dsr_new = 0, act;
+#if LB_V6
+			/* No stack room for an IPv6 flow beside the rest: the
+			 * new-flow scratch. */
+			struct FN(new_scratch) *sc = FN(new_scratch_get)(&slot);
 
+			if (!sc)
+				return done(ctx, n, LB_DROP_CT_RACE, XDP_DROP);
+			__builtin_memset(&sc->fwd, 0, sizeof(sc->fwd));
+			act = FN(dsr_forward)(ctx, p, svc->id, svc->flags, now,
+					      &dsr_why, &dsr_new, &sc->fwd);
+			FN(new_scratch_put)(slot);
+#else
+			FLOW df = {};
+
+			act = FN(dsr_forward)(ctx, p, svc->id, svc->flags, now,
+					      &dsr_why, &dsr_new, &df);
+#endif
 			if (dsr_new)
 				count(ctx, LB_NEW_FLOW, 0);
 			n->new_flow = dsr_new;
 			return done(ctx, n, dsr_why, act);
 		}
-#endif
 		if (p->key.proto == IPPROTO_TCP && !is_syn(p))
 			return done(ctx, n, LB_PASS_NOT_OURS, XDP_PASS);
 		{

@@ -1,21 +1,24 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /*
- * IP-in-IP (RFC 2003), the rewrite of an IPIP service: the client's packet,
- * unchanged, inside an outer IPv4 header LB -> backend, sent to the next
- * hop towards the backend, which may sit on another subnet behind routers.
- * The backend removes the outer header (bpf/decap.bpf.c, or the kernel's
- * ipip device) and, holding the VIP on its loopback, answers the client
- * itself. Backend selection is DSR's (dsr.h); only this step differs.
+ * IP-in-IP, the rewrite of an IPIP service: the client's packet, unchanged,
+ * inside an outer header LB -> backend of its own family (IPv4 in IPv4, RFC
+ * 2003; IPv6 in IPv6, RFC 2473), sent to the next hop towards the backend,
+ * which may sit on another subnet behind routers. The backend removes the
+ * outer header (bpf/decap.bpf.c, or the kernel's ipip / ip6tnl device) and,
+ * holding the VIP on its loopback, answers the client itself. Backend
+ * selection is DSR's (dsr.h); only this step differs. Part of the pipeline
+ * (fam.h): once per family.
  */
-#ifndef LB_IPIP_H
-#define LB_IPIP_H
+#ifndef LB_IPIP_ONCE
+#define LB_IPIP_ONCE
 
 #include "consts.h"
 #include "csum.h"
 #include "maps.h"
 #include "pkt.h"
 
-#define IPIP_HLEN 20 /* the outer header: no options */
+#define IPIP_HLEN 20  /* the outer IPv4 header: no options */
+#define IPIP6_HLEN 40 /* the outer IPv6 header: no extension headers */
 #define IPIP_TTL 64
 
 /* The header checksum of a 20-byte IPv4 header (its field 0). */
@@ -29,6 +32,9 @@ static __always_inline __sum16 ipv4_hdr_csum(const struct iphdr *ip)
 	return ~csum_fold(sum);
 }
 
+#endif /* LB_IPIP_ONCE */
+
+#if !LB_V6
 /*
  * Whether packet `p` still fits the MTU of interface `ifindex` once wrapped:
  * one that does not is dropped (drop_too_big), not fragmented, and the
@@ -107,4 +113,66 @@ static __always_inline int ipip_xmit(struct xdp_md *ctx, struct pkt *p,
 	return xmit_ifindex(ctx, f->ifindex);
 }
 
-#endif /* LB_IPIP_H */
+#else
+/* ipip_fits for IPv6: with the 40-byte outer header. */
+static __always_inline int ipip_fits6(struct xdp_md *ctx, struct pkt6 *p,
+				      __u32 ifindex)
+{
+	__u32 len = sizeof(struct ipv6hdr) + bpf_ntohs(p->ip6->payload_len);
+
+	return bpf_check_mtu(ctx, ifindex, &len, IPIP6_HLEN, 0) ==
+	       BPF_MTU_CHK_RET_SUCCESS;
+}
+
+/*
+ * ipip_xmit for IPv6: the outer header from f->saddr (the LB's IPv6
+ * address towards the backend) to f->daddr, next header 41 (IPv6), hop
+ * limit 64, traffic class and flow label copied from the inner header (the
+ * flow label keeps ECMP on the way hashing the flow alike).
+ */
+static __always_inline int ipip_xmit6(struct xdp_md *ctx, struct pkt6 *p,
+				      const struct flow6 *f, int *why)
+{
+	struct ipv6hdr *ip6 = p->ip6, outer = {};
+	struct ethhdr *eth;
+	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
+	void *data, *end;
+
+	/* version, traffic class and flow label: the inner's first word */
+	*(__be32 *)&outer = *(__be32 *)ip6;
+	outer.payload_len =
+	    bpf_htons(bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr));
+	outer.nexthdr = IPPROTO_IPV6;
+	outer.hop_limit = IPIP_TTL;
+	__builtin_memcpy(&outer.saddr, &f->saddr, sizeof(f->saddr));
+	__builtin_memcpy(&outer.daddr, &f->daddr, sizeof(f->daddr));
+	if (f->nh_ok) {
+		__builtin_memcpy(smac, f->smac, ETH_ALEN);
+		__builtin_memcpy(dmac, f->dmac, ETH_ALEN);
+	} else {
+		__builtin_memcpy(smac, p->eth->h_source, ETH_ALEN);
+		__builtin_memcpy(dmac, p->eth->h_dest, ETH_ALEN);
+	}
+	if (bpf_xdp_adjust_head(ctx, -IPIP6_HLEN)) {
+		*why = LB_DROP_TOO_BIG;
+		return XDP_DROP;
+	}
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)eth + sizeof(*eth) + IPIP6_HLEN > end)
+		return XDP_ABORTED;
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	__builtin_memcpy((void *)(eth + 1), &outer, IPIP6_HLEN);
+	if (!f->nh_ok) {
+		*why = LB_PASS_NO_NEIGH;
+		return XDP_PASS;
+	}
+	*why = LB_TO_BACKEND;
+	if (f->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return xmit_ifindex(ctx, f->ifindex);
+}
+#endif

@@ -187,6 +187,9 @@ struct lb_nexthop {
 	__u8 dmac[6];
 	__u32 checked; /* clock ticks of the FIB lookup */
 	__u32 ok;
+	/* An IPv6 backend's: daddr and saddr are 0 then. */
+	struct lb_in6 daddr6;
+	struct lb_in6 saddr6;
 };
 
 /* A datagram's fragments: what they share (RFC 791). */

@@ -167,6 +167,14 @@ struct {
 	__type(value, struct dsr_flow);
 } dsr_flows SEC(".maps");
 
+/* The same for IPv6 services. Sized by the CLI. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 256 * 1024);
+	__type(key, struct flow6_key);
+	__type(value, struct dsr_flow);
+} dsr_flows6 SEC(".maps");
+
 /* How many services are DSR (written by the CLI): only while there are
  * does a TCP segment of no flow have its service looked up. */
 struct {

@@ -3,8 +3,7 @@
  * One pass of the family-generic pipeline (see fam.h): lb.bpf.c includes
  * this file once per address family. The headers below compile what does
  * not depend on the family once (their *_ONCE blocks) and the rest once per
- * pass; the IPv4-only parts (direct server return, fragments, ICMP errors)
- * come with the IPv4 pass, using its functions. No include guard, on
+ * pass; fragments and ICMP errors have a header per family. No include guard, on
  * purpose.
  */
 #include "fam.h"
@@ -14,9 +13,9 @@
 #include "nat.h"
 #include "natport.h"
 #include "conntrack.h"
-#if !LB_V6
 #include "ipip.h"
 #include "dsr.h"
+#if !LB_V6
 #include "frag.h"
 #include "icmp.h"
 #else

@@ -60,6 +60,7 @@ static __always_inline int backend_route(struct xdp_md *ctx, struct flow *f,
 	if (rc == LB_PASS_NO_ROUTE || !f->saddr)
 		return LB_PASS_NO_ROUTE;
 	if (nh && rc == 0) {
+		__builtin_memset(&nh->daddr6, 0, sizeof(nh->daddr6));
 		nh->daddr = f->daddr;
 		nh->saddr = f->saddr;
 		nh->ifindex = f->ifindex;
@@ -96,16 +97,37 @@ static __always_inline int flow_route6(struct xdp_md *ctx, struct flow6 *f,
 	return 0;
 }
 
-/* backend_route for IPv6: from the FIB for every new flow (no next-hop
- * cache yet), which also gives the LB's source address. */
+/* backend_route for IPv6: the same per-backend cache, its IPv6 fields. */
 static __always_inline int backend_route6(struct xdp_md *ctx, struct flow6 *f,
 					  __u64 now)
 {
+	struct lb_nexthop *nh = bpf_map_lookup_elem(&nexthops, &f->backend);
 	struct lb_in6 zero = {};
-	int rc = flow_route6(ctx, f, BPF_FIB_LOOKUP_SRC);
+	int rc;
 
+	if (nh && nh->ok && in6_eq(&nh->daddr6, &f->daddr) &&
+	    (__u32)now - nh->checked < nh_ttl) {
+		f->saddr = nh->saddr6;
+		f->ifindex = nh->ifindex;
+		__builtin_memcpy(f->smac, nh->smac, ETH_ALEN);
+		__builtin_memcpy(f->dmac, nh->dmac, ETH_ALEN);
+		f->nh_ok = 1;
+		return 0;
+	}
+	rc = flow_route6(ctx, f, BPF_FIB_LOOKUP_SRC);
 	if (rc == LB_PASS_NO_ROUTE || in6_eq(&f->saddr, &zero))
 		return LB_PASS_NO_ROUTE;
+	if (nh && rc == 0) {
+		nh->daddr = 0;
+		nh->saddr = 0;
+		nh->daddr6 = f->daddr;
+		nh->saddr6 = f->saddr;
+		nh->ifindex = f->ifindex;
+		__builtin_memcpy(nh->smac, f->smac, ETH_ALEN);
+		__builtin_memcpy(nh->dmac, f->dmac, ETH_ALEN);
+		nh->checked = (__u32)now;
+		nh->ok = 1;
+	}
 	return rc;
 }
 

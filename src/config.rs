@@ -337,9 +337,6 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 .parse::<crate::model::Affinity>()
                 .map_err(|e| cx.err(a.span(), "services.affinity", format!("{e:#}")))?;
         }
-        let mode_span = rs.mode.as_ref().map_or(s.span(), |m| m.span());
-        crate::model::check_conf(&service, &conf)
-            .map_err(|e| cx.err(mode_span, "services.mode", format!("{e:#}")))?;
         if services.iter().any(|x| x.service == service) {
             return Err(cx.err(s.span(), "services", format!("duplicate service {service}")));
         }

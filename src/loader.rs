@@ -108,6 +108,11 @@ pub fn load<'obj>(
         // connection table's connections keeps its memory small.
         .set_max_entries((settings.max_flows / 4).max(1024))
         .context("sizing the DSR flow cache")?;
+    open.maps
+        .dsr_flows6
+        // the IPv6 tables' quarter of that
+        .set_max_entries((settings.max_flows / 16).max(1024))
+        .context("sizing the IPv6 DSR flow cache")?;
     if let Some(pins) = reuse {
         for mut map in open.open_object_mut().maps_mut() {
             let name = map.name().to_string_lossy().into_owned();

@@ -155,6 +155,7 @@ pub const PINNED: &[&str] = &[
     "frags",
     "frags6",
     "dsr_flows",
+    "dsr_flows6",
     "dsr_services",
     "trace_rb",
     "trace_cfg",

@@ -308,18 +308,6 @@ pub fn check_service(svc: &Service) -> Result<()> {
     check_unicast(svc.vip)
 }
 
-/// Checks that the datapath can serve `svc` the way `conf` says: the
-/// forwarding modes other than full NAT are IPv4 only for now.
-pub fn check_conf(svc: &Service, conf: &SvcConf) -> Result<()> {
-    if svc.vip.is_ipv6() && conf.mode != FwdMode::Nat {
-        bail!(
-            "service {svc}: mode {} is IPv4 only for now (IPv6 services use nat)",
-            format!("{:?}", conf.mode).to_lowercase()
-        );
-    }
-    Ok(())
-}
-
 /// Checks that `addr` can be a backend of `svc`: unicast, of the service's
 /// family (the datapath translates addresses, not families).
 pub fn check_backend(svc: &Service, addr: SocketAddr) -> Result<()> {
@@ -412,15 +400,6 @@ mod tests {
         assert!(check_service(&svc("10.0.0.1:80")).is_ok());
         assert!(check_service(&svc("[fd00::1]:80")).is_ok());
         assert!(check_backend(&svc("[fd00::1]:80"), "[fd00::2]:80".parse().unwrap()).is_ok());
-        let dsr = SvcConf {
-            mode: FwdMode::Dsr,
-            ..Default::default()
-        };
-        assert_eq!(
-            err(check_conf(&svc("[fd00::1]:80"), &dsr)),
-            "service [fd00::1]:80/tcp: mode dsr is IPv4 only for now (IPv6 services use nat)"
-        );
-        assert!(check_conf(&svc("10.0.0.1:80"), &dsr).is_ok());
         assert_eq!(
             err(check_service(&svc("[ff02::1]:80"))),
             "ff02::1 is not a unicast address"

@@ -426,11 +426,6 @@ fn service_errors_change_nothing() {
             vec!["'rr'", "--scheduler", "possible values: maglev"],
         ),
         (
-            vec!["service", "add", "[fd00::2]:80", "--mode", "dsr"],
-            1,
-            vec!["service [fd00::2]:80/tcp: mode dsr is IPv4 only for now"],
-        ),
-        (
             vec!["backend", "add", "[fd00::2]:80", "10.200.0.11:80"],
             1,
             vec!["backend 10.200.0.11:80 is IPv4, service [fd00::2]:80/tcp is IPv6"],

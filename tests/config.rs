@@ -157,12 +157,14 @@ fn validation_messages() {
             format!("{BASE}port = 81\n"),
             "f.toml:7:1: duplicate key",
         ),
-        // An IPv6 service in a mode that is IPv4 only is refused by name,
-        // as is a service with backends of the other family.
+        // An IPv6 DSR service takes what an IPv4 one does (here a
+        // backend port it refuses); a service with backends of the other
+        // family is refused by name.
         (
-            BASE.replace("\"10.200.0.2\"", "\"fd00::2\"")
-                .replace("port = 80\n", "port = 80\nmode = \"dsr\"\n"),
-            "f.toml:7:8: services.mode: service [fd00::2]:80/tcp: mode dsr is IPv4 only for now (IPv6 services use nat)",
+            format!("{}[[services.backends]]\naddr = \"[fd00::11]:8080\"\n",
+                BASE.replace("\"10.200.0.2\"", "\"fd00::2\"")
+                    .replace("port = 80\n", "port = 80\nmode = \"ipip\"\n")),
+            "f.toml:9:8: services.backends.addr: backend [fd00::11]:8080 of IPIP service [fd00::2]:80/tcp: in IPIP the backend's port must be the service's (80) or 0",
         ),
         (
             format!("{BASE}[[services.backends]]\naddr = \"10.200.0.11:80\"\n[[services.backends]]\naddr = \"[fd00::11]:80\"\n"),
@@ -498,8 +500,8 @@ fn apply_end_to_end() {
             "bad7.toml:17:8: services.backends.addr: backend [fd00::11]:80 is IPv6, service 10.200.0.2:80/tcp is IPv4: a service and its backends must be of one family",
         ),
         (
-            file(&[(a, 1)], "\n[[services]]\nvip = \"fd00::2\"\nport = 80\nmode = \"dsr\"\n"),
-            "bad8.toml:19:8: services.mode: service [fd00::2]:80/tcp: mode dsr is IPv4 only for now (IPv6 services use nat)",
+            file(&[(a, 1)], "\n[[services]]\nvip = \"fd00::2\"\nport = 80\nmode = \"dsr\"\n[[services.backends]]\naddr = \"[fd00::11]:81\"\n"),
+            "bad8.toml:21:8: services.backends.addr: backend [fd00::11]:81 of DSR service [fd00::2]:80/tcp: in DSR the backend's port must be the service's (80) or 0",
         ),
         (
             file(&[(a, 1)], "").replace("port = 80\n", "port = 80\nmode = \"gre\"\n"),

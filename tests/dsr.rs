@@ -3,7 +3,10 @@
 //! and on each backend's `lo` with `arp_ignore=1`/`arp_announce=2` (they
 //! do not); a DSR service VIP:8080 -> a, b. Every request is answered by a
 //! backend, both backends serve, the answers never cross the LB (its
-//! to_client counter stays 0) and no receiver sees a bad checksum.
+//! to_client counter stays 0) and no receiver sees a bad checksum. The
+//! same over IPv6: VIP fd00:200::100 on the backends' `lo` (a host answers
+//! neighbour solicitations only for the interface's own addresses, so they
+//! stay silent with no sysctl) and on the LB's eth0, service [VIP]:8081.
 
 mod common;
 
@@ -15,15 +18,24 @@ use serde_json::Value;
 
 const VIP: &str = "10.200.0.100";
 const PORT: &str = "8080";
+const VIP6: &str = "fd00:200::100";
+const PORT6: &str = "8081";
 
-/// An HTTP server answering "backend NAME" on 0.0.0.0:PORT in `ns`, under
-/// `timeout`; killed by PID on drop.
+/// An HTTP server answering "backend NAME" on `bind`:`port` (IPv6 if
+/// `bind` is "::") in `ns`, under `timeout`; killed by PID on drop.
 struct Server(Child);
 
 impl Server {
-    fn start(ns: &str, name: &str) -> Self {
+    fn start(ns: &str, name: &str, bind: &str, port: &str) -> Self {
+        let family = if bind.contains(':') {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
         let script = format!(
-            "import http.server\n\
+            "import http.server, socket\n\
+             class S(http.server.ThreadingHTTPServer):\n\
+             \x20   address_family = socket.{family}\n\
              class H(http.server.BaseHTTPRequestHandler):\n\
              \x20   def do_GET(self):\n\
              \x20       b = b'backend {name}\\n'\n\
@@ -33,7 +45,7 @@ impl Server {
              \x20       self.wfile.write(b)\n\
              \x20   def log_message(self, *a):\n\
              \x20       pass\n\
-             http.server.ThreadingHTTPServer(('0.0.0.0', {PORT}), H).serve_forever()\n"
+             S(('{bind}', {port}), H).serve_forever()\n"
         );
         let mut child = Command::new("ip")
             .args([
@@ -49,7 +61,7 @@ impl Server {
         while start.elapsed() < Duration::from_secs(10) {
             let out = run(
                 "nsenter",
-                &[&net, "ss", "-Htln", &format!("sport = :{PORT}")],
+                &[&net, "ss", "-Htln", &format!("sport = :{port}")],
             );
             if !out.stdout.is_empty() {
                 return Self(child);
@@ -57,7 +69,7 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         common::stop_child(&mut child);
-        panic!("no server on :{PORT} in {ns}");
+        panic!("no server on :{port} in {ns}");
     }
 }
 
@@ -97,20 +109,33 @@ fn dsr_answers_bypass_the_lb() {
             "lo",
         ],
     );
+    run(
+        "ip",
+        &[
+            "-n",
+            &lbns,
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
     let mut servers = Vec::new();
     for h in ["a", "b"] {
         let ns = t.ns(h);
-        run(
-            "ip",
-            &["-n", &ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
-        );
+        for a in [format!("{VIP}/32"), format!("{VIP6}/128")] {
+            run("ip", &["-n", &ns, "addr", "add", &a, "dev", "lo"]);
+        }
         for kv in [
             "net.ipv4.conf.all.arp_ignore=1",
             "net.ipv4.conf.all.arp_announce=2",
         ] {
             run("ip", &["netns", "exec", &ns, "sysctl", "-qw", kv]);
         }
-        servers.push(Server::start(&ns, h));
+        servers.push(Server::start(&ns, h, "0.0.0.0", PORT));
+        servers.push(Server::start(&ns, h, "::", PORT6));
     }
     let pins = PinDir::new("lbds");
     let p = pins.arg();
@@ -148,6 +173,30 @@ fn dsr_answers_bypass_the_lb() {
             p,
         ]);
     }
+    let svc6 = format!("[{VIP6}]:{PORT6}");
+    ok(&[
+        "service",
+        "add",
+        &svc6,
+        "--mode",
+        "dsr",
+        "--netns",
+        &lbns,
+        "--pin-dir",
+        p,
+    ]);
+    for b in ["fd00:200::11", "fd00:200::12"] {
+        ok(&[
+            "backend",
+            "add",
+            &svc6,
+            &format!("[{b}]:{PORT6}"),
+            "--netns",
+            &lbns,
+            "--pin-dir",
+            p,
+        ]);
+    }
     // The port rule, from the command line: one line, nothing added.
     let out = lb(&[
         "backend",
@@ -168,28 +217,42 @@ fn dsr_answers_bypass_the_lb() {
     assert_eq!(list[0]["mode"], "dsr", "{list:#}");
     assert_eq!(list[0]["backends"].as_array().unwrap().len(), 2, "{list:#}");
 
+    assert_eq!(list[1]["mode"], "dsr", "{list:#}");
+
     let mut seen = std::collections::BTreeMap::new();
+    let mut seen6 = std::collections::BTreeMap::new();
     for _ in 0..40 {
         let body = curl(&t.ns("c"), &format!("http://{svc}/"), "3");
         *seen.entry(body).or_insert(0) += 1;
+        let body = curl(&t.ns("c"), &format!("http://{svc6}/"), "3");
+        *seen6.entry(body).or_insert(0) += 1;
     }
     let st: Value =
         serde_json::from_slice(&ok(&["stats", "--json", "--netns", &lbns, "--pin-dir", p]).stdout)
             .unwrap();
     let packets = |c: &str| st["counters"][c]["packets"].as_u64().unwrap();
-    eprintln!("answers {seen:?}; to_backend {}", packets("to_backend"));
+    eprintln!(
+        "answers {seen:?}, IPv6 {seen6:?}; to_backend {}",
+        packets("to_backend")
+    );
     assert_eq!(
         seen.keys().cloned().collect::<Vec<_>>(),
         ["backend a", "backend b"],
         "every request answered, by both backends: {seen:?}"
     );
-    assert!(packets("to_backend") >= 40 * 3, "{st:#}");
+    assert_eq!(
+        seen6.keys().cloned().collect::<Vec<_>>(),
+        ["backend a", "backend b"],
+        "IPv6: every request answered, by both backends: {seen6:?}"
+    );
+    assert!(packets("to_backend") >= 2 * 40 * 3, "{st:#}");
     assert_eq!(packets("to_client"), 0, "answers crossed the LB: {st:#}");
     for c in ["drop_no_neigh", "drop_no_backend"] {
         assert_eq!(packets(c), 0, "{c}: {st:#}");
     }
     for h in ["c", "a", "b"] {
         assert_eq!(nstat(&t.ns(h), "TcpInCsumErrors"), 0, "{h}");
+        assert_eq!(nstat(&t.ns(h), "Tcp6InCsumErrors"), 0, "{h}");
     }
     ok(&["detach", "eth0", "--netns", &lbns, "--pin-dir", p]);
     drop(servers);

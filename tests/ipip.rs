@@ -5,6 +5,8 @@
 //! backends serve, each sees the real client address (it answers with
 //! it), the answers never cross the LB (to_client stays 0), the backends'
 //! decap counters show the packets, and no receiver sees a bad checksum.
+//! The same over IPv6 (IPv6 in IPv6): VIP fd00:200::100 on the backends'
+//! `lo` and the LB's eth0, service [VIP]:8081 -> a, b.
 
 mod common;
 
@@ -16,15 +18,24 @@ use serde_json::Value;
 
 const VIP: &str = "10.200.0.100";
 const PORT: &str = "8080";
+const VIP6: &str = "fd00:200::100";
+const PORT6: &str = "8081";
 
-/// An HTTP server answering "backend NAME" on 0.0.0.0:PORT in `ns`, under
-/// `timeout`; killed by PID on drop.
+/// An HTTP server answering "backend NAME client ADDR" on `bind`:`port`
+/// (IPv6 if `bind` is "::") in `ns`, under `timeout`; killed by PID on drop.
 struct Server(Child);
 
 impl Server {
-    fn start(ns: &str, name: &str) -> Self {
+    fn start(ns: &str, name: &str, bind: &str, port: &str) -> Self {
+        let family = if bind.contains(':') {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
         let script = format!(
-            "import http.server\n\
+            "import http.server, socket\n\
+             class S(http.server.ThreadingHTTPServer):\n\
+             \x20   address_family = socket.{family}\n\
              class H(http.server.BaseHTTPRequestHandler):\n\
              \x20   def do_GET(self):\n\
              \x20       b = ('backend {name} client %s\\n' % self.client_address[0]).encode()\n\
@@ -34,7 +45,7 @@ impl Server {
              \x20       self.wfile.write(b)\n\
              \x20   def log_message(self, *a):\n\
              \x20       pass\n\
-             http.server.ThreadingHTTPServer(('0.0.0.0', {PORT}), H).serve_forever()\n"
+             S(('{bind}', {port}), H).serve_forever()\n"
         );
         let mut child = Command::new("ip")
             .args([
@@ -50,7 +61,7 @@ impl Server {
         while start.elapsed() < Duration::from_secs(10) {
             let out = run(
                 "nsenter",
-                &[&net, "ss", "-Htln", &format!("sport = :{PORT}")],
+                &[&net, "ss", "-Htln", &format!("sport = :{port}")],
             );
             if !out.stdout.is_empty() {
                 return Self(child);
@@ -58,7 +69,7 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         common::stop_child(&mut child);
-        panic!("no server on :{PORT} in {ns}");
+        panic!("no server on :{port} in {ns}");
     }
 }
 
@@ -85,6 +96,8 @@ fn ipip_through(test: &str, mode: &str) {
     }
     let t = Topo::up(mode);
     let lbns = t.ns("lb");
+    // The LB answers ARP for an address on its lo, but neighbour
+    // solicitations only for addresses of the interface asked: VIP6 on eth0.
     run(
         "ip",
         &[
@@ -95,6 +108,19 @@ fn ipip_through(test: &str, mode: &str) {
             &format!("{VIP}/32"),
             "dev",
             "lo",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &lbns,
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
         ],
     );
     let pins = PinDir::new("lbip");
@@ -112,10 +138,9 @@ fn ipip_through(test: &str, mode: &str) {
     let mut decap_pins = Vec::new();
     for h in ["a", "b"] {
         let ns = t.ns(h);
-        run(
-            "ip",
-            &["-n", &ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
-        );
+        for a in [format!("{VIP}/32"), format!("{VIP6}/128")] {
+            run("ip", &["-n", &ns, "addr", "add", &a, "dev", "lo"]);
+        }
         for kv in [
             "net.ipv4.conf.all.arp_ignore=1",
             "net.ipv4.conf.all.arp_announce=2",
@@ -134,7 +159,8 @@ fn ipip_through(test: &str, mode: &str) {
             dp.arg(),
         ]);
         decap_pins.push((ns.clone(), dp));
-        servers.push(Server::start(&ns, h));
+        servers.push(Server::start(&ns, h, "0.0.0.0", PORT));
+        servers.push(Server::start(&ns, h, "::", PORT6));
     }
     ok(&[
         "attach",
@@ -147,45 +173,52 @@ fn ipip_through(test: &str, mode: &str) {
         p,
     ]);
     let svc = format!("{VIP}:{PORT}");
-    ok(&[
-        "service",
-        "add",
-        &svc,
-        "--mode",
-        "ipip",
-        "--netns",
-        &lbns,
-        "--pin-dir",
-        p,
-    ]);
-    for b in [A_IP, B_IP] {
+    let svc6 = format!("[{VIP6}]:{PORT6}");
+    for (s, backends) in [
+        (&svc, [format!("{A_IP}:{PORT}"), format!("{B_IP}:{PORT}")]),
+        (
+            &svc6,
+            [
+                format!("[fd00:200::11]:{PORT6}"),
+                format!("[fd00:200::12]:{PORT6}"),
+            ],
+        ),
+    ] {
         ok(&[
-            "backend",
+            "service",
             "add",
-            &svc,
-            &format!("{b}:{PORT}"),
+            s,
+            "--mode",
+            "ipip",
             "--netns",
             &lbns,
             "--pin-dir",
             p,
         ]);
+        for b in &backends {
+            ok(&["backend", "add", s, b, "--netns", &lbns, "--pin-dir", p]);
+        }
     }
     let list: Value =
         serde_json::from_slice(&ok(&["list", "--json", "--netns", &lbns, "--pin-dir", p]).stdout)
             .unwrap();
     assert_eq!(list[0]["mode"], "ipip", "{list:#}");
+    assert_eq!(list[1]["mode"], "ipip", "{list:#}");
 
     let mut seen = std::collections::BTreeMap::new();
+    let mut seen6 = std::collections::BTreeMap::new();
     for _ in 0..40 {
         let body = curl(&t.ns("c"), &format!("http://{svc}/"), "3");
         *seen.entry(body).or_insert(0) += 1;
+        let body = curl(&t.ns("c"), &format!("http://{svc6}/"), "3");
+        *seen6.entry(body).or_insert(0) += 1;
     }
     let st: Value =
         serde_json::from_slice(&ok(&["stats", "--json", "--netns", &lbns, "--pin-dir", p]).stdout)
             .unwrap();
     let packets = |c: &str| st["counters"][c]["packets"].as_u64().unwrap_or(0);
     eprintln!(
-        "{mode}: answers {seen:?}; to_backend {}, to_client {}",
+        "{mode}: answers {seen:?}, IPv6 {seen6:?}; to_backend {}, to_client {}",
         packets("to_backend"),
         packets("to_client")
     );
@@ -197,7 +230,15 @@ fn ipip_through(test: &str, mode: &str) {
         ],
         "every request answered, by both backends, which see the client: {seen:?}"
     );
-    assert!(packets("to_backend") >= 40 * 3, "{st:#}");
+    assert_eq!(
+        seen6.keys().cloned().collect::<Vec<_>>(),
+        [
+            "backend a client fd00:200::10".to_string(),
+            "backend b client fd00:200::10".to_string()
+        ],
+        "IPv6: every request answered, by both backends, which see the client: {seen6:?}"
+    );
+    assert!(packets("to_backend") >= 2 * 40 * 3, "{st:#}");
     assert_eq!(packets("to_client"), 0, "answers crossed the LB: {st:#}");
     for c in ["drop_too_big", "drop_no_backend", "pass_no_neigh"] {
         assert_eq!(packets(c), 0, "{c}: {st:#}");
@@ -217,10 +258,11 @@ fn ipip_through(test: &str, mode: &str) {
         let n = d["counters"]["decapsulated"]["packets"]
             .as_u64()
             .unwrap_or(0);
-        assert!(n >= 3 * 15, "{ns} decapsulated {n}: {d}");
+        assert!(n >= 2 * 3 * 15, "{ns} decapsulated {n}: {d}");
     }
     for h in ["c", "a", "b"] {
         assert_eq!(nstat(&t.ns(h), "TcpInCsumErrors"), 0, "{h}");
+        assert_eq!(nstat(&t.ns(h), "Tcp6InCsumErrors"), 0, "{h}");
     }
     ok(&["detach", "eth0", "--netns", &lbns, "--pin-dir", p]);
     for (ns, dp) in &decap_pins {

@@ -831,3 +831,220 @@ fn fragments_follow_their_first() {
     );
     assert_eq!(u16::from_be_bytes([dgram[0], dgram[1]]), c.nat.port());
 }
+
+/// Runs XDP program `prog` once on `frame` arriving on `ifindex`.
+fn run_on(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    let (verdict, len) = {
+        let res = prog
+            .test_run(ProgramInput {
+                context_in: Some(&mut ctx),
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("test_run");
+        (res.return_value, res.data.as_ref().map_or(0, |d| d.len()))
+    };
+    out.truncate(len);
+    (verdict, out)
+}
+
+impl Lb<'_> {
+    fn service_mode(&self, port: u16, mode: lb::model::FwdMode, backends: &[(Ipv6Addr, u16)]) {
+        let svc = Service::new(SocketAddr::new(VIP.into(), port), Proto::Tcp);
+        let conf = lb::model::SvcConf {
+            mode,
+            ..Default::default()
+        };
+        service::service_add_conf(&self.m, &svc, conf).expect("adding a service");
+        for (b, p) in backends {
+            service::backend_add(&self.m, &svc, SocketAddr::new((*b).into(), *p), 1)
+                .expect("adding a backend");
+        }
+    }
+}
+
+/// The backend whose MAC `frame` is sent to.
+fn backend_by_mac(frame: &[u8]) -> Ipv6Addr {
+    [BACKEND_A, BACKEND_B]
+        .into_iter()
+        .find(|b| frame[0..6] == mac_of(*b))
+        .unwrap_or_else(|| panic!("sent to no backend's MAC: {:02x?}", &frame[0..6]))
+}
+
+/// What an IPv6-in-IPv6 frame from the LB holds: the backend it is wrapped
+/// to, after checking every outer field against `inner` (the client's frame
+/// as it came in) and that the inner packet is unchanged.
+fn unwrap6(out: &[u8], inner: &[u8]) -> Ipv6Addr {
+    assert_eq!(out.len(), inner.len() + 40, "one 40-byte outer header");
+    let be = backend_by_mac(out);
+    assert_eq!(out[6..12], ETH0_MAC, "from the LB's MAC");
+    assert_eq!(out[12..14], [0x86, 0xdd], "IPv6");
+    let o = &out[14..54];
+    assert_eq!(
+        o[0..4],
+        inner[14..18],
+        "version, traffic class, flow label copied"
+    );
+    let plen = u16::from_be_bytes([o[4], o[5]]) as usize;
+    assert_eq!(plen, inner.len() - 14, "payload: the whole inner packet");
+    assert_eq!((o[6], o[7]), (41, 64), "next header IPv6, hop limit 64");
+    assert_eq!(o[8..24], LB.octets(), "outer source: the LB");
+    assert_eq!(o[24..40], be.octets(), "outer destination: the backend");
+    assert_eq!(out[54..], inner[14..], "the client's packet, unchanged");
+    be
+}
+
+/// IPv6 DSR and IPv6-in-IPv6: every packet of such a service goes to a
+/// backend the Maglev table gives (cached per flow), unchanged but for its
+/// MACs (DSR) or wrapped in an outer IPv6 header (IPIP); no connection
+/// entries; `lb decap` unwraps what the LB wrapped.
+#[test]
+fn dsr_and_ipip_serve_ipv6() {
+    if !common::root_or_skip("dsr_and_ipip_serve_ipv6") {
+        return;
+    }
+    use lb::model::FwdMode;
+    let lab = Lab::new();
+    let mut st = MaybeUninit::uninit();
+    let lb = Lb::new(&lab, false, &mut st);
+    lb.service_mode(80, FwdMode::Dsr, &[(BACKEND_A, 80), (BACKEND_B, 0)]);
+    lb.service_mode(81, FwdMode::Ipip, &[(BACKEND_A, 81), (BACKEND_B, 0)]);
+    let peer = mac_of(CLIENT);
+
+    // DSR: a SYN and its flow's data go to one backend, only the MACs
+    // changed; segments of flows never seen go too, over both backends.
+    let syn = tcp(
+        peer,
+        ETH0_MAC,
+        sa(CLIENT, 40000),
+        sa(VIP, 80),
+        |b| b.syn(),
+        &[],
+    );
+    let (v, out) = lb.step("dsr SYN", &syn, &["to_backend", "new_flow"]);
+    assert_eq!(v, XDP_TX);
+    let first = backend_by_mac(&out);
+    assert_eq!(out[6..12], ETH0_MAC);
+    assert_eq!(out[12..], syn[12..], "DSR changes only the MACs");
+    let data = tcp(
+        peer,
+        ETH0_MAC,
+        sa(CLIENT, 40000),
+        sa(VIP, 80),
+        |b| b.ack(1),
+        b"GET /",
+    );
+    let (_, out) = lb.step("dsr data", &data, &["to_backend"]);
+    assert_eq!(backend_by_mac(&out), first, "the flow keeps its backend");
+    assert_eq!(out[12..], data[12..]);
+    let mut used = std::collections::BTreeSet::new();
+    for port in 41000..41032 {
+        let stray = tcp(
+            peer,
+            ETH0_MAC,
+            sa(CLIENT, port),
+            sa(VIP, 80),
+            |b| b.ack(1),
+            b"x",
+        );
+        let (v, out) = lb.step("dsr stray", &stray, &["to_backend", "new_flow"]);
+        assert_eq!(v, XDP_TX);
+        used.insert(backend_by_mac(&out));
+    }
+    assert_eq!(used.len(), 2, "32 unseen flows on one backend");
+    assert!(
+        conntrack::list(&lb.m).unwrap().is_empty(),
+        "DSR makes no NAT entries"
+    );
+
+    // IPIP: wrapped, traffic class and flow label copied.
+    let syn = tcp(
+        peer,
+        ETH0_MAC,
+        sa(CLIENT, 40000),
+        sa(VIP, 81),
+        |b| b.syn(),
+        &[],
+    );
+    let (v, out) = lb.step("ipip SYN", &syn, &["to_backend", "new_flow"]);
+    assert_eq!(v, XDP_TX);
+    let first = unwrap6(&out, &syn);
+    let mut labelled = tcp(
+        peer,
+        ETH0_MAC,
+        sa(CLIENT, 40000),
+        sa(VIP, 81),
+        |b| b.ack(1),
+        b"GET /",
+    );
+    labelled[14..18].copy_from_slice(&[0x6b, 0x81, 0x23, 0x45]); // TC 0xb8, label 0x12345
+    let (_, out) = lb.step("ipip data", &labelled, &["to_backend"]);
+    assert_eq!(
+        unwrap6(&out, &labelled),
+        first,
+        "the flow keeps its backend"
+    );
+    let wrapped = out;
+
+    // The MTU (1500): 1460 bytes of IPv6 fit once wrapped, 1461 do not.
+    let fits = tcp(
+        peer,
+        ETH0_MAC,
+        sa(CLIENT, 40000),
+        sa(VIP, 81),
+        |b| b.ack(1),
+        &[b'x'; 1460 - 60],
+    );
+    let (v, out) = lb.step("ipip fits", &fits, &["to_backend"]);
+    assert_eq!((v, out.len()), (XDP_TX, 14 + 1500));
+    let big = tcp(
+        peer,
+        ETH0_MAC,
+        sa(CLIENT, 40000),
+        sa(VIP, 81),
+        |b| b.ack(1),
+        &[b'x'; 1461 - 60],
+    );
+    let (v, _) = lb.step("ipip too big", &big, &["drop_too_big"]);
+    assert_eq!(v, 1, "XDP_DROP");
+    assert!(conntrack::list(&lb.m).unwrap().is_empty());
+
+    // lb decap on the backend: the LB's output becomes the client's
+    // packet again (to the backend's MAC); what is not IPv6 in IPv6, or
+    // is cut short, passes untouched and is counted.
+    let mut dst = MaybeUninit::uninit();
+    let skel = lb::decap::load(None, &mut dst).expect("loading the decap program");
+    let stats = libbpf_rs::MapHandle::try_from(&skel.maps.decap_stats).expect("decap_stats");
+    let check = |name: &str, input: &[u8], want: &[u8]| {
+        let before = lb::decap::read_map(&stats).unwrap();
+        let (v, out) = run_on(&skel.progs.lb_decap, lb.ifindex, input);
+        let after = lb::decap::read_map(&stats).unwrap();
+        assert_eq!(v, XDP_PASS, "{name}");
+        assert_eq!(out, want, "{name}: frame");
+        for ((n, b), (_, a)) in before.iter().zip(&after) {
+            let moved = u64::from(n == name);
+            assert_eq!(a.packets - b.packets, moved, "{name}: counter {n}");
+        }
+    };
+    let mut want = [&wrapped[0..12], &[0x86, 0xdd], &labelled[14..]].concat();
+    want[0..6].copy_from_slice(&mac_of(first));
+    check("decapsulated", &wrapped, &want);
+    assert_eq!(
+        seen(&want).dst,
+        sa(VIP, 81),
+        "the client's packet, checksum valid"
+    );
+    check("pass_not_ipip", &labelled, &labelled);
+    let mut short = wrapped.clone();
+    short.truncate(54 + 20); // an inner header cut short
+    short[18..20].copy_from_slice(&20u16.to_be_bytes());
+    check("pass_malformed", &short, &short);
+    let mut frag = wrapped.clone();
+    frag[20] = 44; // a fragment header next: not taken
+    check("pass_fragment", &frag, &frag);
+}

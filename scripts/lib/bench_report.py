@@ -16,6 +16,7 @@ reported as not measured):
   flood.csv      scenario,held,ok_after,syns,flood_s,pps,attempts,ok,slow,p50,p99
   memory.json    bench_mem.py
   lbstats-*.json `lb status --json` after each lb scenario (its counters)
+  decapstats-*.json `lb decap --stats --json` of each backend after each lbipip scenario
 
 Every statement of a target met or not met is computed here from the same
 run's numbers."""
@@ -34,6 +35,8 @@ PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not 
 SCENARIOS = [("lb", "lb (XDP, native), defaults"), ("nft", "nftables DNAT + masquerade"),
              ("haproxy", "haproxy (mode tcp)"), ("direct", "direct to one backend"),
              ("fwd", "XDP forward-only (ceiling)"),
+             ("lbdsr", "lb, direct server return (`--mode dsr`)"),
+             ("lbipip", "lb, IP-in-IP (`--mode ipip`, `lb decap` on the backends)"),
              ("lb6", "IPv6: lb, defaults"), ("nft6", "IPv6: nftables ip6 DNAT + masquerade"),
              ("direct6", "IPv6: direct to one backend")]
 TESTS = [("keepalive", "wrk keep-alive, req/s"), ("close", "new connection per request, req/s"),
@@ -316,7 +319,7 @@ def main():
         L.append("Not measured in this run.\n")
 
     # ------------------------------------------------------------ end to end
-    L.append("## 2. End to end: lb vs nftables vs haproxy vs direct vs forward-only (and IPv6)\n")
+    L.append("## 2. End to end: lb vs nftables vs haproxy vs direct vs forward-only (and DSR, IP-in-IP, IPv6)\n")
     if val:
         L.append("The talk's topology (`scripts/topo up P native --clients 3`: three clients, the LB and two "
                  "backends on one bridge, veth, native XDP), rebuilt for every scenario. Backends run nginx "
@@ -329,6 +332,18 @@ def main():
                  "{ 0 : .11, 1 : .12 }`, `ct status dnat masquerade`, ip_forward=1 (5201 -> .11);")
         L.append("- **haproxy**: mode tcp, one thread, roundrobin, on 10.200.0.2:80 (and :5201 -> .11);")
         L.append("- **direct**: the clients talk to backend 10.200.0.11 themselves;")
+        L.append("- **lb, DSR** and **lb, IP-in-IP**: `lb attach eth0` (defaults) and the services "
+                 "10.200.0.100:80 -> .11:80, .12:80 and 10.200.0.100:5201 -> .11:5201 with `--mode dsr` "
+                 "(only the MACs change) or `--mode ipip` (wrapped in an outer header from the LB to the "
+                 "backend; `lb decap eth0` on both backends takes it off). The VIP 10.200.0.100 is on the "
+                 "LB's lo (the LB answers ARP for it) and on both backends' lo with `arp_ignore=1`, "
+                 "`arp_announce=2`; nginx and iperf3 -s also listen on it there, and the answers go from the "
+                 "backends straight to the clients. It is not the LB's own address (10.200.0.2) as in the "
+                 "other scenarios: a backend holding that one takes every packet from the LB, its ARP "
+                 "requests included, for a martian with a local source, so lb could resolve no backend. "
+                 "IP-in-IP: the backends' route to the clients has `advmss 1440`, so that a full-size "
+                 "segment from a client still fits the 1500-byte MTU once wrapped (lb drops a larger one, "
+                 "`drop_too_big`);")
         L.append("- **IPv6** (keep-alive and new connection per request, one client; ratios to IPv6 direct): "
                  "the same topology's fd00:200::/64 addresses; lb with the service [fd00:200::2]:80 -> "
                  "[fd00:200::11]:80, [fd00:200::12]:80 (defaults), nftables `table ip6` with the same DNAT "
@@ -392,6 +407,34 @@ def main():
         d = drops(sorted(glob.glob(os.path.join(R, "lbstats-lb-*.json"))))
         L.append("\nlb's drop counters (`lb status --json`, summed over rounds): "
                  + (", ".join(f"`{k}` {v:,}" for k, v in sorted(d.items())) if d else "none") + ".\n")
+        bypass = []
+        for sc, name in (("lbdsr", "DSR"), ("lbipip", "IP-in-IP")):
+            files = sorted(glob.glob(os.path.join(R, f"lbstats-{sc}-*.json")))
+            if not files:
+                continue
+            tot = {}
+            for f in files:
+                for k, v in counters(f).items():
+                    tot[k] = tot.get(k, 0) + v
+            d = drops(files)
+            t = (f"{name}: `to_backend` {tot.get('to_backend', 0):,}, `to_client` {tot.get('to_client', 0):,}"
+                 + (" (the answers bypassed the LB)" if tot.get("to_backend") and not tot.get("to_client") else
+                    " (**answers crossed the LB**)" if tot.get("to_client") else " (**nothing forwarded**)")
+                 + ", drops " + (", ".join(f"`{k}` {v:,}" for k, v in sorted(d.items())) if d else "none"))
+            if sc == "lbipip":
+                dec = {}
+                for f in sorted(glob.glob(os.path.join(R, f"decapstats-{sc}-*.json"))):
+                    for k, v in counters(f).items():
+                        dec[k] = dec.get(k, 0) + v
+                t += (f"; the backends' `lb decap` decapsulated {dec.get('decapsulated', 0):,}"
+                      + "".join(f", `{k}` {v:,}" for k, v in sorted(dec.items()) if k != "decapsulated" and v))
+            bypass.append(t)
+        if bypass:
+            L.append("lb's counters in the DSR and IP-in-IP scenarios (packets, every test, summed over rounds): "
+                     + "; ".join(bypass) + ". There lb forwards only the clients' half of each connection: the "
+                       "requests, and with iperf3 (the client sends) every data segment, so iperf3's data "
+                       "crosses the LB as in full NAT and only the backend's ACKs bypass it; IP-in-IP adds "
+                       "the outer header and the backends' `lb decap`.\n")
         L.append("Reading it: with keep-alive and iperf3 a packet through lb costs one XDP program run and "
                  "XDP_TX, no socket and no kernel conntrack. With a new connection per request every request "
                  "is a handshake: a SYN the backend refuses (a TIME_WAIT socket there still holds the "

@@ -49,6 +49,7 @@ static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
 {
 	struct dsr_flow *c = bpf_map_lookup_elem(&dsr_flows, &p->key);
 	struct flow f = {};
+	struct affinity_work aw;
 	struct backend *be = NULL;
 	int rc, ipip = svc_flags & LB_SVC_IPIP;
 
@@ -59,8 +60,9 @@ static __always_inline int dsr_forward(struct xdp_md *ctx, struct pkt *p,
 		if (c->seen != now)
 			c->seen = now;
 	} else {
-		be = backend_pick(svc_id, pick_hash(&p->key, svc_flags),
-				  &f.backend);
+		be = backend_select(svc_id, svc_flags, &p->key,
+				    pick_hash(&p->key, svc_flags), now,
+				    &f.backend, &aw);
 		if (!be) {
 			*why = LB_DROP_NO_BACKEND;
 			return XDP_DROP;

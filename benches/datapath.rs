@@ -15,7 +15,9 @@
 //! - passed: a packet for nobody is left untouched;
 //! - ipip: the output is wrapped once more at every rerun, so it is timed
 //!   one run a call, as the new flows are (compare with "empty (1 run a
-//!   call)").
+//!   call)");
+//! - "no latency": the established and new-flow paths again on a second
+//!   instance loaded with `handshake_latency` off (the others measure it).
 
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
@@ -379,6 +381,105 @@ fn add_drained_backends(m: &Maps, svc: u32, nb: u32) -> Result<()> {
         .context("adding drained backends")
 }
 
+/// An instance at `pins` loaded with `settings`: service VIP:80 with one
+/// backend and `nb - 1` drained ones, `nf - 1` other flows, and the
+/// established connection CLIENT:40000 (see [`time_established`]).
+fn instance<'obj>(
+    st: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    settings: &Settings,
+    pins: &PinDir,
+    nb: u32,
+    nf: u32,
+    ifindex: u32,
+) -> Result<(lb::skel::lb::LbSkel<'obj>, Maps)> {
+    let mut skel = lb::loader::load(settings, false, None, st)?;
+    lb::loader::pin_maps(&mut skel, pins)?;
+    let m = Maps::open(pins)?;
+    let vip = Service::new(SocketAddrV4::new(VIP, 80), Proto::Tcp);
+    let svc_id = service::service_add(&m, &vip)?;
+    service::backend_add(&m, &vip, SocketAddrV4::new(BACKEND, 80), 1)?;
+    add_drained_backends(&m, svc_id, nb)?;
+    prefill(&m, nf.saturating_sub(1), ifindex)?;
+    // Established: client->VIP rewritten to LB:5000->backend, and back.
+    put(
+        &m,
+        key(CLIENT, 40000, VIP, 80),
+        flow(
+            LB_IP,
+            5000,
+            BACKEND,
+            80,
+            maps::DIR_TO_BACKEND,
+            ifindex,
+            PEER,
+        ),
+    )?;
+    put(
+        &m,
+        key(LB_IP, 5000, BACKEND, 80),
+        flow(CLIENT, 40000, VIP, 80, maps::DIR_TO_BACKEND, ifindex, PEER),
+    )?;
+    // Their owners (keyed by the NAT tuples), which the client entries
+    // must point back at.
+    put(
+        &m,
+        key(BACKEND, 80, LB_IP, 5000),
+        flow(VIP, 80, CLIENT, 40000, maps::DIR_TO_CLIENT, ifindex, PEER),
+    )?;
+    put(
+        &m,
+        key(VIP, 80, CLIENT, 40000),
+        flow(BACKEND, 80, LB_IP, 5000, maps::DIR_TO_CLIENT, ifindex, PEER),
+    )?;
+    Ok((skel, m))
+}
+
+/// The established path of [`instance`]'s connection, ns.
+fn time_established(
+    m: &Maps,
+    prog: &libbpf_rs::ProgramMut<'_>,
+    ifindex: u32,
+    repeat: u32,
+) -> Result<f64> {
+    let before = counter(m, "to_backend")?;
+    let est = time(prog, ifindex, &tcp_frame(CLIENT, 40000, VIP, 80), repeat)?;
+    if counter(m, "to_backend")? - before != 3 * u64::from(repeat) {
+        bail!("established: not every run took the established path");
+    }
+    Ok(est)
+}
+
+/// The new-flow path, ns: VIP:p -> backend:p and backend:p -> VIP:p, with
+/// a port of its own per round (81..=83) so rounds cannot meet each
+/// other's flows.
+fn time_new_flows(
+    m: &Maps,
+    prog: &libbpf_rs::ProgramMut<'_>,
+    ifindex: u32,
+    new_repeat: u32,
+) -> Result<f64> {
+    for i in 0..3u16 {
+        let fwd = Service::new(SocketAddrV4::new(VIP, 81 + i), Proto::Tcp);
+        let back = Service::new(SocketAddrV4::new(BACKEND, 81 + i), Proto::Tcp);
+        service::service_add(m, &fwd)?;
+        service::backend_add(m, &fwd, SocketAddrV4::new(BACKEND, 81 + i), 1)?;
+        service::service_add(m, &back)?;
+        service::backend_add(m, &back, SocketAddrV4::new(VIP, 81 + i), 1)?;
+    }
+    let before = counter(m, "new_flow")?;
+    let new = time_frames(
+        prog,
+        ifindex,
+        |i, k| tcp_frame_flags(CLIENT, 2000 + k as u16, VIP, 81 + i, true),
+        new_repeat,
+    )?;
+    let made = counter(m, "new_flow")? - before;
+    if made != 3 * u64::from(new_repeat) {
+        bail!("new flow: {made} of {} runs created a flow", 3 * new_repeat);
+    }
+    Ok(new)
+}
+
 struct Row {
     path: String,
     backends: u32,
@@ -475,52 +576,9 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let mut st = MaybeUninit::uninit();
-            let mut skel = lb::loader::load(&settings, false, None, &mut st)?;
-            lb::loader::pin_maps(&mut skel, &pins)?;
-            let m = Maps::open(&pins)?;
-            let vip = Service::new(SocketAddrV4::new(VIP, 80), Proto::Tcp);
-            let svc_id = service::service_add(&m, &vip)?;
-            service::backend_add(&m, &vip, SocketAddrV4::new(BACKEND, 80), 1)?;
-            add_drained_backends(&m, svc_id, nb)?;
-            prefill(&m, nf.saturating_sub(1), ifindex)?;
+            let (skel, m) = instance(&mut st, &settings, &pins, nb, nf, ifindex)?;
             let prog = &skel.progs.lb_xdp;
-
-            // Established: client->VIP rewritten to LB:5000->backend, and back.
-            put(
-                &m,
-                key(CLIENT, 40000, VIP, 80),
-                flow(
-                    LB_IP,
-                    5000,
-                    BACKEND,
-                    80,
-                    maps::DIR_TO_BACKEND,
-                    ifindex,
-                    PEER,
-                ),
-            )?;
-            put(
-                &m,
-                key(LB_IP, 5000, BACKEND, 80),
-                flow(CLIENT, 40000, VIP, 80, maps::DIR_TO_BACKEND, ifindex, PEER),
-            )?;
-            // Their owners (keyed by the NAT tuples), which the client
-            // entries must point back at.
-            put(
-                &m,
-                key(BACKEND, 80, LB_IP, 5000),
-                flow(VIP, 80, CLIENT, 40000, maps::DIR_TO_CLIENT, ifindex, PEER),
-            )?;
-            put(
-                &m,
-                key(VIP, 80, CLIENT, 40000),
-                flow(BACKEND, 80, LB_IP, 5000, maps::DIR_TO_CLIENT, ifindex, PEER),
-            )?;
-            let before = counter(&m, "to_backend")?;
-            let est = time(prog, ifindex, &tcp_frame(CLIENT, 40000, VIP, 80), repeat)?;
-            if counter(&m, "to_backend")? - before != 3 * u64::from(repeat) {
-                bail!("established: not every run took the established path");
-            }
+            let est = time_established(&m, prog, ifindex, repeat)?;
             // Return: backend->LB:5001 rewritten to VIP->client, and back.
             put(
                 &m,
@@ -547,17 +605,6 @@ fn main() -> Result<()> {
             let mut arp = tcp_frame(CLIENT, 40002, LB_IP, 22);
             arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
             let not_ip = time(prog, ifindex, &arp, repeat)?;
-            // New flow: VIP:p -> backend:p and backend:p -> VIP:p, with a
-            // port of its own per round so rounds cannot meet each other's
-            // flows.
-            for i in 0..3u16 {
-                let fwd = Service::new(SocketAddrV4::new(VIP, 81 + i), Proto::Tcp);
-                let back = Service::new(SocketAddrV4::new(BACKEND, 81 + i), Proto::Tcp);
-                service::service_add(&m, &fwd)?;
-                service::backend_add(&m, &fwd, SocketAddrV4::new(BACKEND, 81 + i), 1)?;
-                service::service_add(&m, &back)?;
-                service::backend_add(&m, &back, SocketAddrV4::new(VIP, 81 + i), 1)?;
-            }
             // Profiling aid (LB_BENCH_PROFILE_NEW=ROUNDS): that many more
             // rounds of new flows, one service port each, for `perf record`.
             if let Some(n) = std::env::var("LB_BENCH_PROFILE_NEW")
@@ -582,17 +629,7 @@ fn main() -> Result<()> {
                 );
                 return Ok(());
             }
-            let before = counter(&m, "new_flow")?;
-            let new = time_frames(
-                prog,
-                ifindex,
-                |i, k| tcp_frame_flags(CLIENT, 2000 + k as u16, VIP, 81 + i, true),
-                new_repeat,
-            )?;
-            let made = counter(&m, "new_flow")? - before;
-            if made != 3 * u64::from(new_repeat) {
-                bail!("new flow: {made} of {} runs created a flow", 3 * new_repeat);
-            }
+            let new = time_new_flows(&m, prog, ifindex, new_repeat)?;
             // DSR: any packet of a DSR service, its flow cached (the
             // frame is left as it was but for its MACs: every rerun
             // takes the same path).
@@ -642,6 +679,23 @@ fn main() -> Result<()> {
             drop(m);
             drop(skel);
             let _ = std::fs::remove_dir_all(&dir);
+            // The same two paths with handshake latency not measured (a
+            // second instance, loaded with the setting off).
+            let dir = pin_root.0.join(format!("{nb}-{nf}-nolat"));
+            std::fs::create_dir(&dir)?;
+            let pins = PinDir::new(&dir);
+            let off = Settings {
+                handshake_latency: false,
+                ..settings
+            };
+            let mut st = MaybeUninit::uninit();
+            let (skel, m) = instance(&mut st, &off, &pins, nb, nf, ifindex)?;
+            let prog = &skel.progs.lb_xdp;
+            let est_nolat = time_established(&m, prog, ifindex, repeat)?;
+            let new_nolat = time_new_flows(&m, prog, ifindex, new_repeat)?;
+            drop(m);
+            drop(skel);
+            let _ = std::fs::remove_dir_all(&dir);
             for (path, ns) in [
                 ("established", est),
                 ("return", ret),
@@ -649,6 +703,8 @@ fn main() -> Result<()> {
                 ("established IPv6", est6),
                 ("established, traced", est_traced),
                 ("new flow, traced", new_traced),
+                ("established, no latency", est_nolat),
+                ("new flow, no latency", new_nolat),
                 ("return IPv6", ret6),
                 ("new flow IPv6", new6),
                 ("passed (not ours)", passed),
@@ -667,12 +723,12 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "{:<20} {:>9} {:>9} {:>10} {:>8}",
+        "{:<24} {:>9} {:>9} {:>10} {:>8}",
         "path", "backends", "flows", "ns/packet", "x empty"
     );
     for r in &rows {
         println!(
-            "{:<20} {:>9} {:>9} {:>10.1} {:>8.2}",
+            "{:<24} {:>9} {:>9} {:>10.1} {:>8.2}",
             r.path,
             r.backends,
             r.flows,

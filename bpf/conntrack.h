@@ -54,7 +54,8 @@ static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 	__builtin_memset(sp, 0, sizeof(*sp));
 	__builtin_memset(fwd, 0, sizeof(*fwd));
 	sp->h = FN(pick_hash)(&p->key, svc_flags);
-	be = backend_pick(svc_id, sp->h, &fwd->backend);
+	be = FN(backend_select)(svc_id, svc_flags, &p->key, sp->h, now,
+				&fwd->backend, &sc->aff);
 	if (!be)
 		return LB_DROP_NO_BACKEND;
 	fwd->daddr = BE_ADDR(be);
@@ -83,7 +84,7 @@ static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 	sp->rev.created = now;
 	sp->rev.seen = now;
 	if (p->key.proto == IPPROTO_TCP)
-		sp->rev.syn_t = hs_now(); /* the handshake's start */
+		sp->rev.syn_t = hs_now(); /* the handshake's start, or 0 */
 
 	sp->ck = p->key;
 	sp->t.saddr = fwd->daddr;

@@ -46,11 +46,13 @@ static __always_inline struct backend *dsr_cached(__u32 id, __u32 svc_id)
 /* Forwards a packet of DSR or IPIP service `svc_id` (by svc_flags); its
  * verdict, the counter to count it under in *why, and whether it made a
  * flow in *new_flow. A flow is cached (made) once its packet goes on. The
- * next hop is worked out in `f`, zeroed by the caller. */
+ * next hop is worked out in `f`, zeroed by the caller; `aw` is client
+ * affinity's work space (backend_select). */
 static __always_inline int FN(dsr_forward)(struct xdp_md *ctx, PKT *p,
 					   __u32 svc_id, __u32 svc_flags,
 					   __u64 now, int *why, int *new_flow,
-					   FLOW *f)
+					   FLOW *f,
+					   struct FN(affinity_work) * aw)
 {
 	struct dsr_flow *c = bpf_map_lookup_elem(&DSR_FLOWS, &p->key);
 	struct backend *be = NULL;
@@ -63,8 +65,9 @@ static __always_inline int FN(dsr_forward)(struct xdp_md *ctx, PKT *p,
 		if (c->seen != now)
 			c->seen = now;
 	} else {
-		be = backend_pick(svc_id, FN(pick_hash)(&p->key, svc_flags),
-				  &f->backend);
+		be = FN(backend_select)(svc_id, svc_flags, &p->key,
+					FN(pick_hash)(&p->key, svc_flags), now,
+					&f->backend, aw);
 		if (!be) {
 			*why = LB_DROP_NO_BACKEND;
 			return XDP_DROP;

@@ -160,13 +160,15 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 				return done(ctx, n, LB_DROP_CT_RACE, XDP_DROP);
 			__builtin_memset(&sc->fwd, 0, sizeof(sc->fwd));
 			act = FN(dsr_forward)(ctx, p, svc->id, svc->flags, now,
-					      &dsr_why, &dsr_new, &sc->fwd);
+					      &dsr_why, &dsr_new, &sc->fwd,
+					      &sc->aff);
 			FN(new_scratch_put)(slot);
 #else
 			FLOW df = {};
+			struct FN(affinity_work) aw;
 
 			act = FN(dsr_forward)(ctx, p, svc->id, svc->flags, now,
-					      &dsr_why, &dsr_new, &df);
+					      &dsr_why, &dsr_new, &df, &aw);
 #endif
 			if (dsr_new)
 				count(ctx, LB_NEW_FLOW, 0);

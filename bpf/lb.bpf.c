@@ -43,6 +43,10 @@ const volatile __u32 syn_timeout = 2500;   /* idle half-open TCP flow, ticks */
 const volatile __u32 fin_timeout = 2500; /* after RST or FIN both ways, ticks */
 const volatile __u32 tw_timeout = 15250; /* a backend's TIME_WAIT, ticks */
 const volatile __u32 nh_ttl = 250;	 /* a cached next hop is fresh, ticks */
+/* Handshake latency (SYN to SYN-ACK) is not measured: no clock read on a
+ * new flow's SYN, no sample on its SYN-ACK (0, the default: measured, also
+ * what an instance of a build before this setting reads as). */
+const volatile __u8 hs_latency_off = 0;
 /* The shared enums' BTF anchor (see lb.h); last, so no setting moves. */
 const volatile struct lb_shared lb_shared = {};
 

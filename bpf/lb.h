@@ -161,6 +161,11 @@ enum svc_flags {
 	 * the Maglev weights of such a service). */
 	LB_SVC_LEAST_CONN = 0x100,
 	LB_SVC_LATENCY = 0x200,
+	/* Client affinity with a timeout: the flags' bits from this one are
+	 * the timeout in seconds (0: none). A client's new flow within it of
+	 * its last one goes to the backend it had, if that backend still
+	 * takes flows (the affinity maps, select.h). */
+	LB_SVC_AFFINITY_SHIFT = 16,
 };
 
 /* A backend, indexed by its id; of its service's family. */

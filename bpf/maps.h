@@ -175,6 +175,41 @@ struct {
 	__type(value, struct dsr_flow);
 } dsr_flows6 SEC(".maps");
 
+/*
+ * Client affinity with a timeout (LB_SVC_AFFINITY_SHIFT): service and
+ * client address -> the backend its last new flow took, and when. A cache:
+ * an evicted client falls back to the Maglev choice. Sized by the CLI.
+ */
+struct affinity_key {
+	__u32 svc;
+	__be32 client;
+};
+
+struct affinity6_key {
+	__u32 svc;
+	struct lb_in6 client;
+};
+
+struct affinity {
+	__u32 backend;
+	__u32 pad;
+	__u64 seen; /* clock ticks: the client's last new flow */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 64 * 1024);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity);
+} affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16 * 1024);
+	__type(key, struct affinity6_key);
+	__type(value, struct affinity);
+} affinity6 SEC(".maps");
+
 /* How many services are DSR (written by the CLI): only while there are
  * does a TCP segment of no flow have its service looked up. */
 struct {
@@ -248,11 +283,16 @@ static __always_inline void count_backend(struct xdp_md *ctx, __u32 id,
 	}
 }
 
-/* The SYN time a flow's owner keeps (struct flow.syn_t): never 0. */
+/* The SYN time a flow's owner keeps (struct flow.syn_t): never 0; 0 (no
+ * sample) if handshake latency is not measured (the setting, which the
+ * verifier sees: the clock is not read then). */
 static __always_inline __u32 hs_now(void)
 {
-	__u32 t = bpf_ktime_get_ns() >> 10;
+	__u32 t;
 
+	if (hs_latency_off)
+		return 0;
+	t = bpf_ktime_get_ns() >> 10;
 	return t ? t : 1;
 }
 
@@ -293,14 +333,14 @@ static __always_inline __u32 hs_bucket(__u64 us)
 
 /* The first SYN-ACK of backend `id` to a flow whose SYN came at `syn`
  * (hs_now): one handshake latency sample (none if the SYN time is 0:
- * unknown). */
+ * unknown, or if handshake latency is not measured). */
 static __always_inline void count_handshake(__u32 id, __u32 syn)
 {
 	struct lb_be_hs *h;
 	__u32 b;
 	__u64 ns;
 
-	if (!syn)
+	if (hs_latency_off || !syn)
 		return;
 	h = bpf_map_lookup_elem(&be_hs, &id);
 	if (!h)

@@ -102,6 +102,7 @@ struct FN(nat_search) {
 struct FN(new_scratch) {
 	struct FN(nat_search) s;
 	FLOW fwd;
+	struct FN(affinity_work) aff; /* client affinity's key and value */
 };
 
 struct FN(nat_loop) {

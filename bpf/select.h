@@ -92,3 +92,62 @@ static __always_inline int FN(backend_takes)(const FLOW *f, const FKEY *k)
 	       be->svc == f->svc && ADDR_EQ(BE_ADDR(be), f->daddr) &&
 	       (be->port ? be->port : k->dport) == f->dport;
 }
+
+/* The affinity map's key and value as backend_select builds them: in a new
+ * flow's scratch (natport.h), off the stack the program is short of. */
+struct FN(affinity_work) {
+#if LB_V6
+	struct affinity6_key k;
+#else
+	struct affinity_key k;
+#endif
+	struct affinity v;
+};
+
+/*
+ * The backend of a new flow of service `svc_id` (flags `flags`) from the
+ * client of `k`, its Maglev hash `h`: with an affinity timeout, the
+ * backend the client's last new flow took if that was within the timeout
+ * and the backend still takes flows (of the service, weight > 0), even if
+ * the Maglev table changed since (IPVS persistence); else the table's,
+ * remembered for the client's next flows (in `w`, scratch). Without a
+ * timeout, the table's.
+ */
+static __always_inline struct backend *
+FN(backend_select)(__u32 svc_id, __u32 flags, const FKEY *k, __u32 h, __u64 now,
+		   __u32 *id, struct FN(affinity_work) * w)
+{
+	__u32 secs = flags >> LB_SVC_AFFINITY_SHIFT;
+	struct affinity *a;
+	struct backend *be;
+#if LB_V6
+	void *map = &affinity6;
+#else
+	void *map = &affinity;
+#endif
+
+	if (!secs)
+		return backend_pick(svc_id, h, id);
+	__builtin_memset(w, 0, sizeof(*w));
+	w->k.svc = svc_id;
+	w->k.client = k->saddr;
+	a = bpf_map_lookup_elem(map, &w->k);
+	if (a && now - a->seen <= (__u64)secs * hz) {
+		w->v.backend = a->backend;
+		be = bpf_map_lookup_elem(&backends, &w->v.backend);
+		if (be && (be->flags & LB_BACKEND_USED) && be->weight &&
+		    be->svc == svc_id) {
+			*id = w->v.backend;
+			if (a->seen != now)
+				a->seen = now;
+			return be;
+		}
+	}
+	be = backend_pick(svc_id, h, id);
+	if (be) {
+		w->v.backend = *id;
+		w->v.seen = now;
+		bpf_map_update_elem(map, &w->k, &w->v, BPF_ANY);
+	}
+	return be;
+}

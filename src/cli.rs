@@ -74,6 +74,10 @@ pub struct SettingsArgs {
     /// Linger after FIN/RST, seconds [10].
     #[arg(long, value_name = "S")]
     pub fin_timeout: Option<u32>,
+    /// Measure each backend's handshake latency (SYN to SYN-ACK: a clock
+    /// read on each new TCP flow), on or off [on].
+    #[arg(long, value_name = "on|off", value_parser = settings::parse_on_off)]
+    pub handshake_latency: Option<bool>,
 }
 
 impl SettingsArgs {
@@ -93,6 +97,10 @@ impl SettingsArgs {
         set(&mut s.tcp_timeout, self.tcp_timeout);
         set(&mut s.udp_timeout, self.udp_timeout);
         set(&mut s.fin_timeout, self.fin_timeout);
+        if let Some(v) = self.handshake_latency {
+            s.handshake_latency = v;
+            any = true;
+        }
         if let Some(p) = &self.nat_ports {
             s.nat_ports = p.0.clone();
             any = true;
@@ -304,6 +312,11 @@ pub enum ServiceCmd {
         /// client-ip: every connection of a client address to one backend.
         #[arg(long, value_enum, default_value_t = Affinity::None)]
         affinity: Affinity,
+        /// With client-ip affinity: seconds a client keeps the backend of
+        /// its last new connection, even if the backends change (as IPVS
+        /// -p) [none: the hash of the client address alone].
+        #[arg(long, value_name = "S")]
+        affinity_timeout: Option<u32>,
     },
     /// Remove a service, its backends and their flows.
     Del {
@@ -490,12 +503,14 @@ pub fn run(cli: Cli) -> Result<()> {
                     mode,
                     scheduler,
                     affinity,
+                    affinity_timeout,
                 } => Edit::AddService(
                     svc.service(),
                     SvcConf {
                         mode: *mode,
                         scheduler: *scheduler,
                         affinity: *affinity,
+                        affinity_timeout: *affinity_timeout,
                     },
                 ),
                 ServiceCmd::Del { svc } => Edit::DelService(svc.service()),
@@ -608,8 +623,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_json(&list)?;
             } else {
                 for s in &list {
+                    let timeout = s
+                        .conf
+                        .affinity_timeout
+                        .map(|t| format!(" timeout {t}s"))
+                        .unwrap_or_default();
                     println!(
-                        "{} (id {}, mode {}, scheduler {}, affinity {})",
+                        "{} (id {}, mode {}, scheduler {}, affinity {}{timeout})",
                         s.service, s.id, s.conf.mode, s.conf.scheduler, s.conf.affinity
                     );
                     for b in &s.backends {
@@ -867,8 +887,8 @@ fn print_status(s: &loader::Status) {
     }
     if let Some(st) = &s.settings {
         println!(
-            "settings: NAT ports {}, Maglev size {}, max flows {} (half-open {}), timeouts tcp {}s udp {}s fin {}s",
-            settings::ports_string(&st.nat_ports), st.maglev_size, st.max_flows, st.max_half_open, st.tcp_timeout, st.udp_timeout, st.fin_timeout
+            "settings: NAT ports {}, Maglev size {}, max flows {} (half-open {}), timeouts tcp {}s udp {}s fin {}s, handshake latency {}",
+            settings::ports_string(&st.nat_ports), st.maglev_size, st.max_flows, st.max_half_open, st.tcp_timeout, st.udp_timeout, st.fin_timeout, settings::on_off(st.handshake_latency)
         );
         for a in &s.snat {
             println!("snat: {} ({})", a.addr, a.ports);

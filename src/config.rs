@@ -54,6 +54,7 @@ struct RawSettings {
     tcp_timeout: Option<Spanned<u32>>,
     udp_timeout: Option<Spanned<u32>>,
     fin_timeout: Option<Spanned<u32>>,
+    handshake_latency: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +78,8 @@ struct RawService {
     scheduler: Option<Spanned<String>>,
     #[serde(default)]
     affinity: Option<Spanned<String>>,
+    #[serde(default)]
+    affinity_timeout: Option<Spanned<u32>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
@@ -337,6 +340,11 @@ pub fn parse(src: &str, path: &Path) -> Result<Config> {
                 .parse::<crate::model::Affinity>()
                 .map_err(|e| cx.err(a.span(), "services.affinity", format!("{e:#}")))?;
         }
+        if let Some(t) = &rs.affinity_timeout {
+            conf.affinity_timeout = Some(*t.get_ref());
+            crate::model::check_affinity(&conf)
+                .map_err(|e| cx.err(t.span(), "services.affinity_timeout", format!("{e:#}")))?;
+        }
         if services.iter().any(|x| x.service == service) {
             return Err(cx.err(s.span(), "services", format!("duplicate service {service}")));
         }
@@ -476,6 +484,9 @@ fn settings_of(cx: &Ctx, s: &Spanned<RawSettings>) -> Result<Settings> {
         if let Some(t) = f {
             set(&mut out, *t.get_ref());
         }
+    }
+    if let Some(h) = &r.handshake_latency {
+        out.handshake_latency = *h.get_ref();
     }
     out.validate().map_err(|e| {
         let given = match e.field {

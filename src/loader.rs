@@ -83,6 +83,7 @@ pub fn load<'obj>(
     ro.fin_timeout = settings.fin_timeout * hz;
     ro.tw_timeout = settings::TIME_WAIT * hz;
     ro.nh_ttl = hz; // a cached next hop lives a second
+    ro.hs_latency_off = u8::from(!settings.handshake_latency);
     open.maps
         .conntrack
         .set_max_entries(settings.max_flows * 2)
@@ -113,6 +114,16 @@ pub fn load<'obj>(
         // the IPv6 tables' quarter of that
         .set_max_entries((settings.max_flows / 16).max(1024))
         .context("sizing the IPv6 DSR flow cache")?;
+    // Client affinity with a timeout: one entry a client of such a
+    // service; an evicted client falls back to the Maglev choice.
+    open.maps
+        .affinity
+        .set_max_entries((settings.max_flows / 16).max(1024))
+        .context("sizing the client affinity map")?;
+    open.maps
+        .affinity6
+        .set_max_entries((settings.max_flows / 64).max(1024))
+        .context("sizing the IPv6 client affinity map")?;
     if let Some(pins) = reuse {
         for mut map in open.open_object_mut().maps_mut() {
             let name = map.name().to_string_lossy().into_owned();

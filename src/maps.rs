@@ -100,7 +100,12 @@ pub fn svc_flags(conf: &crate::model::SvcConf) -> u32 {
         crate::model::Scheduler::LeastConn => types::svc_flags::LB_SVC_LEAST_CONN.0,
         crate::model::Scheduler::Latency => types::svc_flags::LB_SVC_LATENCY.0,
     };
-    mode | affinity | scheduler
+    let timeout = conf
+        .affinity_timeout
+        .unwrap_or(0)
+        .min(crate::model::MAX_AFFINITY_TIMEOUT)
+        << types::svc_flags::LB_SVC_AFFINITY_SHIFT.0;
+    mode | affinity | scheduler | timeout
 }
 
 /// A service's mode, affinity and scheduler, as its map value says.
@@ -118,6 +123,8 @@ pub fn svc_conf(v: &SvcValue) -> crate::model::SvcConf {
         } else {
             crate::model::Affinity::None
         },
+        affinity_timeout: Some(v.flags >> types::svc_flags::LB_SVC_AFFINITY_SHIFT.0)
+            .filter(|&t| t != 0),
         scheduler: if v.flags & types::svc_flags::LB_SVC_LEAST_CONN.0 != 0 {
             crate::model::Scheduler::LeastConn
         } else if v.flags & types::svc_flags::LB_SVC_LATENCY.0 != 0 {
@@ -157,6 +164,8 @@ pub const PINNED: &[&str] = &[
     "dsr_flows",
     "dsr_flows6",
     "dsr_services",
+    "affinity",
+    "affinity6",
     "trace_rb",
     "trace_cfg",
 ];
@@ -754,6 +763,7 @@ pub fn settings_of(
         tcp_timeout: secs(ro.tcp_timeout),
         udp_timeout: secs(ro.udp_timeout),
         fin_timeout: secs(ro.fin_timeout),
+        handshake_latency: ro.hs_latency_off == 0,
     })
 }
 

@@ -220,6 +220,35 @@ pub struct SvcConf {
     pub scheduler: Scheduler,
     /// Client affinity.
     pub affinity: Affinity,
+    /// With `client-ip` affinity: seconds a client keeps the backend of its
+    /// last new connection (`"affinity_timeout": 300` in JSON, absent
+    /// without): its next one within them goes there too while that backend
+    /// takes flows, even if the backend set changed (IPVS `-p`). Without, the
+    /// Maglev choice of the client address alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout: Option<u32>,
+}
+
+/// The longest affinity timeout, seconds (the service's flags hold it in
+/// 16 bits, bpf/lb.h `LB_SVC_AFFINITY_SHIFT`).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 65535;
+
+/// Checks a service's affinity timeout: only with `client-ip` affinity,
+/// 1..=65535 seconds.
+pub fn check_affinity(conf: &SvcConf) -> Result<()> {
+    let Some(t) = conf.affinity_timeout else {
+        return Ok(());
+    };
+    if conf.affinity != Affinity::ClientIp {
+        bail!(
+            "an affinity timeout needs affinity client-ip (this service's is {})",
+            conf.affinity
+        );
+    }
+    if t == 0 || t > MAX_AFFINITY_TIMEOUT {
+        bail!("affinity timeout {t}s out of range 1..={MAX_AFFINITY_TIMEOUT}");
+    }
+    Ok(())
 }
 
 /// Names of the values of a `clap::ValueEnum`, as they are written.
@@ -308,6 +337,12 @@ pub fn check_service(svc: &Service) -> Result<()> {
     check_unicast(svc.vip)
 }
 
+/// Checks that the datapath can serve `svc` the way `conf` says (an
+/// affinity timeout needs client-ip affinity).
+pub fn check_conf(svc: &Service, conf: &SvcConf) -> Result<()> {
+    check_affinity(conf).map_err(|e| anyhow::anyhow!("service {svc}: {e}"))
+}
+
 /// Checks that `addr` can be a backend of `svc`: unicast, of the service's
 /// family (the datapath translates addresses, not families).
 pub fn check_backend(svc: &Service, addr: SocketAddr) -> Result<()> {
@@ -387,6 +422,28 @@ mod tests {
             serde_json::to_value(SvcConf::default()).unwrap(),
             serde_json::json!({"mode": "nat", "scheduler": "maglev", "affinity": "none"})
         );
+        let sticky = SvcConf {
+            affinity: Affinity::ClientIp,
+            affinity_timeout: Some(300),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(sticky).unwrap(),
+            serde_json::json!({"mode": "nat", "scheduler": "maglev", "affinity": "client-ip", "affinity_timeout": 300})
+        );
+        assert!(check_affinity(&sticky).is_ok());
+        assert_eq!(
+            check_affinity(&SvcConf {
+                affinity_timeout: Some(300),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string(),
+            "an affinity timeout needs affinity client-ip (this service's is none)"
+        );
+        let flags = crate::maps::svc_flags(&sticky);
+        let v = crate::maps::SvcValue { id: 1, flags };
+        assert_eq!(crate::maps::svc_conf(&v), sticky);
     }
 
     #[test]

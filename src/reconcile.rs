@@ -266,7 +266,10 @@ impl Edit {
     /// the datapath can take, before anything is read or made.
     pub fn check(&self) -> Result<()> {
         match self {
-            Edit::AddService(s, _) => service::check_service(s),
+            Edit::AddService(s, conf) => {
+                service::check_service(s)?;
+                crate::model::check_conf(s, conf)
+            }
             Edit::DelService(s) => service::check_service(s),
             Edit::AddBackend(s, a, w) | Edit::SetWeight(s, a, w) => {
                 service::check_service(s)?;

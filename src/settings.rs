@@ -77,6 +77,24 @@ pub fn parse_ports(s: &str) -> Result<Vec<PortRange>> {
     Ok(out)
 }
 
+/// An on/off setting as written: `on` or `off` (also `true`/`false`).
+pub fn parse_on_off(s: &str) -> Result<bool> {
+    match s.trim() {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        v => bail!("'{v}' is not on or off"),
+    }
+}
+
+/// An on/off setting as [`parse_on_off`] reads it.
+pub fn on_off(v: bool) -> &'static str {
+    if v {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 /// Ranges as `parse_ports` reads them.
 pub fn ports_string(r: &[PortRange]) -> String {
     r.iter()
@@ -135,6 +153,15 @@ pub struct Settings {
     pub udp_timeout: u32,
     /// How long a connection lingers after FIN or RST, seconds.
     pub fin_timeout: u32,
+    /// Whether the datapath measures each backend's handshake latency (SYN
+    /// to SYN-ACK, a clock read on each new TCP flow): what `lb stats`
+    /// shows and the latency scheduler weighs.
+    #[serde(default = "yes")]
+    pub handshake_latency: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for Settings {
@@ -151,6 +178,7 @@ impl Default for Settings {
             tcp_timeout: 600,
             udp_timeout: 60,
             fin_timeout: 10,
+            handshake_latency: true,
         }
     }
 }
@@ -297,6 +325,8 @@ pub enum Field {
     UdpTimeout,
     /// `fin_timeout`, `--fin-timeout`.
     FinTimeout,
+    /// `handshake_latency`, `--handshake-latency`.
+    HandshakeLatency,
 }
 
 impl Field {
@@ -311,6 +341,7 @@ impl Field {
             Field::TcpTimeout => "tcp_timeout",
             Field::UdpTimeout => "udp_timeout",
             Field::FinTimeout => "fin_timeout",
+            Field::HandshakeLatency => "handshake_latency",
         }
     }
 }

@@ -426,6 +426,46 @@ fn service_errors_change_nothing() {
             vec!["'rr'", "--scheduler", "possible values: maglev"],
         ),
         (
+            vec![
+                "service",
+                "add",
+                "10.200.0.2:83",
+                "--affinity-timeout",
+                "60",
+            ],
+            1,
+            vec!["service 10.200.0.2:83/tcp: an affinity timeout needs affinity client-ip"],
+        ),
+        (
+            vec![
+                "service",
+                "add",
+                "10.200.0.2:83",
+                "--affinity",
+                "client-ip",
+                "--affinity-timeout",
+                "70000",
+            ],
+            1,
+            vec!["affinity timeout 70000s out of range 1..=65535"],
+        ),
+        (
+            vec![
+                "service",
+                "add",
+                "10.200.0.2:83",
+                "--affinity-timeout",
+                "5m",
+            ],
+            2,
+            vec!["'5m'", "--affinity-timeout"],
+        ),
+        (
+            vec!["attach", "eth0", "--handshake-latency", "maybe"],
+            2,
+            vec!["'maybe' is not on or off", "--handshake-latency"],
+        ),
+        (
             vec!["backend", "add", "[fd00::2]:80", "10.200.0.11:80"],
             1,
             vec!["backend 10.200.0.11:80 is IPv4, service [fd00::2]:80/tcp is IPv6"],
@@ -812,6 +852,56 @@ fn json_shapes() {
         "--scheduler",
         "maglev",
     ])));
+    // Client affinity with a timeout: in list, text and JSON.
+    lb_ok(&before(&[
+        "service",
+        "add",
+        "10.200.0.3:443",
+        "--affinity",
+        "client-ip",
+        "--affinity-timeout",
+        "120",
+    ]));
+    let list = json_of(&lb_ok(&after(&["list"])));
+    let aff = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["port"] == 443)
+        .expect("the affinity service listed");
+    assert_eq!(
+        (&aff["affinity"], &aff["affinity_timeout"]),
+        (&"client-ip".into(), &120.into()),
+        "{list:#}"
+    );
+    assert!(list[0].get("affinity_timeout").is_none(), "{list:#}");
+    let text_list = lb_ok(&strings(&[
+        "list",
+        "--netns",
+        &ns.name,
+        "--pin-dir",
+        pins.arg(),
+    ]));
+    assert!(
+        text(&text_list.stdout).contains("affinity client-ip timeout 120s)"),
+        "{}",
+        show(&text_list)
+    );
+    let status = lb_ok(&strings(&[
+        "status",
+        "--netns",
+        &ns.name,
+        "--pin-dir",
+        pins.arg(),
+    ]));
+    assert!(
+        text(&status.stdout).contains(", handshake latency on"),
+        "{}",
+        show(&status)
+    );
+    let status = json_of(&lb_ok(&before(&["status"])));
+    assert_eq!(status["settings"]["handshake_latency"], true, "{status:#}");
+    lb_ok(&before(&["service", "del", "10.200.0.3:443"]));
     assert_eq!(add["changes"][0]["op"], "add_service", "{add:#}");
     assert_eq!(add["changes"][0]["service"]["proto"], "udp", "{add:#}");
     assert!(add["changes"][0]["id"].is_u64(), "{add:#}");

@@ -94,6 +94,22 @@ fn validation_messages() {
             "f.toml:3:17: settings.max_half_open: max half-open flows 10 out of range 1024..=16777216",
         ),
         (
+            "[settings]\nhandshake_latency = \"maybe\"\n".to_string(),
+            "f.toml:2:21: invalid type: string \"maybe\", expected a boolean",
+        ),
+        (
+            format!("{BASE}affinity_timeout = 60\n"),
+            "f.toml:7:20: services.affinity_timeout: an affinity timeout needs affinity client-ip (this service's is none)",
+        ),
+        (
+            format!("{BASE}affinity = \"client-ip\"\naffinity_timeout = 0\n"),
+            "f.toml:8:20: services.affinity_timeout: affinity timeout 0s out of range 1..=65535",
+        ),
+        (
+            format!("{BASE}affinity = \"client-ip\"\naffinity_timeout = -5\n"),
+            "f.toml:8:20: ",
+        ),
+        (
             "[settings]\nsnat = [\"192.0.2.99\"]\n".to_string(),
             "f.toml:2:8: settings.snat: SNAT address 192.0.2.99 is not an address of this host",
         ),
@@ -198,8 +214,24 @@ fn mode_and_scheduler_are_read() {
             mode: FwdMode::Nat,
             scheduler: Scheduler::Maglev,
             affinity: lb::model::Affinity::ClientIp,
+            affinity_timeout: None,
         }
     );
+    let src = format!("{BASE}affinity = \"client-ip\"\naffinity_timeout = 300\n");
+    let c2 = lb::config::parse(&src, Path::new("f.toml")).expect("a timeout");
+    assert_eq!(c2.services[0].conf.affinity_timeout, Some(300));
+    for (src, want) in [
+        ("", true),
+        ("[settings]\nhandshake_latency = false\n", false),
+        ("[settings]\nhandshake_latency = true\n", true),
+    ] {
+        let c = lb::config::parse(src, Path::new("f.toml")).expect("settings");
+        assert_eq!(
+            c.settings.is_none_or(|s| s.handshake_latency),
+            want,
+            "{src}"
+        );
+    }
     let bad = format!("{BASE}affinity = \"source\"\n");
     let e = lb::config::parse(&bad, Path::new("f.toml")).unwrap_err();
     assert_eq!(

@@ -2835,6 +2835,105 @@ fn client_affinity_keeps_a_client_on_one_backend() {
     assert_eq!(many.len(), 2, "32 clients on one backend");
 }
 
+/// Lets `secs` seconds pass for the client affinity map (of IPv4): every
+/// remembered client's last new flow moves that far into the past.
+fn affinity_ages(lb: &Lb<'_>, secs: u32) {
+    let ticks = u64::from(secs * lb::clock::hz().expect("HZ"));
+    let m = &lb.skel.maps.affinity;
+    for k in m.keys().collect::<Vec<_>>() {
+        let mut v = m.lookup(&k, MapFlags::ANY).unwrap().expect("an entry");
+        let seen = u64::from_ne_bytes(v[8..16].try_into().unwrap()) - ticks;
+        v[8..16].copy_from_slice(&seen.to_ne_bytes());
+        m.update(&k, &v, MapFlags::EXIST).unwrap();
+    }
+}
+
+/// Client affinity with a timeout (`affinity_timeout`, IPVS `-p`): a
+/// client's new flow within the timeout of its last one goes to the backend
+/// that one took, even after the backends changed so that Maglev picks
+/// another; past the timeout, Maglev's choice; never a drained backend.
+#[test]
+fn client_affinity_timeout_remembers_the_backend() {
+    instance!(
+        "client_affinity_timeout_remembers_the_backend",
+        lb,
+        settings(),
+        false
+    );
+    let conf = lb::model::SvcConf {
+        affinity: lb::model::Affinity::ClientIp,
+        affinity_timeout: Some(300),
+        ..Default::default()
+    };
+    let svc = lb.service_conf(VIP, 80, Proto::Tcp, conf);
+    assert_eq!(service::list(&lb.m).unwrap()[0].conf, conf);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let (a, b) = (sa(BACKEND_A, 80), sa(BACKEND_B, 80));
+    let c = Csum::Complete;
+    let flow = |port: u16| Seg::syn(CLIENT, port, VIP, 80);
+
+    let first = must(lb.open(&flow(41000), &[a], c), "the only backend");
+    assert_eq!(first.backend, a);
+    // B takes nearly all of the Maglev table: a new client goes there...
+    lb.backend(&svc, BACKEND_B, 80, 1000);
+    let other = must(
+        lb.open(&Seg::syn(CLIENT2, 41000, VIP, 80), &[a, b], c),
+        "a new client",
+    );
+    assert_eq!(other.backend, b, "Maglev's choice");
+    // ... this one stays on A, whatever its port.
+    for port in [41001, 41002] {
+        let again = must(lb.open(&flow(port), &[a, b], c), "same client");
+        assert_eq!(again.backend, a, "port {port}: the remembered backend");
+    }
+    // Within the timeout of its last new flow: still A.
+    affinity_ages(&lb, 299);
+    let kept = must(lb.open(&flow(41003), &[a, b], c), "within the timeout");
+    assert_eq!(kept.backend, a);
+    // Past it: Maglev's choice, remembered from then on.
+    affinity_ages(&lb, 301);
+    let expired = must(lb.open(&flow(41004), &[a, b], c), "past the timeout");
+    assert_eq!(expired.backend, b, "Maglev's choice after expiry");
+    service::backend_set(&lb.m, &svc, a, 1000).unwrap();
+    let stays = must(lb.open(&flow(41005), &[a, b], c), "B remembered");
+    assert_eq!(stays.backend, b);
+    // The remembered backend drained (weight 0): not used.
+    service::backend_set(&lb.m, &svc, b, 0).unwrap();
+    let drained = must(lb.open(&flow(41006), &[a, b], c), "B drained");
+    assert_eq!(drained.backend, a, "not the drained backend");
+    // Its established connections stay on it.
+    must(
+        lb.cont(&stays, &flow(41005).ack(), c),
+        "B's connection goes on",
+    );
+}
+
+/// Client affinity without a timeout keeps no state: the Maglev choice of
+/// the client address, which follows the backend set.
+#[test]
+fn client_affinity_without_timeout_follows_maglev() {
+    instance!(
+        "client_affinity_without_timeout_follows_maglev",
+        lb,
+        settings(),
+        false
+    );
+    let conf = lb::model::SvcConf {
+        affinity: lb::model::Affinity::ClientIp,
+        ..Default::default()
+    };
+    let svc = lb.service_conf(VIP, 80, Proto::Tcp, conf);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let (a, b) = (sa(BACKEND_A, 80), sa(BACKEND_B, 80));
+    let c = Csum::Complete;
+    let first = must(lb.open(&Seg::syn(CLIENT, 41000, VIP, 80), &[a], c), "A");
+    assert_eq!(first.backend, a);
+    lb.backend(&svc, BACKEND_B, 80, 1000);
+    let next = must(lb.open(&Seg::syn(CLIENT, 41001, VIP, 80), &[a, b], c), "B");
+    assert_eq!(next.backend, b, "Maglev's choice: no memory");
+    assert_eq!(lb.skel.maps.affinity.keys().count(), 0);
+}
+
 // ---------------------------------------------------------------------------
 // UDP.
 
@@ -3891,6 +3990,56 @@ fn syn_then_synack_records_one_handshake() {
         "answer",
     );
     assert_eq!(lb.backend_stats(u).handshake, empty);
+}
+
+/// Handshake latency off (`handshake_latency = false`): a SYN keeps no
+/// SYN time and its SYN-ACK records no sample, on a new flow and on a
+/// reopened one; resets and unanswered SYNs are still counted.
+#[test]
+fn handshake_latency_off_records_no_sample() {
+    instance!(
+        "handshake_latency_off_records_no_sample",
+        lb,
+        Settings {
+            handshake_latency: false,
+            ..settings()
+        },
+        false
+    );
+    assert!(!lb.m.settings().unwrap().handshake_latency);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    let a = lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &a80, c), "SYN");
+    assert_eq!(lb.owner(&conn).syn_t, 0, "no SYN time");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    let st = lb.backend_stats(a);
+    assert_eq!(
+        (st.handshake.count(), st.handshake.sum_ns),
+        (0, 0),
+        "{st:?}"
+    );
+    must(lb.back(&conn, &conn.reply().rst(), c), "backend RST");
+    assert_eq!(lb.backend_stats(a).resets, 1);
+
+    // Unanswered, expired, and its client starts over on the same ports.
+    let syn2 = Seg::syn(CLIENT, 40001, VIP, 80);
+    let c2 = must(lb.open(&syn2, &a80, c), "unanswered SYN");
+    lb.age_out(&c2.reverse_key());
+    let again = must(lb.open(&syn2, &a80, c), "the client's SYN reopens it");
+    assert_eq!(lb.backend_stats(a).unanswered_syns, 1);
+    assert_eq!(lb.owner(&again).syn_t, 0, "reopened: no SYN time");
+    must(lb.back(&again, &again.reply().synack(), c), "its SYN-ACK");
+    let st = lb.backend_stats(a);
+    assert_eq!(
+        (st.handshake.count(), st.resets, st.unanswered_syns),
+        (0, 1, 1),
+        "{st:?}"
+    );
 }
 
 /// A RST from a backend to its client is counted for that backend, once a

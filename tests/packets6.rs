@@ -12,7 +12,7 @@ use std::mem::MaybeUninit;
 use std::net::{Ipv6Addr, SocketAddr};
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
-use libbpf_rs::{OpenObject, ProgramInput};
+use libbpf_rs::{MapCore, MapFlags, OpenObject, ProgramInput};
 
 use lb::conntrack;
 use lb::maps::Maps;
@@ -1047,4 +1047,54 @@ fn dsr_and_ipip_serve_ipv6() {
     let mut frag = wrapped.clone();
     frag[20] = 44; // a fragment header next: not taken
     check("pass_fragment", &frag, &frag);
+}
+
+/// Client affinity with a timeout, IPv6 (map affinity6): a client's new
+/// flow within the timeout goes to the backend its last one took, though
+/// Maglev now picks another; past it, Maglev's choice.
+#[test]
+fn client_affinity_timeout_remembers_the_backend() {
+    if !common::root_or_skip("client_affinity_timeout_remembers_the_backend6") {
+        return;
+    }
+    let lab = Lab::new();
+    let mut st = MaybeUninit::uninit();
+    let lb = Lb::new(&lab, false, &mut st);
+    let svc = Service::new(SocketAddr::new(VIP.into(), 80), Proto::Tcp);
+    let conf = lb::model::SvcConf {
+        affinity: lb::model::Affinity::ClientIp,
+        affinity_timeout: Some(60),
+        ..Default::default()
+    };
+    service::service_add_conf(&lb.m, &svc, conf).expect("adding a service");
+    service::backend_add(&lb.m, &svc, sa(BACKEND_A, 80), 1).expect("backend a");
+    let cmac = mac_of(CLIENT);
+    let backend_of = |client: Ipv6Addr, port: u16| {
+        let syn = tcp(
+            cmac,
+            ETH0_MAC,
+            sa(client, port),
+            sa(VIP, 80),
+            |b| b.syn(),
+            &[],
+        );
+        let (v, out) = lb.step("SYN", &syn, &["to_backend", "new_flow"]);
+        assert_eq!(v, XDP_TX);
+        seen(&out).dst
+    };
+    assert_eq!(backend_of(CLIENT, 41000), sa(BACKEND_A, 80));
+    service::backend_add(&lb.m, &svc, sa(BACKEND_B, 80), 1000).expect("backend b");
+    let other: Ipv6Addr = "fd00:200::77".parse().unwrap();
+    assert_eq!(backend_of(other, 41000), sa(BACKEND_B, 80), "Maglev's");
+    assert_eq!(backend_of(CLIENT, 41001), sa(BACKEND_A, 80), "remembered");
+    // 61 seconds later: Maglev's choice.
+    let ticks = u64::from(61 * lb::clock::hz().expect("HZ"));
+    let m = &lb.skel.maps.affinity6;
+    for k in m.keys().collect::<Vec<_>>() {
+        let mut v = m.lookup(&k, MapFlags::ANY).unwrap().expect("an entry");
+        let seen = u64::from_ne_bytes(v[8..16].try_into().unwrap()) - ticks;
+        v[8..16].copy_from_slice(&seen.to_ne_bytes());
+        m.update(&k, &v, MapFlags::EXIST).unwrap();
+    }
+    assert_eq!(backend_of(CLIENT, 41002), sa(BACKEND_B, 80), "expired");
 }

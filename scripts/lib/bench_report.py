@@ -31,7 +31,7 @@ import platform
 import statistics
 import subprocess
 
-PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not IP)", "dsr", "established IPv6", "return IPv6", "new flow IPv6", "established, traced", "new flow, traced", "ipip (1 run a call)"]
+PATHS = ["established", "return", "new flow", "passed (not ours)", "passed (not IP)", "dsr", "established IPv6", "return IPv6", "new flow IPv6", "established, traced", "new flow, traced", "established, no latency", "new flow, no latency", "ipip (1 run a call)"]
 SCENARIOS = [("lb", "lb (XDP, native), defaults"), ("nft", "nftables DNAT + masquerade"),
              ("haproxy", "haproxy (mode tcp)"), ("direct", "direct to one backend"),
              ("fwd", "XDP forward-only (ceiling)"),
@@ -307,7 +307,9 @@ def main():
         L.append("\nns/packet (x the empty program). *established*: client to VIP, flow in the table; "
                  "*return*: backend to client; *new flow*: a SYN creating a connection; "
                  "*passed*: not the LB's traffic; *dsr*: a packet of a direct-server-return service (only its MACs change); "
-                 "*IPv6*: the same paths of an IPv6 connection; *traced*: with `lb trace` on for every packet (no filter, sample 1; the untraced rows are tracing off, which costs one per-CPU lookup and two tests).\n")
+                 "*IPv6*: the same paths of an IPv6 connection; *traced*: with `lb trace` on for every packet (no filter, sample 1; the untraced rows are tracing off, which costs one per-CPU lookup and two tests); "
+                 "*no latency*: handshake latency not measured (`handshake_latency = false`: no clock read on a new flow's SYN, "
+                 "no sample on its SYN-ACK; every other row measures it, the default).\n")
         if empty1 is not None:
             new = [r["ns"] for r in rows if r["path"] == "new flow"]
             L.append("A new flow cannot be repeated on its own rewritten frame, so it is timed on distinct "

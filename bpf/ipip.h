@@ -32,6 +32,53 @@ static __always_inline __sum16 ipv4_hdr_csum(const struct iphdr *ip)
 	return ~csum_fold(sum);
 }
 
+/*
+ * Puts outer header `outer` (IPIP_HLEN bytes if `v6` is 0, else IPIP6_HLEN)
+ * in front of the packet, under an Ethernet header from `smac` to `dmac`,
+ * and sends the frame: to ifindex (XDP_TX when it is the ingress one) if
+ * `nh_ok`, else to the kernel, which forwards it and resolves the
+ * neighbour. The verdict; the counter to count it under in *why. Every
+ * packet pointer is stale afterwards.
+ */
+static __always_inline int ipip_push(struct xdp_md *ctx, const void *outer,
+				     int v6, const __u8 *smac, const __u8 *dmac,
+				     int nh_ok, __u32 ifindex, int *why)
+{
+	int hlen = v6 ? IPIP6_HLEN : IPIP_HLEN;
+	__u8 s[ETH_ALEN], d[ETH_ALEN];
+	struct ethhdr *eth;
+	void *end;
+
+	/* (the MACs may be the packet's own: copied before it moves) */
+	__builtin_memcpy(s, smac, ETH_ALEN);
+	__builtin_memcpy(d, dmac, ETH_ALEN);
+	if (bpf_xdp_adjust_head(ctx, -hlen)) {
+		*why = LB_DROP_TOO_BIG; /* no headroom: never on a real NIC */
+		return XDP_DROP;
+	}
+	eth = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	if ((void *)eth + sizeof(*eth) + hlen > end)
+		return XDP_ABORTED; /* (the frame just grew: never) */
+	__builtin_memcpy(eth->h_dest, d, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, s, ETH_ALEN);
+	if (v6) {
+		eth->h_proto = bpf_htons(ETH_P_IPV6);
+		__builtin_memcpy((void *)(eth + 1), outer, IPIP6_HLEN);
+	} else {
+		eth->h_proto = bpf_htons(ETH_P_IP);
+		__builtin_memcpy((void *)(eth + 1), outer, IPIP_HLEN);
+	}
+	if (!nh_ok) {
+		*why = LB_PASS_NO_NEIGH;
+		return XDP_PASS;
+	}
+	*why = LB_TO_BACKEND;
+	if (ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return xmit_ifindex(ctx, ifindex);
+}
+
 #endif /* LB_IPIP_ONCE */
 
 #if !LB_V6
@@ -66,9 +113,7 @@ static __always_inline int ipip_xmit(struct xdp_md *ctx, struct pkt *p,
 				     const struct flow *f, int *why)
 {
 	struct iphdr *ip = p->ip, outer = {};
-	struct ethhdr *eth;
-	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-	void *data, *end;
+	const __u8 *smac = f->smac, *dmac = f->dmac;
 
 	outer.version = 4;
 	outer.ihl = 5;
@@ -81,36 +126,12 @@ static __always_inline int ipip_xmit(struct xdp_md *ctx, struct pkt *p,
 	outer.saddr = f->saddr;
 	outer.daddr = f->daddr;
 	outer.check = ipv4_hdr_csum(&outer);
-	if (f->nh_ok) {
-		__builtin_memcpy(smac, f->smac, ETH_ALEN);
-		__builtin_memcpy(dmac, f->dmac, ETH_ALEN);
-	} else {
-		/* To the kernel: still addressed to this host. */
-		__builtin_memcpy(smac, p->eth->h_source, ETH_ALEN);
-		__builtin_memcpy(dmac, p->eth->h_dest, ETH_ALEN);
-	}
-	if (bpf_xdp_adjust_head(ctx, -IPIP_HLEN)) {
-		*why = LB_DROP_TOO_BIG; /* no headroom: never on a real NIC */
-		return XDP_DROP;
-	}
-	/* Every packet pointer is stale now. */
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	eth = data;
-	if ((void *)eth + sizeof(*eth) + IPIP_HLEN > end)
-		return XDP_ABORTED; /* (the frame just grew: never) */
-	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IP);
-	__builtin_memcpy((void *)(eth + 1), &outer, IPIP_HLEN);
 	if (!f->nh_ok) {
-		*why = LB_PASS_NO_NEIGH;
-		return XDP_PASS;
+		/* To the kernel: still addressed to this host. */
+		smac = p->eth->h_source;
+		dmac = p->eth->h_dest;
 	}
-	*why = LB_TO_BACKEND;
-	if (f->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	return xmit_ifindex(ctx, f->ifindex);
+	return ipip_push(ctx, &outer, 0, smac, dmac, f->nh_ok, f->ifindex, why);
 }
 
 #else
@@ -134,9 +155,7 @@ static __always_inline int ipip_xmit6(struct xdp_md *ctx, struct pkt6 *p,
 				      const struct flow6 *f, int *why)
 {
 	struct ipv6hdr *ip6 = p->ip6, outer = {};
-	struct ethhdr *eth;
-	__u8 smac[ETH_ALEN], dmac[ETH_ALEN];
-	void *data, *end;
+	const __u8 *smac = f->smac, *dmac = f->dmac;
 
 	/* version, traffic class and flow label: the inner's first word */
 	*(__be32 *)&outer = *(__be32 *)ip6;
@@ -146,33 +165,10 @@ static __always_inline int ipip_xmit6(struct xdp_md *ctx, struct pkt6 *p,
 	outer.hop_limit = IPIP_TTL;
 	__builtin_memcpy(&outer.saddr, &f->saddr, sizeof(f->saddr));
 	__builtin_memcpy(&outer.daddr, &f->daddr, sizeof(f->daddr));
-	if (f->nh_ok) {
-		__builtin_memcpy(smac, f->smac, ETH_ALEN);
-		__builtin_memcpy(dmac, f->dmac, ETH_ALEN);
-	} else {
-		__builtin_memcpy(smac, p->eth->h_source, ETH_ALEN);
-		__builtin_memcpy(dmac, p->eth->h_dest, ETH_ALEN);
-	}
-	if (bpf_xdp_adjust_head(ctx, -IPIP6_HLEN)) {
-		*why = LB_DROP_TOO_BIG;
-		return XDP_DROP;
-	}
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	eth = data;
-	if ((void *)eth + sizeof(*eth) + IPIP6_HLEN > end)
-		return XDP_ABORTED;
-	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IPV6);
-	__builtin_memcpy((void *)(eth + 1), &outer, IPIP6_HLEN);
 	if (!f->nh_ok) {
-		*why = LB_PASS_NO_NEIGH;
-		return XDP_PASS;
+		smac = p->eth->h_source;
+		dmac = p->eth->h_dest;
 	}
-	*why = LB_TO_BACKEND;
-	if (f->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	return xmit_ifindex(ctx, f->ifindex);
+	return ipip_push(ctx, &outer, 1, smac, dmac, f->nh_ok, f->ifindex, why);
 }
 #endif

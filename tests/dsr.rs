@@ -10,85 +10,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use common::{curl, lb, root_or_skip, run, PinDir, Topo, A_IP, B_IP};
+use common::{curl, lb, nstat, root_or_skip, run, PinDir, Server, Topo, A_IP, B_IP, CLIENT_IP};
 use serde_json::Value;
 
 const VIP: &str = "10.200.0.100";
 const PORT: &str = "8080";
 const VIP6: &str = "fd00:200::100";
 const PORT6: &str = "8081";
-
-/// An HTTP server answering "backend NAME" on `bind`:`port` (IPv6 if
-/// `bind` is "::") in `ns`, under `timeout`; killed by PID on drop.
-struct Server(Child);
-
-impl Server {
-    fn start(ns: &str, name: &str, bind: &str, port: &str) -> Self {
-        let family = if bind.contains(':') {
-            "AF_INET6"
-        } else {
-            "AF_INET"
-        };
-        let script = format!(
-            "import http.server, socket\n\
-             class S(http.server.ThreadingHTTPServer):\n\
-             \x20   address_family = socket.{family}\n\
-             class H(http.server.BaseHTTPRequestHandler):\n\
-             \x20   def do_GET(self):\n\
-             \x20       b = b'backend {name}\\n'\n\
-             \x20       self.send_response(200)\n\
-             \x20       self.send_header('Content-Length', str(len(b)))\n\
-             \x20       self.end_headers()\n\
-             \x20       self.wfile.write(b)\n\
-             \x20   def log_message(self, *a):\n\
-             \x20       pass\n\
-             S(('{bind}', {port}), H).serve_forever()\n"
-        );
-        let mut child = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "timeout", "60", "python3", "-c", &script,
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting a server");
-        let net = format!("--net=/run/netns/{ns}");
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            let out = run(
-                "nsenter",
-                &[&net, "ss", "-Htln", &format!("sport = :{port}")],
-            );
-            if !out.stdout.is_empty() {
-                return Self(child);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        common::stop_child(&mut child);
-        panic!("no server on :{port} in {ns}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        common::stop_child(&mut self.0);
-    }
-}
-
-fn nstat(ns: &str, name: &str) -> u64 {
-    let out = run("ip", &["netns", "exec", ns, "nstat", "-az", name]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
-        })
-        .unwrap_or(0)
-}
 
 #[test]
 fn dsr_answers_bypass_the_lb() {
@@ -237,13 +165,19 @@ fn dsr_answers_bypass_the_lb() {
     );
     assert_eq!(
         seen.keys().cloned().collect::<Vec<_>>(),
-        ["backend a", "backend b"],
-        "every request answered, by both backends: {seen:?}"
+        [
+            format!("backend a client {CLIENT_IP}"),
+            format!("backend b client {CLIENT_IP}")
+        ],
+        "every request answered, by both backends, which see the client: {seen:?}"
     );
     assert_eq!(
         seen6.keys().cloned().collect::<Vec<_>>(),
-        ["backend a", "backend b"],
-        "IPv6: every request answered, by both backends: {seen6:?}"
+        [
+            "backend a client fd00:200::10".to_string(),
+            "backend b client fd00:200::10".to_string()
+        ],
+        "IPv6: every request answered, by both backends, which see the client: {seen6:?}"
     );
     assert!(packets("to_backend") >= 2 * 40 * 3, "{st:#}");
     assert_eq!(packets("to_client"), 0, "answers crossed the LB: {st:#}");

@@ -10,7 +10,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{curl, lb, root_or_skip, run, PinDir, Topo};
+use common::{curl, lb, nstat, root_or_skip, run, PinDir, Topo};
 use serde_json::Value;
 
 const VIP: &str = "[fd00:200::2]:8080";
@@ -82,17 +82,6 @@ impl Drop for Servers {
             common::stop_child(c);
         }
     }
-}
-
-fn nstat(ns: &str, name: &str) -> u64 {
-    let out = run("ip", &["netns", "exec", ns, "nstat", "-az", name]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
-        })
-        .unwrap_or(0)
 }
 
 /// Sends `n` UDP datagrams to the VIP from `ns`, each from its own socket

@@ -3,8 +3,9 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// True when the test may run: root. Without root, a local run skips (with a
 /// message); under CI (CI=true) a missing root is a failure, never a skip.
@@ -201,13 +202,83 @@ pub fn curl(ns: &str, url: &str, max_time: &str) -> String {
 pub fn stop_child(child: &mut std::process::Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let start = std::time::Instant::now();
-    while start.elapsed() < std::time::Duration::from_secs(5) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
         if !matches!(child.try_wait(), Ok(None)) {
             return;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// An HTTP server answering "backend NAME client ADDR" on `bind`:`port`
+/// (IPv6 if `bind` is "::") in `ns`, under `timeout`; killed by PID on drop.
+pub struct Server(Child);
+
+impl Server {
+    pub fn start(ns: &str, name: &str, bind: &str, port: &str) -> Self {
+        let family = if bind.contains(':') {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
+        let script = format!(
+            "import http.server, socket\n\
+             class S(http.server.ThreadingHTTPServer):\n\
+             \x20   address_family = socket.{family}\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       b = ('backend {name} client %s\\n' % self.client_address[0]).encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(b)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(b)\n\
+             \x20   def log_message(self, *a):\n\
+             \x20       pass\n\
+             S(('{bind}', {port}), H).serve_forever()\n"
+        );
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "timeout", "60", "python3", "-c", &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a server");
+        let net = format!("--net=/run/netns/{ns}");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let out = run(
+                "nsenter",
+                &[&net, "ss", "-Htln", &format!("sport = :{port}")],
+            );
+            if !out.stdout.is_empty() {
+                return Self(child);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop_child(&mut child);
+        panic!("no server on :{port} in {ns}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        stop_child(&mut self.0);
+    }
+}
+
+/// Counter `name` of `nstat -az` in namespace `ns` (0 if absent).
+pub fn nstat(ns: &str, name: &str) -> u64 {
+    let out = run("ip", &["netns", "exec", ns, "nstat", "-az", name]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
+        })
+        .unwrap_or(0)
 }

@@ -18,7 +18,8 @@
 //! to_client stays 0) and the backends see the clients' addresses; when a
 //! node's `lb run` stops it withdraws the VIP, BIRD withdraws the route and
 //! every held connection goes on (the nodes it moves to pick its backend
-//! from the same table). In full NAT each node has its own SNAT address
+//! from the same table), as when the node starts again and joins. IP-in-IP
+//! the same, the backends running `lb decap`. In full NAT each node has its own SNAT address
 //! (`lb run --snat`) and only the connections of the stopped node fail.
 //! Every wait is bounded; every process is ours, stopped by its PID.
 
@@ -342,6 +343,8 @@ struct Cluster {
     birds: Vec<(String, Bird)>,
     servers: Vec<Proc>,
     pins: Vec<PinDir>,
+    /// The backends' `lb decap` pins (IPIP), by backend.
+    decap_pins: Vec<PinDir>,
     router: Netns,
     client: Netns,
     nodes: Vec<Netns>,
@@ -355,6 +358,11 @@ impl Drop for Cluster {
         self.daemons.clear();
         for (n, p) in self.nodes.iter().zip(&self.pins) {
             let _ = lb(&["detach", "eth0", "--netns", &n.name, "--pin-dir", p.arg()]);
+        }
+        for (n, p) in self.backends.iter().zip(&self.decap_pins) {
+            let _ = lb(&[
+                "decap", "eth0", "--detach", "--netns", &n.name, "--pin-dir", p.arg(),
+            ]);
         }
         self.birds.clear();
         self.servers.clear();
@@ -522,7 +530,7 @@ impl Cluster {
             let ns = host(&format!("hC{name}"));
             on_lan(&br, &format!("p{name}"), &ns, ip);
             ns.ip(&["route", "add", "default", "via", ROUTER]);
-            if mode == "dsr" {
+            if mode != "nat" {
                 ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
                 sysctl(&ns, "net.ipv4.conf.all.arp_ignore=1");
                 sysctl(&ns, "net.ipv4.conf.all.arp_announce=2");
@@ -550,6 +558,7 @@ impl Cluster {
             birds: Vec::new(),
             servers: Vec::new(),
             pins: Vec::new(),
+            decap_pins: Vec::new(),
             router,
             client,
             nodes,
@@ -566,6 +575,23 @@ impl Cluster {
             );
             assert_eq!(p.line(Duration::from_secs(20)), "ready", "server {name}");
             c.servers.push(p);
+        }
+        if mode == "ipip" {
+            // Each backend unwraps what the nodes wrap (skb mode, as the
+            // nodes' XDP).
+            for ns in &c.backends {
+                let pins = PinDir::new("hCsd");
+                let out = lb(&[
+                    "decap", "eth0", "--mode", "skb", "--netns", &ns.name, "--pin-dir",
+                    pins.arg(),
+                ]);
+                assert!(
+                    out.status.success(),
+                    "lb decap: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                c.decap_pins.push(pins);
+            }
         }
         let b = Bird::start(&c.router.name, &c.dir.0, "router", &router_bird());
         c.birds.push((c.router.name.clone(), b));
@@ -783,7 +809,9 @@ fn converge_and_spread(c: &Cluster, mode: &str) {
     assert_eq!(by_backend.len(), 2, "both backends serve: {by_backend:?}");
     for (src, b, peer) in &ok {
         match mode {
-            "dsr" => assert_eq!(peer_ip(peer), src, "backend {b} sees the client's address"),
+            "dsr" | "ipip" => {
+                assert_eq!(peer_ip(peer), src, "backend {b} sees the client's address")
+            }
             _ => assert!(
                 (0..NODES.len()).any(|i| peer_ip(peer) == snat(i)),
                 "backend {b} sees {peer}, not a node's SNAT address"
@@ -852,6 +880,51 @@ fn lose_a_node(c: &mut Cluster, n: usize, position: usize) -> Loss {
     }
 }
 
+/// Holds `n` connections, starts the stopped node `node`'s `lb run` again
+/// (it announces the VIP once more) and returns what the holder saw, as
+/// lose_a_node does (`stopped`: the node that joined).
+fn join_a_node(c: &mut Cluster, node: usize, n: usize) -> Loss {
+    let cfg = json!({
+        "vip": VIP, "port": PORT, "sources": sources(), "n": n,
+        "interval": 0.1, "after": 4, "new": 30, "budget": 40,
+    })
+    .to_string();
+    let f0 = c.new_flows();
+    let mut holder = Proc::spawn("holder", &c.client.name, HOLDER, &[&cfg]);
+    let ready = holder.event("ready", Duration::from_secs(30));
+    let f1 = c.new_flows();
+    let conns = ready["conns"].as_array().unwrap();
+    assert!(
+        conns.iter().all(|x| x["error"].is_null()),
+        "every connection opened: {ready:#}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    holder.send("stopping");
+    let t0 = Instant::now();
+    let file = c.dir.0.join("lb.toml");
+    let ns = c.nodes[node].name.clone();
+    c.daemons[node] = Some(Daemon::start(&file, &ns, &c.pins[node], None));
+    let (hops, at) = c.wait_nexthops(3, Duration::from_secs(30));
+    holder.send("converged");
+    eprintln!(
+        "n{} joined ({}): the router has {hops:?} after {:?} (start to 3 next hops)",
+        node + 1,
+        NODES[node],
+        at - t0
+    );
+    let held = holder.event("held", Duration::from_secs(30));
+    let f2 = c.new_flows();
+    holder.send("new");
+    let done = holder.event("done", Duration::from_secs(30));
+    Loss {
+        held: held["conns"].as_array().unwrap().clone(),
+        done,
+        stopped: node,
+        opened: f1.iter().zip(&f0).map(|(a, b)| a - b).collect(),
+        moved: f2.iter().zip(&f1).map(|(a, b)| a - b).collect(),
+    }
+}
+
 /// New connections after the loss: all answered, by both backends.
 fn assert_new_after_loss(l: &Loss) {
     let errors = l.done["new_errors"].as_array().unwrap();
@@ -866,19 +939,33 @@ fn assert_new_after_loss(l: &Loss) {
 /// DSR: spread over the three nodes, answers bypass them, the backends
 /// see the clients; a node stopped (the last next hop, so the router's
 /// hash-threshold ECMP also moves flows between the two left) loses no
-/// held connection.
+/// held connection, nor does it joining again.
 #[test]
 fn dsr_nodes_behind_ecmp_survive_a_node_loss() {
     if !common::root_or_skip("dsr_nodes_behind_ecmp_survive_a_node_loss") {
         return;
     }
-    let mut c = Cluster::up("dsr");
-    converge_and_spread(&c, "dsr");
+    direct_nodes("dsr");
+}
+
+/// The same in IP-in-IP mode, the backends running `lb decap`.
+#[test]
+fn ipip_nodes_behind_ecmp_survive_a_node_loss() {
+    if !common::root_or_skip("ipip_nodes_behind_ecmp_survive_a_node_loss") {
+        return;
+    }
+    direct_nodes("ipip");
+}
+
+/// Direct modes (the backends answer the clients): see the tests above.
+fn direct_nodes(mode: &str) {
+    let mut c = Cluster::up(mode);
+    converge_and_spread(&c, mode);
 
     let l = lose_a_node(&mut c, 30, 2);
     let failed: Vec<&Value> = l.held.iter().filter(|x| !x["error"].is_null()).collect();
     eprintln!(
-        "dsr: 30 held connections: new flows per node while opening {:?}, while stopping n{} {:?}; failed {}",
+        "{mode}: 30 held connections: new flows per node while opening {:?}, while stopping n{} {:?}; failed {}",
         l.opened,
         l.stopped + 1,
         l.moved,
@@ -922,6 +1009,39 @@ fn dsr_nodes_behind_ecmp_survive_a_node_loss() {
         }
     }
     c.assert_checksums();
+
+    // The stopped node joins again: the router hashes flows over three
+    // next hops once more, so some held connections move to it, and it
+    // picks their backends from the same table: none fails.
+    let j = join_a_node(&mut c, l.stopped, 30);
+    let failed: Vec<&Value> = j.held.iter().filter(|x| !x["error"].is_null()).collect();
+    eprintln!(
+        "{mode}: 30 held connections: new flows per node while n{} joined {:?}; failed {}",
+        j.stopped + 1,
+        j.moved,
+        failed.len()
+    );
+    assert!(failed.is_empty(), "held connections failed: {failed:#?}");
+    assert!(
+        j.moved[j.stopped] > 0,
+        "no held connection moved to the node that joined: {:?}",
+        j.moved
+    );
+    for x in &j.held {
+        assert!(x["ok_after"].as_u64().unwrap() >= 10, "{x}");
+    }
+    assert_new_after_loss(&j);
+    if mode == "ipip" {
+        for (n, p) in c.backends.iter().zip(&c.decap_pins) {
+            let out = lb(&[
+                "decap", "--stats", "--json", "--netns", &n.name, "--pin-dir", p.arg(),
+            ]);
+            let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let k = |c: &str| d["counters"][c]["packets"].as_u64().unwrap_or(0);
+            assert!(k("decapsulated") > 0, "{}: {d}", n.name);
+            assert_eq!(k("pass_malformed"), 0, "{}: {d}", n.name);
+        }
+    }
 
     // A node cut off (its link down, its lb and BIRD running on): the
     // router drops it when the BGP hold time (3 s here) runs out, and new

@@ -81,3 +81,60 @@ pub fn resolve_neighbour(ip: std::net::IpAddr) {
         let _ = s.send_to(&[0], (ip, 9));
     }
 }
+
+/// Checks that this network namespace can send to backend `ip` of a
+/// direct-mode service the way the datapath will: DSR changes only the
+/// destination MAC, so the backend must be on one of this host's links (in
+/// the subnet of an address of an interface other than `lo`); IP-in-IP
+/// needs a route to it. One line naming the backend if not.
+pub fn check_direct_backend(mode: crate::model::FwdMode, ip: std::net::IpAddr) -> Result<()> {
+    use crate::model::FwdMode;
+    match mode {
+        FwdMode::Nat => Ok(()),
+        FwdMode::Ipip => {
+            let any: std::net::SocketAddr = if ip.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let s = std::net::UdpSocket::bind(any).context("opening a socket")?;
+            // connect() looks the route up and fails without one
+            s.connect((ip, 9)).map(|_| ()).map_err(|e| {
+                anyhow::anyhow!(
+                    "backend {ip} of an IPIP service is unreachable from this host ({e})"
+                )
+            })
+        }
+        FwdMode::Dsr => {
+            for ifa in nix::ifaddrs::getifaddrs().context("listing the host's addresses")? {
+                if ifa.interface_name == "lo" {
+                    continue;
+                }
+                let (Some(a), Some(m)) = (ifa.address.as_ref(), ifa.netmask.as_ref()) else {
+                    continue;
+                };
+                let on_link = match (
+                    ip,
+                    a.as_sockaddr_in(),
+                    m.as_sockaddr_in(),
+                    a.as_sockaddr_in6(),
+                    m.as_sockaddr_in6(),
+                ) {
+                    (std::net::IpAddr::V4(b), Some(a), Some(m), _, _) => {
+                        let m = u32::from(m.ip());
+                        u32::from(b) & m == u32::from(a.ip()) & m
+                    }
+                    (std::net::IpAddr::V6(b), _, _, Some(a), Some(m)) => {
+                        let m = u128::from(m.ip());
+                        u128::from(b) & m == u128::from(a.ip()) & m
+                    }
+                    _ => false,
+                };
+                if on_link {
+                    return Ok(());
+                }
+            }
+            bail!("backend {ip} of a DSR service is on none of this host's links (DSR changes only the MAC: use --mode ipip for a routed backend)")
+        }
+    }
+}

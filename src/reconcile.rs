@@ -313,6 +313,7 @@ impl Edit {
             Edit::AddBackend(s, a, w) => {
                 if let Some(have) = st.get(s) {
                     crate::model::check_mode_backend(&have.conf, s, *a)?;
+                    crate::net::check_direct_backend(have.conf.mode, a.ip())?;
                 }
                 let b = svc_mut(st, s)?;
                 if b.contains_key(a) {

@@ -377,6 +377,15 @@ fn service_errors_change_nothing() {
         "10.200.0.2:80",
         "10.200.0.11:80",
     ])));
+    for (port, mode) in [("85", "dsr"), ("86", "ipip")] {
+        lb_ok(&place(strings(&[
+            "service",
+            "add",
+            &format!("10.200.0.2:{port}"),
+            "--mode",
+            mode,
+        ])));
+    }
     let list = |_: ()| text(&lb_ok(&place(strings(&["list", "--json"]))).stdout);
     let before = list(());
 
@@ -419,6 +428,19 @@ fn service_errors_change_nothing() {
             vec!["service", "add", "10.200.0.2:82", "--mode", "gue"],
             2,
             vec!["'gue'", "--mode", "possible values: nat, dsr, ipip"],
+        ),
+        // A direct-mode backend the LB cannot send to the mode's way: off
+        // its links (DSR), or with no route (IPIP; the namespace has none
+        // beyond its /24).
+        (
+            vec!["backend", "add", "10.200.0.2:85", "10.201.5.5:85"],
+            1,
+            vec!["backend 10.201.5.5 of a DSR service is on none of this host's links"],
+        ),
+        (
+            vec!["backend", "add", "10.200.0.2:86", "10.201.5.5:86"],
+            1,
+            vec!["backend 10.201.5.5 of an IPIP service is unreachable"],
         ),
         (
             vec!["service", "add", "10.200.0.2:82", "--scheduler", "rr"],

@@ -361,7 +361,13 @@ impl Drop for Cluster {
         }
         for (n, p) in self.backends.iter().zip(&self.decap_pins) {
             let _ = lb(&[
-                "decap", "eth0", "--detach", "--netns", &n.name, "--pin-dir", p.arg(),
+                "decap",
+                "eth0",
+                "--detach",
+                "--netns",
+                &n.name,
+                "--pin-dir",
+                p.arg(),
             ]);
         }
         self.birds.clear();
@@ -582,7 +588,13 @@ impl Cluster {
             for ns in &c.backends {
                 let pins = PinDir::new("hCsd");
                 let out = lb(&[
-                    "decap", "eth0", "--mode", "skb", "--netns", &ns.name, "--pin-dir",
+                    "decap",
+                    "eth0",
+                    "--mode",
+                    "skb",
+                    "--netns",
+                    &ns.name,
+                    "--pin-dir",
                     pins.arg(),
                 ]);
                 assert!(
@@ -1034,7 +1046,13 @@ fn direct_nodes(mode: &str) {
     if mode == "ipip" {
         for (n, p) in c.backends.iter().zip(&c.decap_pins) {
             let out = lb(&[
-                "decap", "--stats", "--json", "--netns", &n.name, "--pin-dir", p.arg(),
+                "decap",
+                "--stats",
+                "--json",
+                "--netns",
+                &n.name,
+                "--pin-dir",
+                p.arg(),
             ]);
             let d: Value = serde_json::from_slice(&out.stdout).unwrap();
             let k = |c: &str| d["counters"][c]["packets"].as_u64().unwrap_or(0);
@@ -1045,12 +1063,12 @@ fn direct_nodes(mode: &str) {
 
     // A node cut off (its link down, its lb and BIRD running on): the
     // router drops it when the BGP hold time (3 s here) runs out, and new
-    // connections go to the node left.
+    // connections go to the two nodes left.
     let first = c.nexthops()[0].clone();
     let cut = NODES.iter().position(|&a| a == first).unwrap();
     let t0 = Instant::now();
     c.br.ip(&["link", "set", "dev", &format!("pn{}", cut + 1), "down"]);
-    let (left, at) = c.wait_nexthops(1, Duration::from_secs(15));
+    let (left, at) = c.wait_nexthops(2, Duration::from_secs(15));
     eprintln!(
         "cut n{}'s link: the router has {left:?} after {:?} (BGP hold time 3 s)",
         cut + 1,

@@ -12,10 +12,12 @@
  */
 enum decap_stat {
 	LB_DECAP_DONE = 0,	 /* IPIP: outer header removed, inner passed */
-	LB_DECAP_PASS_NOT_IPIP,	 /* not IPv4 protocol 4 nor IPv6 next header 41: untouched */
+	LB_DECAP_PASS_NOT_IPIP,	 /* not IPv4 protocol 4 nor IPv6 next header 41:
+				    untouched */
 	LB_DECAP_PASS_FRAGMENT,	 /* a fragment of an IPIP datagram: untouched */
 	LB_DECAP_PASS_MALFORMED, /* truncated or bad outer header (length,
-				    checksum), or no IP header of the same family inside: untouched */
+				    checksum), or no IP header of the same
+				    family inside: untouched */
 	LB_DECAP_STAT_MAX,
 };
 

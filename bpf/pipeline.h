@@ -3,8 +3,8 @@
  * One pass of the family-generic pipeline (see fam.h): lb.bpf.c includes
  * this file once per address family. The headers below compile what does
  * not depend on the family once (their *_ONCE blocks) and the rest once per
- * pass; fragments and ICMP errors have a header per family. No include guard, on
- * purpose.
+ * pass; fragments and ICMP errors have a header per family. No include guard,
+ * on purpose.
  */
 #include "fam.h"
 #include "ctstate.h"

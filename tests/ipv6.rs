@@ -8,7 +8,6 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::{curl, lb, nstat, root_or_skip, run, PinDir, Topo};
 use serde_json::Value;
@@ -60,19 +59,8 @@ impl Servers {
             );
         }
         let me = Self(children);
-        let net = format!("--net=/run/netns/{ns}");
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            let out = run(
-                "nsenter",
-                &[&net, "ss", "-Htln", &format!("sport = :{PORT}")],
-            );
-            if !out.stdout.is_empty() {
-                return me;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("no server on :{PORT} in {ns}");
+        assert!(common::listening(ns, PORT), "no server on :{PORT} in {ns}");
+        me
     }
 }
 

@@ -832,10 +832,9 @@ fn converge_and_spread(c: &Cluster, mode: &str) {
     }
 }
 
-/// Holds `n` connections, stops the `lb run` of node `stop` (by its
-/// position in the router's route), and returns the holder's "held" and
-/// "done" reports, the stopped node and the new flows per node before the
-/// stop and after the hold.
+/// What held connections saw through a change of the cluster: the
+/// holder's "held" and "done" reports, the node changed, and the new flows
+/// per node while opening and through the change.
 struct Loss {
     held: Vec<Value>,
     done: Value,
@@ -844,58 +843,53 @@ struct Loss {
     moved: Vec<u64>,
 }
 
+/// Holds `n` connections and stops the `lb run` of the node at `position`
+/// in the router's route.
 fn lose_a_node(c: &mut Cluster, n: usize, position: usize) -> Loss {
     let hops = c.nexthops();
     let stopped = NODES.iter().position(|&a| a == hops[position]).unwrap();
-    let cfg = json!({
-        "vip": VIP, "port": PORT, "sources": sources(), "n": n,
-        "interval": 0.1, "after": 4, "new": 30, "budget": 40,
+    hold_through(c, n, stopped, |c| {
+        let t0 = Instant::now();
+        c.daemons[stopped].as_mut().unwrap().stop();
+        let lo = text(&c.nodes[stopped].ip(&["addr", "show", "dev", "lo"]).stdout);
+        assert!(
+            !lo.contains(VIP),
+            "the stopped node still holds the VIP:\n{lo}"
+        );
+        let (left, at) = c.wait_nexthops(2, Duration::from_secs(15));
+        eprintln!(
+            "stopped n{} ({}): the router has {left:?} after {:?} (stop to 2 next hops)",
+            stopped + 1,
+            NODES[stopped],
+            at - t0
+        );
+        assert!(!left.contains(&NODES[stopped].to_string()), "{left:?}");
     })
-    .to_string();
-    let f0 = c.new_flows();
-    let mut holder = Proc::spawn("holder", &c.client.name, HOLDER, &[&cfg]);
-    let ready = holder.event("ready", Duration::from_secs(30));
-    let f1 = c.new_flows();
-    let conns = ready["conns"].as_array().unwrap();
-    assert!(
-        conns.iter().all(|x| x["error"].is_null()),
-        "every connection opened: {ready:#}"
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    holder.send("stopping");
-    let t0 = Instant::now();
-    c.daemons[stopped].as_mut().unwrap().stop();
-    let lo = text(&c.nodes[stopped].ip(&["addr", "show", "dev", "lo"]).stdout);
-    assert!(
-        !lo.contains(VIP),
-        "the stopped node still holds the VIP:\n{lo}"
-    );
-    let (left, at) = c.wait_nexthops(2, Duration::from_secs(15));
-    holder.send("converged");
-    eprintln!(
-        "stopped n{} ({}): the router has {left:?} after {:?} (stop to 2 next hops)",
-        stopped + 1,
-        NODES[stopped],
-        at - t0
-    );
-    assert!(!left.contains(&NODES[stopped].to_string()), "{left:?}");
-    let held = holder.event("held", Duration::from_secs(30));
-    let f2 = c.new_flows();
-    holder.send("new");
-    let done = holder.event("done", Duration::from_secs(30));
-    Loss {
-        held: held["conns"].as_array().unwrap().clone(),
-        done,
-        stopped,
-        opened: f1.iter().zip(&f0).map(|(a, b)| a - b).collect(),
-        moved: f2.iter().zip(&f1).map(|(a, b)| a - b).collect(),
-    }
 }
 
 /// Holds `n` connections, starts the stopped node `node`'s `lb run` again
 /// (it announces the VIP once more) and returns what the holder saw, as
 /// lose_a_node does (`stopped`: the node that joined).
 fn join_a_node(c: &mut Cluster, node: usize, n: usize) -> Loss {
+    hold_through(c, n, node, |c| {
+        let t0 = Instant::now();
+        let file = c.dir.0.join("lb.toml");
+        let ns = c.nodes[node].name.clone();
+        c.daemons[node] = Some(Daemon::start(&file, &ns, &c.pins[node], None));
+        let (hops, at) = c.wait_nexthops(3, Duration::from_secs(30));
+        eprintln!(
+            "n{} joined ({}): the router has {hops:?} after {:?} (start to 3 next hops)",
+            node + 1,
+            NODES[node],
+            at - t0
+        );
+    })
+}
+
+/// Holds `n` connections from the client while `change` changes the
+/// cluster and the router converges, then opens new ones: the holder's
+/// reports and the new flows per node (`node`: the one changed).
+fn hold_through(c: &mut Cluster, n: usize, node: usize, change: impl FnOnce(&mut Cluster)) -> Loss {
     let cfg = json!({
         "vip": VIP, "port": PORT, "sources": sources(), "n": n,
         "interval": 0.1, "after": 4, "new": 30, "budget": 40,
@@ -912,18 +906,8 @@ fn join_a_node(c: &mut Cluster, node: usize, n: usize) -> Loss {
     );
     std::thread::sleep(Duration::from_secs(1));
     holder.send("stopping");
-    let t0 = Instant::now();
-    let file = c.dir.0.join("lb.toml");
-    let ns = c.nodes[node].name.clone();
-    c.daemons[node] = Some(Daemon::start(&file, &ns, &c.pins[node], None));
-    let (hops, at) = c.wait_nexthops(3, Duration::from_secs(30));
+    change(c);
     holder.send("converged");
-    eprintln!(
-        "n{} joined ({}): the router has {hops:?} after {:?} (start to 3 next hops)",
-        node + 1,
-        NODES[node],
-        at - t0
-    );
     let held = holder.event("held", Duration::from_secs(30));
     let f2 = c.new_flows();
     holder.send("new");

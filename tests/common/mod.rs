@@ -248,20 +248,49 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting a server");
-        let net = format!("--net=/run/netns/{ns}");
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            let out = run(
-                "nsenter",
-                &[&net, "ss", "-Htln", &format!("sport = :{port}")],
-            );
-            if !out.stdout.is_empty() {
-                return Self(child);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !listening(ns, port) {
+            stop_child(&mut child);
+            panic!("no server on :{port} in {ns}");
         }
-        stop_child(&mut child);
-        panic!("no server on :{port} in {ns}");
+        Self(child)
+    }
+}
+
+/// Whether something listens on TCP `port` in namespace `ns` within 10 s.
+pub fn listening(ns: &str, port: &str) -> bool {
+    let net = format!("--net=/run/netns/{ns}");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let out = run(
+            "nsenter",
+            &[&net, "ss", "-Htln", &format!("sport = :{port}")],
+        );
+        if !out.stdout.is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// `n` GETs of each URL from namespace `ns` (3 s each), and the check that
+/// both backends a and b answered every one of them, each seeing the
+/// client at the address given with its URL (Server's answers).
+pub fn both_backends_answer(ns: &str, urls: &[(&str, &str)], n: usize) {
+    for (url, client) in urls {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            *seen.entry(curl(ns, url, "3")).or_insert(0) += 1;
+        }
+        eprintln!("{url}: answers {seen:?}");
+        assert_eq!(
+            seen.keys().cloned().collect::<Vec<_>>(),
+            [
+                format!("backend a client {client}"),
+                format!("backend b client {client}")
+            ],
+            "{url}: every request answered, by both backends, which see the client: {seen:?}"
+        );
     }
 }
 

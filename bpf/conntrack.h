@@ -28,8 +28,8 @@ static __always_inline int FN(ct_promote)(const FKEY *ck, FLOW *f,
 		bpf_map_delete_elem(&CT, ok);
 		return LB_EST_FULL;
 	}
-	bpf_map_delete_elem(&CT_NEW, ck);
-	bpf_map_delete_elem(&CT_NEW, ok);
+	FN(ho_delete)(ck);
+	FN(ho_delete)(ok);
 	return LB_ESTABLISHED;
 }
 
@@ -111,9 +111,9 @@ static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 	if (sp->result == NAT_OURS_EST)
 		bpf_map_update_elem(&CT, &p->key, fwd, BPF_ANY);
 	else if (sp->result == NAT_OURS_NEW)
-		bpf_map_update_elem(&CT_NEW, &p->key, fwd, BPF_ANY);
-	else if (bpf_map_update_elem(&CT_NEW, &p->key, fwd, BPF_NOEXIST)) {
-		FLOW *other = bpf_map_lookup_elem(&CT_NEW, &p->key);
+		FN(ho_insert)(&p->key, fwd);
+	else if (FN(ho_add)(&p->key, fwd)) {
+		FLOW *other = FN(ho_lookup)(&p->key);
 
 		/* The same SYN on another CPU: fine if it found our tuple;
 		 * if it made the flow with another, give ours back. */
@@ -121,7 +121,7 @@ static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 		    other->sport == sp->t.dport &&
 		    ADDR_EQ(other->daddr, sp->t.saddr))
 			return rc;
-		bpf_map_delete_elem(&CT_NEW, &sp->t);
+		FN(ho_delete)(&sp->t);
 		return LB_DROP_CT_RACE;
 	}
 	return rc; /* 0, or LB_PASS_NO_NEIGH */
@@ -139,15 +139,14 @@ static __always_inline FLOW *FN(ct_live_entry)(const FKEY *k, __u64 now)
 	f = bpf_map_lookup_elem(&CT, k);
 	if (!f) {
 		est = 0;
-		f = bpf_map_lookup_elem(&CT_NEW, k);
+		f = FN(ho_lookup)(k);
 		if (!f)
 			return NULL;
 	}
 	o = f;
 	if (f->dir == LB_DIR_TO_BACKEND) {
 		FN(ct_owner_key)(f, k->proto, &ok);
-		o = est ? bpf_map_lookup_elem(&CT, &ok)
-			: bpf_map_lookup_elem(&CT_NEW, &ok);
+		o = est ? bpf_map_lookup_elem(&CT, &ok) : FN(ho_lookup)(&ok);
 		if (!o || !FN(ct_owner_of)(o, k))
 			return NULL;
 	}

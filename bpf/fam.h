@@ -15,6 +15,7 @@
 #undef ADDR
 #undef CT
 #undef CT_NEW
+#undef HO_SET
 #undef DSR_FLOWS
 #undef ADDR_EQ
 #undef BE_ADDR
@@ -27,6 +28,7 @@
 #define ADDR struct lb_in6
 #define CT conntrack6
 #define CT_NEW ct_new6
+#define HO_SET struct ho_set6
 #define DSR_FLOWS dsr_flows6
 #define ADDR_EQ(a, b) in6_eq(&(a), &(b))
 #define BE_ADDR(be) ((be)->ip6)
@@ -38,6 +40,7 @@
 #define ADDR __be32
 #define CT conntrack
 #define CT_NEW ct_new
+#define HO_SET struct ho_set
 #define DSR_FLOWS dsr_flows
 #define ADDR_EQ(a, b) ((a) == (b))
 #define BE_ADDR(be) ((be)->ip)

@@ -41,7 +41,7 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 	f = bpf_map_lookup_elem(&CT, &p->key);
 	if (!f) {
 		est = 0;
-		f = bpf_map_lookup_elem(&CT_NEW, &p->key);
+		f = FN(ho_lookup)(&p->key);
 	}
 	if (f && f->dir == LB_DIR_TO_CLIENT) {
 		/* From a backend to a NAT tuple: the owner itself. */
@@ -71,8 +71,7 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 	if (f) {
 		/* A client entry is valid while its owner points back. */
 		FN(ct_owner_key)(f, p->key.proto, &ok);
-		o = est ? bpf_map_lookup_elem(&CT, &ok)
-			: bpf_map_lookup_elem(&CT_NEW, &ok);
+		o = est ? bpf_map_lookup_elem(&CT, &ok) : FN(ho_lookup)(&ok);
 		if (!o && !est) {
 			/* Promoted by another CPU meanwhile (ct_promote)? */
 			FLOW *pf = bpf_map_lookup_elem(&CT, &p->key);
@@ -95,7 +94,7 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 			if (est)
 				bpf_map_delete_elem(&CT, &p->key);
 			else
-				bpf_map_delete_elem(&CT_NEW, &p->key);
+				FN(ho_delete)(&p->key);
 			f = NULL;
 		} else if ((is_syn(p) || p->key.proto == IPPROTO_UDP) &&
 			   ((state & LB_CT_CLOSING) ||
@@ -119,7 +118,7 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 				if (est)
 					bpf_map_delete_elem(&CT, &p->key);
 				else
-					bpf_map_delete_elem(&CT_NEW, &p->key);
+					FN(ho_delete)(&p->key);
 				f = NULL;
 			}
 		} else if (FN(ct_expired)(o, state, p->key.proto, est, now)) {

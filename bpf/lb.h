@@ -16,6 +16,8 @@ enum lb_limits {
 	/* Most SNAT source addresses and NAT port ranges an instance has. */
 	LB_MAX_SNAT = 16,
 	LB_MAX_PORT_RANGES = 2,
+	/* Entries a set of the half-open table holds (maps.h, halfopen.h). */
+	LB_HO_WAYS = 3,
 	/* Buckets of a backend's handshake latency histogram (struct
 	 * lb_be_hs): bucket i < LB_HS_BUCKETS - 1 counts handshakes of at
 	 * most 2^i microseconds (1 us .. 8.4 s), the last the longer ones. */
@@ -57,10 +59,13 @@ enum lb_stat {
 			    datagram whose first fragment was forwarded */
 	LB_EVICTED,	 /* client entry whose owner a full table evicted: a
 			    connection lost (--max-flows, --max-half-open) */
-	LB_DROP_NO_NEIGH, /* DSR: the backend's MAC is not resolved yet (the
-			     kernel cannot forward for a VIP it holds) */
-	LB_DROP_TOO_BIG,  /* IPIP: with the outer header the packet would
-			     exceed the egress interface's MTU */
+	LB_DROP_NO_NEIGH,     /* DSR: the backend's MAC is not resolved yet (the
+				 kernel cannot forward for a VIP it holds) */
+	LB_DROP_TOO_BIG,      /* IPIP: with the outer header the packet would
+				 exceed the egress interface's MTU */
+	LB_HALF_OPEN_EVICTED, /* a half-open entry replaced by a newer one in
+				 its full set of ct_new (a SYN flood, or
+				 --max-half-open too small) */
 	LB_STAT_MAX,
 };
 

@@ -98,19 +98,40 @@ struct {
 
 /*
  * Half-open connections: not answered (or not confirmed) yet, two entries
- * each like conntrack. A SYN flood only churns this table. Per-CPU LRU
- * lists: cheaper inserts, and a flood received by one CPU evicts that CPU's
- * half-open flows only.
+ * each like conntrack. Not a BPF hash: a set-associative table of our own
+ * (halfopen.h), an array of sets of HO_WAYS entries, an entry's set chosen
+ * by a seeded hash of its key. An insert into a full set replaces the
+ * set's oldest entry, so a SYN flood churns this table alone; an insert
+ * costs two atomics and two cache lines, not an LRU list's walk (BPF's LRU
+ * pop, 200+ ns a new entry, was most of a new flow's cost). A set is 4
+ * cache lines: its sequence number, insert times and keys in the first
+ * (what a miss reads), an entry in each of the others. Mmapable: the
+ * kernel aligns the sets to pages, hence to cache lines, and user space
+ * takes a set through the mapping (src/halfopen.rs). Sized by the CLI
+ * (max_entries: sets).
  */
+#define HO_WAYS LB_HO_WAYS
+
+struct ho_val {
+	struct flow f;
+} __attribute__((aligned(64)));
+
+struct ho_set {
+	__u32 seq;	      /* odd while a writer has the set (halfopen.h) */
+	__u32 stamp[HO_WAYS]; /* clock ticks at insert: the oldest goes */
+	struct flow_key key[HO_WAYS]; /* proto 0: a free way */
+	struct ho_val val[HO_WAYS];
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 512 * 1024);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
-	__type(key, struct flow_key);
-	__type(value, struct flow);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 128 * 1024);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct ho_set);
 } ct_new SEC(".maps");
 
-/* IPv6 connections: conntrack and ct_new with IPv6 keys (a map per family
+/* IPv6 connections: conntrack with IPv6 keys (a map per family
  * keeps IPv4 keys at 16 bytes). Sized by the CLI. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -119,12 +140,27 @@ struct {
 	__type(value, struct flow6);
 } conntrack6 SEC(".maps");
 
+/* The IPv6 half-open table: as ct_new, but its 40-byte keys do not fit a
+ * set's first line, which holds a tag per way instead (the key's hash, 0:
+ * free); a way's key and entry share their own two lines. */
+struct ho_way6 {
+	struct flow6_key key;
+	struct flow6 f;
+} __attribute__((aligned(64)));
+
+struct ho_set6 {
+	__u32 seq;
+	__u32 stamp[HO_WAYS];
+	__u32 tag[HO_WAYS];
+	struct ho_way6 way[HO_WAYS];
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 128 * 1024);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
-	__type(key, struct flow6_key);
-	__type(value, struct flow6);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 32 * 1024);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct ho_set6);
 } ct_new6 SEC(".maps");
 
 /*

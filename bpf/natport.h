@@ -164,16 +164,15 @@ static __always_inline void FN(new_scratch_put)(int i)
  */
 static __always_inline int FN(nat_claim)(struct FN(nat_search) * s)
 {
-	__u8 proto = s->ck.proto;
 	FLOW *o;
 	__u32 state;
 	int est = 1;
 
 	o = bpf_map_lookup_elem(&CT, &s->t);
 	if (!o) {
-		if (!bpf_map_update_elem(&CT_NEW, &s->t, &s->rev, BPF_NOEXIST))
+		if (!FN(ho_add)(&s->t, &s->rev))
 			return NAT_NEW;
-		o = bpf_map_lookup_elem(&CT_NEW, &s->t);
+		o = FN(ho_lookup)(&s->t);
 		if (!o)
 			return NAT_TAKEN;
 		est = 0;
@@ -183,8 +182,8 @@ static __always_inline int FN(nat_claim)(struct FN(nat_search) * s)
 		/* This client's connection on this tuple: it continues, or
 		 * starts over if it had ended. */
 		if ((state & LB_CT_CLOSING) ||
-		    FN(ct_expired)(o, state, proto, est, s->now)) {
-			if (proto == IPPROTO_TCP) {
+		    FN(ct_expired)(o, state, s->ck.proto, est, s->now)) {
+			if (s->ck.proto == IPPROTO_TCP) {
 				count_unanswered(o->backend, state);
 				o->syn_t = s->rev.syn_t;
 			}
@@ -194,18 +193,18 @@ static __always_inline int FN(nat_claim)(struct FN(nat_search) * s)
 		o->seen = s->now;
 		return est ? NAT_OURS_EST : NAT_OURS_NEW;
 	}
-	if (!FN(ct_reusable)(o, state, proto, est, s->now))
+	if (!FN(ct_reusable)(o, state, s->ck.proto, est, s->now))
 		return NAT_TAKEN;
 	if (__sync_val_compare_and_swap(&o->state, state,
 					state | LB_CT_RECLAIMED) != state)
 		return NAT_TAKEN;
-	if (proto == IPPROTO_TCP)
+	if (s->ck.proto == IPPROTO_TCP)
 		count_unanswered(o->backend, state);
 	if (est)
 		bpf_map_delete_elem(&CT, &s->t);
 	else
-		bpf_map_delete_elem(&CT_NEW, &s->t);
-	if (bpf_map_update_elem(&CT_NEW, &s->t, &s->rev, BPF_NOEXIST))
+		FN(ho_delete)(&s->t);
+	if (FN(ho_add)(&s->t, &s->rev))
 		return NAT_TAKEN;
 	return NAT_NEW;
 }

@@ -8,6 +8,7 @@
  */
 #include "fam.h"
 #include "ctstate.h"
+#include "halfopen.h"
 #include "select.h"
 #include "route.h"
 #include "nat.h"

@@ -2,8 +2,9 @@
 //! ending them. A connection is two entries in one table (bpf/lb.h, struct
 //! flow): the client's, and the owner keyed by the NAT tuple, which holds
 //! the state and the clock; `conntrack` has the answered connections,
-//! `ct_new` the half-open ones (IPv6: `conntrack6`, `ct_new6`, the same
-//! but for their keys; here both families become [`Entry`]).
+//! `ct_new` the half-open ones (a table of sets, crate::halfopen; IPv6:
+//! `conntrack6`, `ct_new6`, the same but for their keys; here both
+//! families become [`Entry`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapHandle};
 
+use crate::halfopen;
 use crate::maps::Timeouts;
 use crate::maps::{self, Flow, Flow6, FlowKey, FlowKey6, Maps};
 
@@ -66,7 +68,7 @@ pub fn entries(m: &Maps) -> Result<Vec<(FlowKey, Flow, bool)>> {
         .map(|(k, f)| (k, f, true))
         .collect();
     out.extend(
-        table_entries(&m.ct_new)?
+        halfopen::entries::<halfopen::V4>(m)?
             .into_iter()
             .map(|(k, f)| (k, f, false)),
     );
@@ -82,7 +84,11 @@ pub fn entries6(m: &Maps) -> Result<Vec<(FlowKey6, Flow6, bool)>> {
         .into_iter()
         .map(|(k, f)| (k, f, true))
         .collect();
-    out.extend(read(&m.ct_new6)?.into_iter().map(|(k, f)| (k, f, false)));
+    out.extend(
+        halfopen::entries::<halfopen::V6>(m)?
+            .into_iter()
+            .map(|(k, f)| (k, f, false)),
+    );
     Ok(out)
 }
 
@@ -243,16 +249,26 @@ pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
     let mut n = 0;
     let ids = |backend, svc| FlowIds { backend, svc };
     for (k, f, answered) in entries(m)? {
-        let map = if answered { &m.conntrack } else { &m.ct_new };
-        if which(&ids(f.backend, f.svc)) && map.delete(maps::bytes(&k)).is_ok() {
-            n += 1;
+        if !which(&ids(f.backend, f.svc)) {
+            continue;
         }
+        let gone = if answered {
+            m.conntrack.delete(maps::bytes(&k)).is_ok()
+        } else {
+            halfopen::delete::<halfopen::V4>(m, &k)?
+        };
+        n += usize::from(gone);
     }
     for (k, f, answered) in entries6(m)? {
-        let map = if answered { &m.conntrack6 } else { &m.ct_new6 };
-        if which(&ids(f.backend, f.svc)) && map.delete(maps::bytes(&k)).is_ok() {
-            n += 1;
+        if !which(&ids(f.backend, f.svc)) {
+            continue;
         }
+        let gone = if answered {
+            m.conntrack6.delete(maps::bytes(&k)).is_ok()
+        } else {
+            halfopen::delete::<halfopen::V6>(m, &k)?
+        };
+        n += usize::from(gone);
     }
     Ok(n)
 }

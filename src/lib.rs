@@ -9,6 +9,7 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod decap;
+pub mod halfopen;
 pub mod health;
 pub mod loader;
 pub mod lock;

@@ -17,7 +17,7 @@ use crate::settings::{self, Settings};
 use crate::skel::lb::{LbSkel, LbSkelBuilder};
 use crate::skel::pass::PassSkelBuilder;
 use crate::xdp::{self, Mode};
-use crate::{net, stats};
+use crate::{halfopen, net, stats};
 
 /// Opens the program, sets its load-time constants from `settings` and loads
 /// it, reusing every map already pinned under `reuse`. `skb_mode`: the
@@ -88,9 +88,24 @@ pub fn load<'obj>(
         .conntrack
         .set_max_entries(settings.max_flows * 2)
         .context("sizing the connection table")?;
+    // The half-open tables are arrays of sets (crate::halfopen), the
+    // hash's seed shared with an instance reused.
+    let sets = halfopen::sets_for(settings.max_half_open * 2);
+    let sets6 = halfopen::sets_for((settings.max_half_open / 4).max(1024) * 2);
+    ro.ho_sets = sets;
+    ro.ho_sets6 = sets6;
+    ro.ho_half_open = settings.max_half_open;
+    ro.ho_seed = match reuse.filter(|p| p.config().exists()) {
+        Some(p) => {
+            let config = libbpf_rs::MapHandle::from_pinned_path(p.config())
+                .context("opening the instance's settings")?;
+            maps::rodata_of(&config)?.ho_seed
+        }
+        None => rand_seed(),
+    };
     open.maps
         .ct_new
-        .set_max_entries(settings.max_half_open * 2)
+        .set_max_entries(sets)
         .context("sizing the half-open table")?;
     // IPv6 connections take more memory each (40-byte keys): their tables
     // hold a quarter of the IPv4 ones' connections.
@@ -100,7 +115,7 @@ pub fn load<'obj>(
         .context("sizing the IPv6 connection table")?;
     open.maps
         .ct_new6
-        .set_max_entries((settings.max_half_open / 4).max(1024) * 2)
+        .set_max_entries(sets6)
         .context("sizing the IPv6 half-open table")?;
     open.maps
         .dsr_flows
@@ -143,6 +158,20 @@ pub fn load<'obj>(
     }
     open.load()
         .context("loading the XDP program into the kernel")
+}
+
+/// A random seed for the half-open tables' hash (so a flood cannot aim at
+/// one set).
+fn rand_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u32
 }
 
 /// Pins what is new under `pins` (which must exist): the maps of a fresh

@@ -661,11 +661,7 @@ impl Maps {
 
     /// The settings the instance's program was loaded with.
     pub fn settings(&self) -> Result<Settings> {
-        settings_of(
-            &self.config,
-            self.conntrack.max_entries(),
-            self.ct_new.max_entries(),
-        )
+        settings_of(&self.config, self.conntrack.max_entries())
     }
 
     /// For each SNAT address, in the order of `settings().snat` (IPv4 ones,
@@ -677,6 +673,11 @@ impl Maps {
             .map(bit)
             .chain((0..ro.snat_count6.min(16)).map(|j| bit(16 + j)))
             .collect())
+    }
+
+    /// The program's settings as it holds them (its .rodata).
+    pub fn rodata(&self) -> Result<types::rodata> {
+        rodata_of(&self.config)
     }
 
     /// The program's timeouts in clock ticks, as the datapath compares them.
@@ -707,7 +708,7 @@ pub struct Timeouts {
     pub syn: u32,
 }
 
-fn rodata_of(rodata: &dyn MapCore) -> Result<types::rodata> {
+pub(crate) fn rodata_of(rodata: &dyn MapCore) -> Result<types::rodata> {
     let b = rodata
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
         .context("reading the program's settings")?
@@ -730,13 +731,9 @@ fn rodata_of(rodata: &dyn MapCore) -> Result<types::rodata> {
     Ok(ro)
 }
 
-/// Reads settings back from a program's .rodata map and the sizes of its
-/// connection tables.
-pub fn settings_of(
-    rodata: &dyn MapCore,
-    conntrack_entries: u32,
-    ct_new_entries: u32,
-) -> Result<Settings> {
+/// Reads settings back from a program's .rodata map and the size of its
+/// connection table.
+pub fn settings_of(rodata: &dyn MapCore, conntrack_entries: u32) -> Result<Settings> {
     let ro = rodata_of(rodata)?;
     let secs = |t: u32| t / ro.hz.max(1);
     Ok(Settings {
@@ -759,7 +756,7 @@ pub fn settings_of(
             .collect(),
         maglev_size: ro.maglev_size,
         max_flows: conntrack_entries / 2,
-        max_half_open: ct_new_entries / 2,
+        max_half_open: ro.ho_half_open,
         tcp_timeout: secs(ro.tcp_timeout),
         udp_timeout: secs(ro.udp_timeout),
         fin_timeout: secs(ro.fin_timeout),

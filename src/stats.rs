@@ -286,6 +286,7 @@ mod tests {
         "evicted",
         "drop_no_neigh",
         "drop_too_big",
+        "half_open_evicted",
     ];
 
     #[test]

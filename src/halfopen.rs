@@ -1,0 +1,519 @@
+//! The half-open tables (`ct_new`, `ct_new6`) from user space. They are
+//! not BPF hashes but arrays of sets of [`WAYS`] entries (bpf/halfopen.h):
+//! an entry lives in the set a seeded murmur3 hash of its key picks, and a
+//! free way has protocol 0. This module computes the same hash (the seed
+//! and set count are in the program's settings) to find, write and remove
+//! one entry, and reads whole tables for listings.
+//!
+//! The maps are mmapable: a set is read and written in place, taken the
+//! way the datapath takes it (its sequence number odd while a writer has
+//! it), so neither side sees the other's half-written entry.
+
+use std::ffi::c_void;
+use std::num::NonZeroUsize;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+
+use anyhow::{anyhow, bail, Context, Result};
+use libbpf_rs::{MapCore, MapHandle};
+use nix::sys::mman;
+
+use crate::maps::{self, Flow, Flow6, FlowKey, FlowKey6, Maps};
+use crate::skel::lb::types::{self, lb_limits};
+
+/// Entries a set holds.
+pub const WAYS: usize = lb_limits::LB_HO_WAYS.0 as usize;
+
+/// The sets a table of `entries` entries takes.
+pub fn sets_for(entries: u32) -> u32 {
+    entries.div_ceil(WAYS as u32).max(1)
+}
+
+fn mix(mut h: u32, mut k: u32) -> u32 {
+    k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15);
+    k = k.wrapping_mul(0x1b87_3593);
+    h ^= k;
+    h = h.rotate_left(13);
+    h.wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+fn finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The hash of a key (its bytes as the datapath stores them).
+fn hash(seed: u32, key: &[u8]) -> u32 {
+    let h = key
+        .chunks_exact(4)
+        .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+        .fold(seed, mix);
+    finish(h ^ key.len() as u32)
+}
+
+/// The set of a key in a table of `sets`, as `ho_index` in
+/// bpf/halfopen.h computes it: the top half of hash x sets.
+pub fn set_index(seed: u32, sets: u32, key: &[u8]) -> u32 {
+    ((u64::from(hash(seed, key)) * u64::from(sets)) >> 32) as u32
+}
+
+/// One family's table: its key and entry types.
+pub trait Family {
+    /// The key (`flow_key`, `flow6_key`).
+    type Key: plain::Plain + Default + Copy;
+    /// The entry (`flow`, `flow6`).
+    type Val: plain::Plain + Default + Copy;
+    /// The family's table of an instance.
+    fn map(m: &Maps) -> &MapHandle;
+    /// Its sets, from the program's settings.
+    fn sets(ro: &types::rodata) -> u32;
+    /// Whether a set has a tag per way (IPv6), not its keys, in its first
+    /// line.
+    const TAGGED: bool;
+    /// Whether a key marks a free way (untagged sets).
+    fn is_free(k: &Self::Key) -> bool;
+    /// Makes a key mark a free way (untagged sets).
+    fn free(k: &mut Self::Key);
+}
+
+/// IPv4: `ct_new`.
+pub struct V4;
+/// IPv6: `ct_new6`.
+pub struct V6;
+
+impl Family for V4 {
+    type Key = FlowKey;
+    type Val = Flow;
+    const TAGGED: bool = false;
+    fn map(m: &Maps) -> &MapHandle {
+        &m.ct_new
+    }
+    fn sets(ro: &types::rodata) -> u32 {
+        ro.ho_sets
+    }
+    fn is_free(k: &FlowKey) -> bool {
+        k.proto == 0
+    }
+    fn free(k: &mut FlowKey) {
+        k.proto = 0;
+    }
+}
+
+impl Family for V6 {
+    type Key = FlowKey6;
+    type Val = Flow6;
+    const TAGGED: bool = true;
+    fn map(m: &Maps) -> &MapHandle {
+        &m.ct_new6
+    }
+    fn sets(ro: &types::rodata) -> u32 {
+        ro.ho_sets6
+    }
+    fn is_free(k: &FlowKey6) -> bool {
+        k.proto == 0
+    }
+    fn free(k: &mut FlowKey6) {
+        k.proto = 0;
+    }
+}
+
+/// Where things are in a set (struct ho_set, ho_set6 in bpf/maps.h): its
+/// sequence number and insert times, then (IPv4) the keys in the rest of
+/// the first line and an entry on each line after; or (IPv6) a tag per way
+/// (the key's hash, never 0; 0: free) and each way's key and entry on
+/// lines of their own.
+struct Layout {
+    tagged: bool,
+    key_size: usize,
+    key_at: [usize; WAYS],
+    val_at: [usize; WAYS],
+    tag_at: [usize; WAYS],
+    /// The lines of way w: from way_at[w], way_len bytes.
+    way_at: [usize; WAYS],
+    way_len: usize,
+    /// Bytes of the first part (what says which ways are taken).
+    head: usize,
+    size: usize,
+}
+
+const LINE: usize = 64;
+const STAMPS: usize = 4;
+
+fn layout<F: Family>() -> Layout {
+    let key_size = std::mem::size_of::<F::Key>();
+    let val_size = std::mem::size_of::<F::Val>();
+    let after_stamps = STAMPS + 4 * WAYS;
+    let w = |f: &dyn Fn(usize) -> usize| [f(0), f(1), f(2)];
+    if F::TAGGED {
+        let head = (after_stamps + 4 * WAYS).next_multiple_of(LINE);
+        let val_off = key_size.next_multiple_of(std::mem::align_of::<F::Val>());
+        let way_len = (val_off + val_size).next_multiple_of(LINE);
+        let way_at = w(&|i| head + i * way_len);
+        Layout {
+            tagged: true,
+            key_size,
+            key_at: way_at,
+            val_at: w(&|i| way_at[i] + val_off),
+            tag_at: w(&|i| after_stamps + 4 * i),
+            way_at,
+            way_len,
+            head,
+            size: head + WAYS * way_len,
+        }
+    } else {
+        let head = (after_stamps + WAYS * key_size).next_multiple_of(LINE);
+        let way_len = val_size.next_multiple_of(LINE);
+        let way_at = w(&|i| head + i * way_len);
+        Layout {
+            tagged: false,
+            key_size,
+            key_at: w(&|i| after_stamps + i * key_size),
+            val_at: way_at,
+            tag_at: [0; WAYS],
+            way_at,
+            way_len,
+            head,
+            size: head + WAYS * way_len,
+        }
+    }
+}
+
+fn check_layout<F: Family>(map: &MapHandle) -> Result<Layout> {
+    let l = layout::<F>();
+    if map.key_size() != 4 || map.value_size() as usize != l.size {
+        bail!(
+            "map {} is not a half-open table of this build ({}-byte sets, not {})",
+            map.name().to_string_lossy(),
+            map.value_size(),
+            l.size
+        );
+    }
+    Ok(l)
+}
+
+/// A half-open table mapped into this process (the map is mmapable), its
+/// sets taken as the datapath takes them (bpf/halfopen.h): a set's first
+/// word is its sequence number, odd while a writer has the set.
+struct Table {
+    base: NonNull<c_void>,
+    len: usize,
+    stride: usize,
+    sets: u32,
+    l: Layout,
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        // SAFETY: base and len are what mmap returned; nothing borrows
+        // the mapping past the Table.
+        let _ = unsafe { mman::munmap(self.base, self.len) };
+    }
+}
+
+/// Tries a reader or writer makes on a set another writer has before
+/// giving up (the datapath's writes take tens of nanoseconds).
+const TRIES: usize = 100_000;
+
+impl Table {
+    fn open<F: Family>(m: &Maps) -> Result<Self> {
+        let map = F::map(m);
+        let l = check_layout::<F>(map)?;
+        let stride = (map.value_size() as usize).next_multiple_of(8);
+        let sets = map.max_entries();
+        let len = NonZeroUsize::new(stride * sets as usize)
+            .ok_or_else(|| anyhow!("half-open table with no sets"))?;
+        // SAFETY: a shared mapping of the map's own memory, of its size;
+        // every access below stays inside it.
+        let base = unsafe {
+            mman::mmap(
+                None,
+                len,
+                mman::ProtFlags::PROT_READ | mman::ProtFlags::PROT_WRITE,
+                mman::MapFlags::MAP_SHARED,
+                map.as_fd(),
+                0,
+            )
+        }
+        .with_context(|| format!("mapping {}", map.name().to_string_lossy()))?;
+        Ok(Self {
+            base,
+            len: len.get(),
+            stride,
+            sets,
+            l,
+        })
+    }
+
+    fn set_ptr(&self, i: u32) -> *mut u8 {
+        assert!(i < self.sets, "set {i} of {}", self.sets);
+        // SAFETY: inside the mapping (i < sets).
+        unsafe {
+            self.base
+                .as_ptr()
+                .cast::<u8>()
+                .add(i as usize * self.stride)
+        }
+    }
+
+    fn seq(&self, i: u32) -> &AtomicU32 {
+        // SAFETY: a set starts with its u32 sequence number, 8-aligned;
+        // the datapath changes it only atomically.
+        unsafe { &*self.set_ptr(i).cast::<AtomicU32>() }
+    }
+
+    /// Set `i` as it was between two reads of the same even sequence:
+    /// its keys, and the entries of the ways `used` says are taken (all
+    /// ways if `None`; a listing copies only those).
+    fn read_ways(&self, i: u32, used: Option<fn(&Set<'_>, usize) -> bool>) -> Result<Set<'_>> {
+        let mut b = vec![0u8; self.l.size];
+        let p = self.set_ptr(i);
+        for _ in 0..TRIES {
+            let q = self.seq(i).load(Ordering::Acquire);
+            if q & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            // SAFETY: the set's bytes, inside the mapping; a writer may
+            // change them meanwhile, which the second read of seq sees.
+            unsafe { std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), self.l.head) };
+            let mut set = Set {
+                l: &self.l,
+                index: i,
+                b,
+            };
+            for w in 0..WAYS {
+                if used.is_none_or(|u| u(&set, w)) {
+                    let at = self.l.way_at[w];
+                    // SAFETY: as above, the way's lines.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            p.add(at),
+                            set.b.as_mut_ptr().add(at),
+                            self.l.way_len,
+                        )
+                    };
+                }
+            }
+            fence(Ordering::Acquire);
+            if self.seq(i).load(Ordering::Relaxed) == q {
+                return Ok(set);
+            }
+            b = set.b;
+        }
+        bail!("half-open set {i} kept changing")
+    }
+
+    fn read(&self, i: u32) -> Result<Set<'_>> {
+        self.read_ways(i, None)
+    }
+
+    /// Runs `f` on set `i` owned (its sequence odd), then gives it back.
+    fn write<R>(&self, i: u32, f: impl FnOnce(&Set<'_>, *mut u8) -> R) -> Result<R> {
+        for _ in 0..TRIES {
+            let q = self.seq(i).load(Ordering::Acquire);
+            if q & 1 == 1
+                || self
+                    .seq(i)
+                    .compare_exchange(q, q + 1, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+            {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut b = vec![0u8; self.l.size];
+            // SAFETY: the set is ours until seq moves on.
+            unsafe { std::ptr::copy_nonoverlapping(self.set_ptr(i), b.as_mut_ptr(), b.len()) };
+            let set = Set {
+                l: &self.l,
+                index: i,
+                b,
+            };
+            let r = f(&set, self.set_ptr(i));
+            self.seq(i).fetch_add(1, Ordering::Release);
+            return Ok(r);
+        }
+        bail!("half-open set {i} stayed another writer's")
+    }
+}
+
+/// Writes `v` at byte `at` of the set at `p` (owned).
+///
+/// # Safety
+/// `p` is an owned set of the mapping and `at` an aligned field's offset.
+unsafe fn store<T: Copy>(p: *mut u8, at: usize, v: T) {
+    unsafe { std::ptr::write_volatile(p.add(at).cast::<T>(), v) }
+}
+
+/// A set read from the table, as bytes.
+struct Set<'l> {
+    l: &'l Layout,
+    index: u32,
+    b: Vec<u8>,
+}
+
+impl Set<'_> {
+    fn key<K: plain::Plain + Default>(&self, w: usize) -> K {
+        let at = self.l.key_at[w];
+        maps::from_bytes(&self.b[at..at + self.l.key_size])
+    }
+    fn val<V: plain::Plain + Default>(&self, w: usize) -> V {
+        let at = self.l.val_at[w];
+        maps::from_bytes(&self.b[at..at + std::mem::size_of::<V>()])
+    }
+    fn tag(&self, w: usize) -> u32 {
+        let at = self.l.tag_at[w];
+        u32::from_ne_bytes([self.b[at], self.b[at + 1], self.b[at + 2], self.b[at + 3]])
+    }
+    /// Whether way w is free (read from the first part only).
+    fn is_free<F: Family>(&self, w: usize) -> bool {
+        if self.l.tagged {
+            self.tag(w) == 0
+        } else {
+            F::is_free(&self.key::<F::Key>(w))
+        }
+    }
+    fn way_of<F: Family>(&self, key: &F::Key) -> Option<usize> {
+        (0..WAYS).find(|&w| {
+            !self.is_free::<F>(w) && maps::bytes(&self.key::<F::Key>(w)) == maps::bytes(key)
+        })
+    }
+}
+
+/// Every entry of family `F`'s half-open table: (key, entry).
+pub fn entries<F: Family>(m: &Maps) -> Result<Vec<(F::Key, F::Val)>> {
+    let t = Table::open::<F>(m)?;
+    let mut out = Vec::new();
+    for i in 0..t.sets {
+        let set = t.read_ways(i, Some(|s, w| !s.is_free::<F>(w)))?;
+        for w in 0..WAYS {
+            if !set.is_free::<F>(w) {
+                out.push((set.key(w), set.val(w)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Key `key`'s set, and its tag (see [`Layout`]).
+fn index_of<F: Family>(m: &Maps, t: &Table, key: &F::Key) -> Result<(u32, u32)> {
+    let ro = m.rodata()?;
+    if F::sets(&ro) != t.sets {
+        bail!(
+            "half-open table of {} sets, settings say {}",
+            t.sets,
+            F::sets(&ro)
+        );
+    }
+    let h = hash(ro.ho_seed, maps::bytes(key));
+    Ok((set_index(ro.ho_seed, t.sets, maps::bytes(key)), h | 1))
+}
+
+/// The entry keyed `key`, if any.
+pub fn get<F: Family>(m: &Maps, key: &F::Key) -> Result<Option<F::Val>> {
+    let t = Table::open::<F>(m)?;
+    let set = t.read(index_of::<F>(m, &t, key)?.0)?;
+    Ok(set.way_of::<F>(key).map(|w| set.val(w)))
+}
+
+/// Writes the entry keyed `key`: over its own, else into a free way; a
+/// full set is an error (nothing is evicted from here).
+pub fn put<F: Family>(m: &Maps, key: &F::Key, val: &F::Val) -> Result<()> {
+    let t = Table::open::<F>(m)?;
+    let (i, tag) = index_of::<F>(m, &t, key)?;
+    let stamp = crate::clock::now().unwrap_or(0) as u32;
+    let l = &t.l;
+    t.write(i, |set, p| {
+        let w = set
+            .way_of::<F>(key)
+            .or_else(|| (0..WAYS).find(|&w| set.is_free::<F>(w)))
+            .ok_or_else(|| anyhow!("half-open set {} is full", set.index))?;
+        // SAFETY: the set is owned; the offsets are its fields'.
+        unsafe {
+            store(p, l.val_at[w], *val);
+            store(p, l.key_at[w], *key);
+            store(p, STAMPS + 4 * w, stamp);
+            if l.tagged {
+                store(p, l.tag_at[w], tag);
+            }
+        }
+        Ok(())
+    })?
+}
+
+/// Removes the entry keyed `key`; whether there was one.
+pub fn delete<F: Family>(m: &Maps, key: &F::Key) -> Result<bool> {
+    let t = Table::open::<F>(m)?;
+    let (i, _) = index_of::<F>(m, &t, key)?;
+    let l = &t.l;
+    t.write(i, |set, p| {
+        let Some(w) = set.way_of::<F>(key) else {
+            return false;
+        };
+        // SAFETY: the set is owned; the offsets are its fields'. A free
+        // way as ho_drop makes it: tag 0, or (untagged) protocol 0.
+        unsafe {
+            if l.tagged {
+                store(p, l.tag_at[w], 0u32);
+            } else {
+                let mut k = *key;
+                F::free(&mut k);
+                store(p, l.key_at[w], k);
+            }
+        }
+        true
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// murmur3_32 of the reference vectors: the hash is murmur3 proper
+    /// (with the key's length mixed in as murmur3 does), which the C side
+    /// repeats.
+    #[test]
+    fn hash_is_murmur3() {
+        assert_eq!(hash(0, &[]), 0);
+        assert_eq!(hash(1, &[]), 0x514e_28b7);
+        assert_eq!(hash(0x5082_edee, &[0x21, 0x43, 0x65, 0x87]), 0x2362_f9de);
+    }
+
+    #[test]
+    fn every_set_is_reached() {
+        let sets = 7;
+        let mut seen = [false; 7];
+        for i in 0..1000u32 {
+            let s = set_index(12345, sets, &i.to_ne_bytes());
+            seen[s as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+
+    /// The C layout (bpf/maps.h): keys after the lock and stamps, entries
+    /// each on lines of their own.
+    #[test]
+    fn set_layout() {
+        let l = layout::<V4>();
+        assert_eq!(
+            (l.key_at, l.val_at, l.head, l.size),
+            ([16, 32, 48], [64, 128, 192], 64, 256)
+        );
+        let l = layout::<V6>();
+        assert_eq!(l.tag_at, [16, 20, 24]);
+        assert_eq!(
+            (l.key_at, l.val_at[0], l.way_len, l.size),
+            ([64, 192, 320], 104, 128, 448)
+        );
+    }
+
+    #[test]
+    fn sets_hold_the_entries() {
+        assert_eq!(sets_for(2048), 683);
+        assert_eq!(sets_for(3), 1);
+        assert_eq!(sets_for(0), 1);
+    }
+}

@@ -15,6 +15,8 @@ use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use libbpf_rs::{MapCore, MapFlags, OpenObject, ProgramInput};
 
 use lb::conntrack;
+use lb::halfopen;
+use lb::maps::bytes;
 use lb::maps::Maps;
 use lb::netns::NetnsGuard;
 use lb::service::{self, Proto, Service};
@@ -400,6 +402,25 @@ fn tcp_connection_both_ways() {
             payload: vec![],
         };
         assert_eq!(seen(&out), want, "SYN to the backend");
+
+        // Both entries are in the half-open table, found by key from user
+        // space (the datapath's hash and layout); removed and written back
+        // from there, they still serve the SYN-ACK below.
+        let half: Vec<_> = conntrack::entries6(&lb.m)
+            .expect("IPv6 entries")
+            .into_iter()
+            .filter(|(_, _, answered)| !answered)
+            .collect();
+        assert_eq!(half.len(), 2, "client entry and owner");
+        for (k, f, _) in &half {
+            let got = halfopen::get::<halfopen::V6>(&lb.m, k).expect("get");
+            assert_eq!(got.map(|g| bytes(&g).to_vec()), Some(bytes(f).to_vec()));
+            assert!(halfopen::delete::<halfopen::V6>(&lb.m, k).expect("delete"));
+            assert!(halfopen::get::<halfopen::V6>(&lb.m, k)
+                .expect("get")
+                .is_none());
+            halfopen::put::<halfopen::V6>(&lb.m, k, f).expect("put");
+        }
 
         // SYN-ACK from the backend: to the client, from the VIP.
         let bmac = mac_of(be);

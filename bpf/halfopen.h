@@ -12,10 +12,11 @@
  * one CPU wins) and gives it back by moving it on to even; a reader reads
  * `seq`, the keys, `seq` again, and trusts the keys if it was the same even
  * number both times. Nobody spins: a writer that finds the set taken gives
- * up (an insert fails, counted by its caller; a delete leaves the entry,
- * shadowed by conntrack), a reader that finds it changing twice takes it
- * as a miss. (A bpf_spin_lock, which saves and restores interrupts, cost a
- * new flow 120 ns on this VM.) The reader's ordering rests on x86's: loads
+ * up (a new flow's insert fails: it tries another NAT tuple, or is dropped
+ * as drop_ct_race; a delete leaves the entry, shadowed by conntrack), a
+ * reader that finds it changing twice takes it as a miss. (A
+ * bpf_spin_lock, which saves and restores interrupts, cost a new flow 120
+ * ns on this VM.) The reader's ordering rests on x86's: loads
  * are not reordered with loads nor stores with stores (TSO), so compiler
  * barriers suffice; the JIT of a weakly ordered CPU would need acquire
  * loads. User space takes a set the same way, through the map's mmap

@@ -1,9 +1,10 @@
 //! The half-open tables (`ct_new`, `ct_new6`) from user space. They are
 //! not BPF hashes but arrays of sets of [`WAYS`] entries (bpf/halfopen.h):
-//! an entry lives in the set a seeded murmur3 hash of its key picks, and a
-//! free way has protocol 0. This module computes the same hash (the seed
-//! and set count are in the program's settings) to find, write and remove
-//! one entry, and reads whole tables for listings.
+//! an entry lives in the set a seeded murmur3 hash of its key picks; a
+//! free way has protocol 0 (IPv4) or tag 0 (IPv6, see [`Layout`]). This
+//! module computes the same hash (the seed and set count are in the
+//! program's settings) to find, write and remove one entry, and reads
+//! whole tables for listings.
 //!
 //! The maps are mmapable: a set is read and written in place, taken the
 //! way the datapath takes it (its sequence number odd while a writer has

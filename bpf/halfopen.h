@@ -33,7 +33,8 @@
 
 #define barrier() asm volatile("" ::: "memory")
 
-/* murmur3's step for one 32-bit word, and its finaliser. */
+/* murmur3's step for one 32-bit word (its finaliser is select.h's
+ * mix32). */
 static __always_inline __u32 ho_mix(__u32 h, __u32 k)
 {
 	k *= 0xcc9e2d51;
@@ -42,16 +43,6 @@ static __always_inline __u32 ho_mix(__u32 h, __u32 k)
 	h ^= k;
 	h = (h << 13) | (h >> 19);
 	return h * 5 + 0xe6546b64;
-}
-
-static __always_inline __u32 ho_final(__u32 h)
-{
-	h ^= h >> 16;
-	h *= 0x85ebca6b;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35;
-	h ^= h >> 16;
-	return h;
 }
 
 /* Takes a set for writing (its seq from even to odd): 0, or -1 if another
@@ -90,16 +81,6 @@ static __always_inline __u32 ho_ctz(__u32 m)
 	return (HO_CTZ_TABLE >> ((m & 15) * 2)) & 3;
 }
 
-/* Counts an event that has no packet of its own (no bytes). */
-static __always_inline void count_event(enum lb_stat reason)
-{
-	__u32 key = reason;
-	struct lb_counter *c = bpf_map_lookup_elem(&stats, &key);
-
-	if (c)
-		c->packets++;
-}
-
 #endif /* LB_HALFOPEN_ONCE */
 
 /* The rest once per family. */
@@ -130,7 +111,7 @@ static __always_inline __u32 FN(ho_hash)(const FKEY *k)
 		h = ho_mix(h, w[i]);
 		barrier();
 	}
-	return ho_final(h ^ sizeof(FKEY));
+	return mix32(h ^ sizeof(FKEY));
 }
 
 /* Key `k`'s set: the top of hash x sets, in [0, sets) without a division. */

@@ -307,6 +307,16 @@ static __always_inline int count(struct xdp_md *ctx, enum lb_stat reason,
 	return verdict;
 }
 
+/* Counts an event that has no packet of its own (no bytes). */
+static __always_inline void count_event(enum lb_stat reason)
+{
+	__u32 key = reason;
+	struct lb_counter *c = bpf_map_lookup_elem(&stats, &key);
+
+	if (c)
+		c->packets++;
+}
+
 static __always_inline void count_backend(struct xdp_md *ctx, __u32 id,
 					  int new_flow)
 {

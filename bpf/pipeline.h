@@ -8,8 +8,8 @@
  */
 #include "fam.h"
 #include "ctstate.h"
-#include "halfopen.h"
 #include "select.h"
+#include "halfopen.h"
 #include "route.h"
 #include "nat.h"
 #include "natport.h"

@@ -246,30 +246,32 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
 /// Deletes both entries of every connection `which` selects (by either
 /// entry); returns how many entries went.
 pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
-    let mut n = 0;
     let ids = |backend, svc| FlowIds { backend, svc };
+    let mut n = 0;
+    let mut half = Vec::new();
     for (k, f, answered) in entries(m)? {
         if !which(&ids(f.backend, f.svc)) {
             continue;
         }
-        let gone = if answered {
-            m.conntrack.delete(maps::bytes(&k)).is_ok()
-        } else {
-            halfopen::delete::<halfopen::V4>(m, &k)?
-        };
-        n += usize::from(gone);
+        if !answered {
+            half.push(k);
+        } else if m.conntrack.delete(maps::bytes(&k)).is_ok() {
+            n += 1;
+        }
     }
+    n += halfopen::delete_all::<halfopen::V4>(m, &half)?;
+    let mut half6 = Vec::new();
     for (k, f, answered) in entries6(m)? {
         if !which(&ids(f.backend, f.svc)) {
             continue;
         }
-        let gone = if answered {
-            m.conntrack6.delete(maps::bytes(&k)).is_ok()
-        } else {
-            halfopen::delete::<halfopen::V6>(m, &k)?
-        };
-        n += usize::from(gone);
+        if !answered {
+            half6.push(k);
+        } else if m.conntrack6.delete(maps::bytes(&k)).is_ok() {
+            n += 1;
+        }
     }
+    n += halfopen::delete_all::<halfopen::V6>(m, &half6)?;
     Ok(n)
 }
 

@@ -59,7 +59,11 @@ fn hash(seed: u32, key: &[u8]) -> u32 {
 /// The set of a key in a table of `sets`, as `ho_index` in
 /// bpf/halfopen.h computes it: the top half of hash x sets.
 pub fn set_index(seed: u32, sets: u32, key: &[u8]) -> u32 {
-    ((u64::from(hash(seed, key)) * u64::from(sets)) >> 32) as u32
+    set_of_hash(hash(seed, key), sets)
+}
+
+fn set_of_hash(h: u32, sets: u32) -> u32 {
+    ((u64::from(h) * u64::from(sets)) >> 32) as u32
 }
 
 /// One family's table: its key and entry types.
@@ -204,6 +208,7 @@ struct Table {
     len: usize,
     stride: usize,
     sets: u32,
+    seed: u32,
     l: Layout,
 }
 
@@ -225,6 +230,13 @@ impl Table {
         let l = check_layout::<F>(map)?;
         let stride = (map.value_size() as usize).next_multiple_of(8);
         let sets = map.max_entries();
+        let ro = m.rodata()?;
+        if F::sets(&ro) != sets {
+            bail!(
+                "half-open table of {sets} sets, settings say {}",
+                F::sets(&ro)
+            );
+        }
         let len = NonZeroUsize::new(stride * sets as usize)
             .ok_or_else(|| anyhow!("half-open table with no sets"))?;
         // SAFETY: a shared mapping of the map's own memory, of its size;
@@ -245,8 +257,15 @@ impl Table {
             len: len.get(),
             stride,
             sets,
+            seed: ro.ho_seed,
             l,
         })
+    }
+
+    /// Key `key`'s set, and its tag (see [`Layout`]).
+    fn index_of<K: plain::Plain>(&self, key: &K) -> (u32, u32) {
+        let h = hash(self.seed, maps::bytes(key));
+        (set_of_hash(h, self.sets), h | 1)
     }
 
     fn set_ptr(&self, i: u32) -> *mut u8 {
@@ -399,24 +418,10 @@ pub fn entries<F: Family>(m: &Maps) -> Result<Vec<(F::Key, F::Val)>> {
     Ok(out)
 }
 
-/// Key `key`'s set, and its tag (see [`Layout`]).
-fn index_of<F: Family>(m: &Maps, t: &Table, key: &F::Key) -> Result<(u32, u32)> {
-    let ro = m.rodata()?;
-    if F::sets(&ro) != t.sets {
-        bail!(
-            "half-open table of {} sets, settings say {}",
-            t.sets,
-            F::sets(&ro)
-        );
-    }
-    let h = hash(ro.ho_seed, maps::bytes(key));
-    Ok((set_index(ro.ho_seed, t.sets, maps::bytes(key)), h | 1))
-}
-
 /// The entry keyed `key`, if any.
 pub fn get<F: Family>(m: &Maps, key: &F::Key) -> Result<Option<F::Val>> {
     let t = Table::open::<F>(m)?;
-    let set = t.read(index_of::<F>(m, &t, key)?.0)?;
+    let set = t.read(t.index_of(key).0)?;
     Ok(set.way_of::<F>(key).map(|w| set.val(w)))
 }
 
@@ -424,7 +429,7 @@ pub fn get<F: Family>(m: &Maps, key: &F::Key) -> Result<Option<F::Val>> {
 /// full set is an error (nothing is evicted from here).
 pub fn put<F: Family>(m: &Maps, key: &F::Key, val: &F::Val) -> Result<()> {
     let t = Table::open::<F>(m)?;
-    let (i, tag) = index_of::<F>(m, &t, key)?;
+    let (i, tag) = t.index_of(key);
     let stamp = crate::clock::now().unwrap_or(0) as u32;
     let l = &t.l;
     t.write(i, |set, p| {
@@ -447,26 +452,39 @@ pub fn put<F: Family>(m: &Maps, key: &F::Key, val: &F::Val) -> Result<()> {
 
 /// Removes the entry keyed `key`; whether there was one.
 pub fn delete<F: Family>(m: &Maps, key: &F::Key) -> Result<bool> {
+    Ok(delete_all::<F>(m, std::slice::from_ref(key))? == 1)
+}
+
+/// Removes the entries keyed `keys` (the table mapped once); how many
+/// there were.
+pub fn delete_all<F: Family>(m: &Maps, keys: &[F::Key]) -> Result<usize> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
     let t = Table::open::<F>(m)?;
-    let (i, _) = index_of::<F>(m, &t, key)?;
     let l = &t.l;
-    t.write(i, |set, p| {
-        let Some(w) = set.way_of::<F>(key) else {
-            return false;
-        };
-        // SAFETY: the set is owned; the offsets are its fields'. A free
-        // way as ho_drop makes it: tag 0, or (untagged) protocol 0.
-        unsafe {
-            if l.tagged {
-                store(p, l.tag_at[w], 0u32);
-            } else {
-                let mut k = *key;
-                F::free(&mut k);
-                store(p, l.key_at[w], k);
+    let mut n = 0;
+    for key in keys {
+        let gone = t.write(t.index_of(key).0, |set, p| {
+            let Some(w) = set.way_of::<F>(key) else {
+                return false;
+            };
+            // SAFETY: the set is owned; the offsets are its fields'. A
+            // free way as ho_drop makes it: tag 0, or (untagged) protocol 0.
+            unsafe {
+                if l.tagged {
+                    store(p, l.tag_at[w], 0u32);
+                } else {
+                    let mut k = *key;
+                    F::free(&mut k);
+                    store(p, l.key_at[w], k);
+                }
             }
-        }
-        true
-    })
+            true
+        })?;
+        n += usize::from(gone);
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -6,6 +6,91 @@
  */
 /* Part of the pipeline (fam.h): compiled once per family. */
 
+/* The service of a packet to `k`: VIP:port, else VIP:0 (every port). */
+static __always_inline struct svc_value *FN(service_of)(const FKEY *k)
+{
+#if LB_V6
+	struct svc6_key sk = {
+	    .vip = k->daddr, .port = k->dport, .proto = k->proto};
+	void *map = &services6;
+#else
+	struct svc_key sk = {
+	    .vip = k->daddr, .port = k->dport, .proto = k->proto};
+	void *map = &services;
+#endif
+	struct svc_value *svc = bpf_map_lookup_elem(map, &sk);
+
+	if (svc)
+		return svc;
+	sk.port = 0; /* a service on every port of the VIP */
+	return bpf_map_lookup_elem(map, &sk);
+}
+
+/*
+ * A SYN's cold lines, loaded ahead and together: the half-open sets of its
+ * key and of the NAT tuple a new flow would try first (the client's port
+ * towards the backend Maglev picks), and that tuple's conntrack bucket.
+ * The sets are spread over tens of MB, so each first touch is a miss to
+ * memory: issued one after the other (the client's set by the lookup, the
+ * tuple's by the claim, much later) they cost a memory latency each,
+ * issued here they overlap with each other and with the client key's
+ * conntrack lookup that follows. Nothing is decided or written: flow_new
+ * picks backend and tuple itself (the same ones, unless the client's port
+ * is taken or a table changed meanwhile, when this was only wasted work).
+ * A global function (see halfopen.h: ho_where), one frame of 32 bytes.
+ */
+__noinline int FN(flow_prefetch)(const FKEY *k)
+{
+	struct svc_value *svc;
+	struct lb_nexthop *nh;
+	struct backend *be;
+	__u32 id, h, n;
+	FKEY t = {};
+
+	if (!k)
+		return 0;
+	svc = FN(service_of)(k);
+	if (!svc || (svc->flags & (LB_SVC_DSR | LB_SVC_IPIP)))
+		return 0;
+	h = FN(pick_hash)(k, svc->flags);
+	be = backend_pick(svc->id, h, &id);
+	if (!be)
+		return 0;
+#if LB_V6
+	n = snat_count6;
+	if (n) {
+		n = (h % n) & (LB_MAX_SNAT - 1);
+		t.daddr.w[0] = snat_addr6[n].w[0];
+		t.daddr.w[1] = snat_addr6[n].w[1];
+		t.daddr.w[2] = snat_addr6[n].w[2];
+		t.daddr.w[3] = snat_addr6[n].w[3];
+	} else {
+		nh = bpf_map_lookup_elem(&nexthops, &id);
+		if (!nh || !nh->ok)
+			return 0;
+		t.daddr = nh->saddr6;
+	}
+#else
+	n = snat_count;
+	if (n) {
+		t.daddr = snat_addr[(h % n) & (LB_MAX_SNAT - 1)];
+	} else {
+		nh = bpf_map_lookup_elem(&nexthops, &id);
+		if (!nh || !nh->ok)
+			return 0;
+		t.daddr = nh->saddr;
+	}
+#endif
+	t.saddr = BE_ADDR(be);
+	t.sport = be->port ? be->port : k->dport;
+	t.dport = k->sport;
+	t.proto = k->proto;
+	FN(ho_touch)(&t);
+	FN(ho_touch)(k);
+	bpf_map_lookup_elem(&CT, &t);
+	return 0;
+}
+
 /* A client packet that confirms an answered half-open flow: TCP, the
  * handshake's ACK (or any later segment); UDP, any packet after a reply. */
 static __always_inline int FN(ct_confirms)(const PKT *p)

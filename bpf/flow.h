@@ -6,26 +6,6 @@
  * rest passes. Part of the pipeline (fam.h): compiled once per family.
  */
 
-/* The service of a packet to `k`: VIP:port, else VIP:0 (every port). */
-static __always_inline struct svc_value *FN(service_of)(const FKEY *k)
-{
-#if LB_V6
-	struct svc6_key sk = {
-	    .vip = k->daddr, .port = k->dport, .proto = k->proto};
-	void *map = &services6;
-#else
-	struct svc_key sk = {
-	    .vip = k->daddr, .port = k->dport, .proto = k->proto};
-	void *map = &services;
-#endif
-	struct svc_value *svc = bpf_map_lookup_elem(map, &sk);
-
-	if (svc)
-		return svc;
-	sk.port = 0; /* a service on every port of the VIP */
-	return bpf_map_lookup_elem(map, &sk);
-}
-
 static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 					    struct verdict_note *n, PKT *p)
 {
@@ -38,6 +18,8 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 	int why, est = 1, new_flow = 0, routed = 0;
 
 	now = lb_now();
+	if (is_syn(p))
+		FN(flow_prefetch)(&p->key);
 	f = bpf_map_lookup_elem(&CT, &p->key);
 	if (!f) {
 		est = 0;

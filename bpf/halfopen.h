@@ -355,6 +355,29 @@ __noinline int FN(ho_delete)(const FKEY *k)
 	return 0;
 }
 
+/* Starts the loads of every line of k's set and returns without waiting
+ * for them (nothing uses what they read): the set's miss then overlaps the
+ * caller's other misses instead of stalling a later lookup or insert. */
+static __always_inline void FN(ho_touch)(const FKEY *k)
+{
+	__u32 idx = FN(ho_index)(FN(ho_hash)(k));
+	HO_SET *s = bpf_map_lookup_elem(&CT_NEW, &idx);
+	int i;
+
+	if (!s)
+		return;
+	(void)*(volatile __u32 *)&s->seq;
+#pragma unroll
+	for (i = 0; i < HO_WAYS; i++) {
+#if LB_V6
+		(void)*(volatile __u32 *)&s->way[i];
+		(void)*((volatile __u32 *)&s->way[i] + 16);
+#else
+		(void)*(volatile __u32 *)&s->val[i];
+#endif
+	}
+}
+
 /* The entry keyed `k`, or NULL. */
 static __always_inline FLOW *FN(ho_lookup)(const FKEY *k)
 {

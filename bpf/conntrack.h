@@ -34,17 +34,19 @@ static __always_inline struct svc_value *FN(service_of)(const FKEY *k)
  * memory: issued one after the other (the client's set by the lookup, the
  * tuple's by the claim, much later) they cost a memory latency each,
  * issued here they overlap with each other and with the client key's
- * conntrack lookup that follows. Nothing is decided or written: flow_new
- * picks backend and tuple itself (the same ones, unless the client's port
- * is taken or a table changed meanwhile, when this was only wasted work).
- * A global function (see halfopen.h: ho_where), one frame of 32 bytes.
+ * conntrack lookup that follows. Nothing is written. Returns Maglev's
+ * pick (its backend id + 1; 0 if none, or if the service has affinity,
+ * which may choose otherwise), which flow_new takes rather than look it up
+ * again; the tuple it claims itself (the one loaded here, unless the
+ * client's port is taken or the route changed meanwhile). A global
+ * function (see halfopen.h: ho_where), one frame of 32 bytes.
  */
 __noinline int FN(flow_prefetch)(const FKEY *k)
 {
 	struct svc_value *svc;
 	struct lb_nexthop *nh;
 	struct backend *be;
-	__u32 id, h, n;
+	__u32 id, h, n, flags;
 	FKEY t = {};
 
 	if (!k)
@@ -52,7 +54,8 @@ __noinline int FN(flow_prefetch)(const FKEY *k)
 	svc = FN(service_of)(k);
 	if (!svc || (svc->flags & (LB_SVC_DSR | LB_SVC_IPIP)))
 		return 0;
-	h = FN(pick_hash)(k, svc->flags);
+	flags = svc->flags;
+	h = FN(pick_hash)(k, flags);
 	be = backend_pick(svc->id, h, &id);
 	if (!be)
 		return 0;
@@ -88,7 +91,8 @@ __noinline int FN(flow_prefetch)(const FKEY *k)
 	FN(ho_touch)(&t);
 	FN(ho_touch)(k);
 	bpf_map_lookup_elem(&CT, &t);
-	return 0;
+	/* Maglev's pick, for flow_new (affinity may choose otherwise) */
+	return (flags >> LB_SVC_AFFINITY_SHIFT) ? 0 : id + 1;
 }
 
 /* A client packet that confirms an answered half-open flow: TCP, the
@@ -127,7 +131,8 @@ static __always_inline int FN(ct_promote)(const FKEY *ck, FLOW *f,
  */
 static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 					__u32 svc_id, __u32 svc_flags,
-					__u64 now, struct FN(new_scratch) * sc)
+					__u64 now, struct FN(new_scratch) * sc,
+					__u32 hint)
 {
 	FLOW *fwd = &sc->fwd;
 	struct FN(nat_search) *sp = &sc->s;
@@ -139,8 +144,10 @@ static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 	__builtin_memset(sp, 0, sizeof(*sp));
 	__builtin_memset(fwd, 0, sizeof(*fwd));
 	sp->h = FN(pick_hash)(&p->key, svc_flags);
-	be = FN(backend_select)(svc_id, svc_flags, &p->key, sp->h, now,
-				&fwd->backend, &sc->aff);
+	be = hint ? backend_hinted(svc_id, hint, &fwd->backend) : NULL;
+	if (!be)
+		be = FN(backend_select)(svc_id, svc_flags, &p->key, sp->h, now,
+					&fwd->backend, &sc->aff);
 	if (!be)
 		return LB_DROP_NO_BACKEND;
 	fwd->daddr = BE_ADDR(be);

@@ -13,13 +13,13 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 	FLOW *nf; /* a new flow's entry, set by flow_new (in new_scratch) */
 	int slot = -1, verdict; /* the scratch slot taken for a new flow */
 	FKEY ok = {};
-	__u32 state;
+	__u32 state, hint = 0; /* flow_prefetch's backend */
 	__u64 now;
 	int why, est = 1, new_flow = 0, routed = 0;
 
 	now = lb_now();
 	if (is_syn(p))
-		FN(flow_prefetch)(&p->key);
+		hint = FN(flow_prefetch)(&p->key);
 	f = bpf_map_lookup_elem(&CT, &p->key);
 	if (!f) {
 		est = 0;
@@ -164,8 +164,8 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 			if (!sc)
 				return done(ctx, n, LB_DROP_CT_RACE, XDP_DROP);
 			nf = &sc->fwd;
-			why =
-			    FN(flow_new)(ctx, p, svc->id, svc->flags, now, sc);
+			why = FN(flow_new)(ctx, p, svc->id, svc->flags, now, sc,
+					   hint);
 		}
 		if (why && why != LB_PASS_NO_NEIGH) {
 			FN(new_scratch_put)(slot);

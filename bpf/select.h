@@ -79,6 +79,20 @@ static __always_inline struct backend *backend_pick(__u32 svc_id, __u32 h,
 	return be;
 }
 
+/* backend_pick's answer, given again: backend `hint - 1` (what a SYN's
+ * prefetch picked, conntrack.h), if it still is one of the service's. */
+static __always_inline struct backend *backend_hinted(__u32 svc_id, __u32 hint,
+						      __u32 *id)
+{
+	struct backend *be;
+
+	*id = hint - 1;
+	be = bpf_map_lookup_elem(&backends, id);
+	if (!be || !(be->flags & LB_BACKEND_USED) || be->svc != svc_id)
+		return NULL;
+	return be;
+}
+
 #endif /* LB_SELECT_ONCE */
 
 /* Whether the backend of client entry `f` (packet key `k`) still takes new

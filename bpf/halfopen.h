@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
 /*
  * The half-open table (maps.h: ct_new, ct_new6): a set-associative array of
- * sets of HO_WAYS entries. An entry lives in the set a seeded hash of its
- * key picks (the seed, random per instance, keeps a flood from aiming at
+ * sets of HO_WAYS entries. An entry lives in the set a keyed hash of its
+ * key picks (the keys, random per instance, keep a flood from aiming at
  * one set). An insert into a full set replaces the set's oldest entry
  * (counted half_open_evicted): the table keeps the newest half-open flows,
  * as an LRU would, at the cost of one set's cache lines.
@@ -32,18 +32,6 @@
 #define LB_HALFOPEN_ONCE
 
 #define barrier() asm volatile("" ::: "memory")
-
-/* murmur3's step for one 32-bit word (its finaliser is select.h's
- * mix32). */
-static __always_inline __u32 ho_mix(__u32 h, __u32 k)
-{
-	k *= 0xcc9e2d51;
-	k = (k << 15) | (k >> 17);
-	k *= 0x1b873593;
-	h ^= k;
-	h = (h << 13) | (h >> 19);
-	return h * 5 + 0xe6546b64;
-}
 
 /* Takes a set for writing (its seq from even to odd): 0, or -1 if another
  * writer has it (two tries). */
@@ -96,22 +84,33 @@ static __always_inline __u32 ho_ctz(__u32 m)
 #define HO_VAL(s, i) ((s)->val[i].f)
 #endif
 
-/* The hash of key `k`: murmur3 over its words (src/halfopen.rs computes
- * the same to find an entry from user space). */
+/*
+ * The hash of key `k`: pair-multiply-shift (Thorup) over its 32-bit words
+ * w, with the instance's random 64-bit keys a (ho_key): the top half of
+ * a0 + sum over pairs of (a[2i+1] + w[2i+1]) * (a[2i+2] + w[2i]), modulo
+ * 2^64. Strongly universal: whoever does not know the keys cannot pick
+ * keys that share a set more often than chance would (murmur3, seeded or
+ * not, has collisions that hold for every seed). Two multiplies for an
+ * IPv4 key, five for an IPv6 one. src/halfopen.rs computes the same to
+ * find an entry from user space.
+ */
 static __always_inline __u32 FN(ho_hash)(const FKEY *k)
 {
 	const __u32 *w = (const void *)k;
-	__u32 h = ho_seed;
+	__u64 h = ho_key[0];
 	int i;
 
-	/* one word at a time (the barrier): loaded all at once, the words
+	_Static_assert(HO_WORDS % 2 == 0 && HO_WORDS < LB_HO_KEYS,
+		       "a key is pairs of words, each with keys of its own");
+	/* a pair at a time (the barrier): loaded all at once, the words
 	 * spill to stack the chains of calls lack */
 #pragma unroll
-	for (i = 0; i < HO_WORDS; i++) {
-		h = ho_mix(h, w[i]);
+	for (i = 0; i < HO_WORDS / 2; i++) {
+		h += (ho_key[2 * i + 1] + w[2 * i + 1]) *
+		     (ho_key[2 * i + 2] + w[2 * i]);
 		barrier();
 	}
-	return mix32(h ^ sizeof(FKEY));
+	return h >> 32;
 }
 
 /* Key `k`'s set: the top of hash x sets, in [0, sets) without a division. */

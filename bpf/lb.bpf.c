@@ -47,13 +47,16 @@ const volatile __u32 nh_ttl = 250;	 /* a cached next hop is fresh, ticks */
  * new flow's SYN, no sample on its SYN-ACK (0, the default: measured, also
  * what an instance of a build before this setting reads as). */
 const volatile __u8 hs_latency_off = 0;
-/* The half-open tables (halfopen.h): their sets, the seed of the hash that
- * picks an entry's set, and the half-open connections asked for (what
- * `lb status` shows). */
+/* The half-open tables (halfopen.h): their sets, and the half-open
+ * connections asked for (what `lb status` shows). ho_seed is unused (an
+ * earlier build's hash; kept so that no setting moves); ho_key below. */
 const volatile __u32 ho_sets = 128 * 1024;
 const volatile __u32 ho_sets6 = 32 * 1024;
 const volatile __u32 ho_seed = 0;
 const volatile __u32 ho_half_open = 0;
+/* The random keys of the half-open tables' hash (halfopen.h: ho_hash),
+ * drawn for each instance (all 0: an instance of an earlier build). */
+const volatile __u64 ho_key[LB_HO_KEYS] = {};
 /* The shared enums' BTF anchor (see lb.h); last, so no setting moves. */
 const volatile struct lb_shared lb_shared = {};
 

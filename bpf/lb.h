@@ -18,6 +18,9 @@ enum lb_limits {
 	LB_MAX_PORT_RANGES = 2,
 	/* Entries a set of the half-open table holds (maps.h, halfopen.h). */
 	LB_HO_WAYS = 3,
+	/* Random 64-bit keys of the half-open tables' hash (halfopen.h):
+	 * one, and one per 32-bit word of the longest key (IPv6: 10). */
+	LB_HO_KEYS = 11,
 	/* Buckets of a backend's handshake latency histogram (struct
 	 * lb_be_hs): bucket i < LB_HS_BUCKETS - 1 counts handshakes of at
 	 * most 2^i microseconds (1 us .. 8.4 s), the last the longer ones. */

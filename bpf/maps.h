@@ -100,10 +100,11 @@ struct {
  * Half-open connections: not answered (or not confirmed) yet, two entries
  * each like conntrack. Not a BPF hash: a set-associative table of our own
  * (halfopen.h), an array of sets of HO_WAYS entries, an entry's set chosen
- * by a seeded hash of its key. An insert into a full set replaces the
- * set's oldest entry, so a SYN flood churns this table alone; an insert
- * costs a compare-and-swap and two cache lines, not an LRU list's walk
- * (BPF's LRU pop, 200+ ns a new entry, was most of a new flow's cost). A
+ * by a keyed hash of its key (random keys per instance). An insert into a
+ * full set replaces the set's oldest entry, so a SYN flood churns this
+ * table alone; an insert costs a compare-and-swap and two cache lines, not
+ * an LRU list's walk (BPF's LRU pop, 200+ ns a new entry, was most of a
+ * new flow's cost). A
  * set is 4 cache lines: its sequence number, insert times and keys in the
  * first (what a miss reads), an entry in each of the others (IPv6: see
  * ho_set6). Mmapable: the kernel aligns the sets to pages, hence to cache

@@ -1,9 +1,9 @@
 //! The half-open tables (`ct_new`, `ct_new6`) from user space. They are
 //! not BPF hashes but arrays of sets of [`WAYS`] entries (bpf/halfopen.h):
-//! an entry lives in the set a seeded murmur3 hash of its key picks; a
-//! free way has protocol 0 (IPv4) or tag 0 (IPv6, see [`Layout`]). This
-//! module computes the same hash (the seed and set count are in the
-//! program's settings) to find, write and remove one entry, and reads
+//! an entry lives in the set a keyed hash of its key picks; a free way
+//! has protocol 0 (IPv4) or tag 0 (IPv6, see [`Layout`]). This module
+//! computes the same hash (the keys and set count are in the program's
+//! settings) to find, write and remove one entry, and reads
 //! whole tables for listings.
 //!
 //! The maps are mmapable: a set is read and written in place, taken the
@@ -31,35 +31,33 @@ pub fn sets_for(entries: u32) -> u32 {
     entries.div_ceil(WAYS as u32).max(1)
 }
 
-fn mix(mut h: u32, mut k: u32) -> u32 {
-    k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15);
-    k = k.wrapping_mul(0x1b87_3593);
-    h ^= k;
-    h = h.rotate_left(13);
-    h.wrapping_mul(5).wrapping_add(0xe654_6b64)
-}
+/// Random keys of the hash, as the program's settings hold them (`ho_key`).
+pub type Keys = [u64; lb_limits::LB_HO_KEYS.0 as usize];
 
-fn finish(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// The hash of a key (its bytes as the datapath stores them).
-fn hash(seed: u32, key: &[u8]) -> u32 {
-    let h = key
+/// The hash of a key (its bytes as the datapath stores them), as
+/// `ho_hash` in bpf/halfopen.h: pair-multiply-shift over its 32-bit words
+/// with the instance's keys.
+fn hash(keys: &Keys, key: &[u8]) -> u32 {
+    let w: Vec<u64> = key
         .chunks_exact(4)
-        .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
-        .fold(seed, mix);
-    finish(h ^ key.len() as u32)
+        .map(|w| u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect();
+    let h = w
+        .chunks_exact(2)
+        .zip(keys[1..].chunks_exact(2))
+        .fold(keys[0], |h, (w, a)| {
+            h.wrapping_add(
+                a[0].wrapping_add(w[1])
+                    .wrapping_mul(a[1].wrapping_add(w[0])),
+            )
+        });
+    (h >> 32) as u32
 }
 
 /// The set of a key in a table of `sets`, as `ho_index` in
 /// bpf/halfopen.h computes it: the top half of hash x sets.
-pub fn set_index(seed: u32, sets: u32, key: &[u8]) -> u32 {
-    set_of_hash(hash(seed, key), sets)
+pub fn set_index(keys: &Keys, sets: u32, key: &[u8]) -> u32 {
+    set_of_hash(hash(keys, key), sets)
 }
 
 fn set_of_hash(h: u32, sets: u32) -> u32 {
@@ -208,7 +206,7 @@ struct Table {
     len: usize,
     stride: usize,
     sets: u32,
-    seed: u32,
+    keys: Keys,
     l: Layout,
 }
 
@@ -257,14 +255,14 @@ impl Table {
             len: len.get(),
             stride,
             sets,
-            seed: ro.ho_seed,
+            keys: ro.ho_key,
             l,
         })
     }
 
     /// Key `key`'s set, and its tag (see [`Layout`]).
     fn index_of<K: plain::Plain>(&self, key: &K) -> (u32, u32) {
-        let h = hash(self.seed, maps::bytes(key));
+        let h = hash(&self.keys, maps::bytes(key));
         (set_of_hash(h, self.sets), h | 1)
     }
 
@@ -491,22 +489,41 @@ pub fn delete_all<F: Family>(m: &Maps, keys: &[F::Key]) -> Result<usize> {
 mod tests {
     use super::*;
 
-    /// murmur3_32 of the reference vectors: the hash is murmur3 proper
-    /// (with the key's length mixed in as murmur3 does), which the C side
-    /// repeats.
+    /// The hash by hand for a key of four words, and the two words of a
+    /// pair weighed each by its own key (swapping them changes the hash).
     #[test]
-    fn hash_is_murmur3() {
-        assert_eq!(hash(0, &[]), 0);
-        assert_eq!(hash(1, &[]), 0x514e_28b7);
-        assert_eq!(hash(0x5082_edee, &[0x21, 0x43, 0x65, 0x87]), 0x2362_f9de);
+    fn hash_is_pair_multiply_shift() {
+        let mut keys: Keys = [0; lb_limits::LB_HO_KEYS.0 as usize];
+        for (i, k) in keys.iter_mut().enumerate() {
+            *k = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1);
+        }
+        let words = [7u32, 0xffff_ffff, 3, 0x8000_0000];
+        let key: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let (a, w): (Vec<u128>, Vec<u128>) = (
+            keys.iter().map(|&k| u128::from(k)).collect(),
+            words.iter().map(|&x| u128::from(x)).collect(),
+        );
+        let m = 1u128 << 64;
+        let sum = (a[0]
+            + (a[1] + w[1]) % m * ((a[2] + w[0]) % m) % m
+            + (a[3] + w[3]) % m * ((a[4] + w[2]) % m) % m)
+            % m;
+        assert_eq!(hash(&keys, &key), (sum >> 32) as u32);
+        let swapped: Vec<u8> = [words[1], words[0], words[2], words[3]]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        assert_ne!(hash(&keys, &key), hash(&keys, &swapped));
     }
 
     #[test]
     fn every_set_is_reached() {
         let sets = 7;
         let mut seen = [false; 7];
-        for i in 0..1000u32 {
-            let s = set_index(12345, sets, &i.to_ne_bytes());
+        let keys: Keys =
+            std::array::from_fn(|i| 0x2545_f491_4f6c_dd1du64.wrapping_mul(i as u64 + 3));
+        for i in 0..1000u64 {
+            let s = set_index(&keys, sets, &i.to_ne_bytes());
             seen[s as usize] = true;
         }
         assert!(seen.iter().all(|&s| s));

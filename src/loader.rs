@@ -89,19 +89,27 @@ pub fn load<'obj>(
         .set_max_entries(settings.max_flows * 2)
         .context("sizing the connection table")?;
     // The half-open tables are arrays of sets (crate::halfopen), the
-    // hash's seed shared with an instance reused.
+    // hash's keys shared with an instance reused (each program of an
+    // instance must find the same sets).
     let sets = halfopen::sets_for(settings.max_half_open * 2);
     let sets6 = halfopen::sets_for((settings.max_half_open / 4).max(1024) * 2);
     ro.ho_sets = sets;
     ro.ho_sets6 = sets6;
     ro.ho_half_open = settings.max_half_open;
-    ro.ho_seed = match reuse.filter(|p| p.config().exists()) {
+    ro.ho_key = match reuse.filter(|p| p.config().exists()) {
         Some(p) => {
             let config = libbpf_rs::MapHandle::from_pinned_path(p.config())
                 .context("opening the instance's settings")?;
-            maps::rodata_of(&config)?.ho_seed
+            let keys = maps::rodata_of(&config)?.ho_key;
+            if keys.iter().all(|&k| k == 0) {
+                bail!(
+                    "the instance at {} was created by an earlier lb (another half-open table hash): detach it first",
+                    p.root.display()
+                );
+            }
+            keys
         }
-        None => rand_seed(),
+        None => rand_keys()?,
     };
     open.maps
         .ct_new
@@ -160,18 +168,17 @@ pub fn load<'obj>(
         .context("loading the XDP program into the kernel")
 }
 
-/// A random seed for the half-open tables' hash (so a flood cannot aim at
-/// one set).
-fn rand_seed() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() as u32
+/// Random keys for the half-open tables' hash (so a flood cannot aim at
+/// one set), from the kernel's random source.
+fn rand_keys() -> Result<halfopen::Keys> {
+    use std::io::Read;
+    let mut b = [0u8; std::mem::size_of::<halfopen::Keys>()];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom for the half-open tables' hash keys")?;
+    Ok(std::array::from_fn(|i| {
+        u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap())
+    }))
 }
 
 /// Pins what is new under `pins` (which must exist): the maps of a fresh

@@ -59,31 +59,15 @@ __noinline int FN(flow_prefetch)(const FKEY *k)
 	be = backend_pick(svc->id, h, &id);
 	if (!be)
 		return 0;
-#if LB_V6
-	n = snat_count6;
-	if (n) {
-		n = (h % n) & (LB_MAX_SNAT - 1);
-		t.daddr.w[0] = snat_addr6[n].w[0];
-		t.daddr.w[1] = snat_addr6[n].w[1];
-		t.daddr.w[2] = snat_addr6[n].w[2];
-		t.daddr.w[3] = snat_addr6[n].w[3];
+	n = SNAT_COUNT;
+	if (n) { /* as nat_try's first candidate */
+		FN(snat_addr_at)(&t.daddr, h % n);
 	} else {
 		nh = bpf_map_lookup_elem(&nexthops, &id);
 		if (!nh || !nh->ok)
 			return 0;
-		t.daddr = nh->saddr6;
+		t.daddr = NH_SADDR(nh);
 	}
-#else
-	n = snat_count;
-	if (n) {
-		t.daddr = snat_addr[(h % n) & (LB_MAX_SNAT - 1)];
-	} else {
-		nh = bpf_map_lookup_elem(&nexthops, &id);
-		if (!nh || !nh->ok)
-			return 0;
-		t.daddr = nh->saddr;
-	}
-#endif
 	t.saddr = BE_ADDR(be);
 	t.sport = be->port ? be->port : k->dport;
 	t.dport = k->sport;

@@ -19,6 +19,8 @@
 #undef DSR_FLOWS
 #undef ADDR_EQ
 #undef BE_ADDR
+#undef NH_SADDR
+#undef SNAT_COUNT
 
 #if LB_V6
 #define FN(name) name##6
@@ -32,6 +34,8 @@
 #define DSR_FLOWS dsr_flows6
 #define ADDR_EQ(a, b) in6_eq(&(a), &(b))
 #define BE_ADDR(be) ((be)->ip6)
+#define NH_SADDR(nh) ((nh)->saddr6)
+#define SNAT_COUNT snat_count6
 #else
 #define FN(name) name
 #define FKEY struct flow_key
@@ -44,4 +48,6 @@
 #define DSR_FLOWS dsr_flows
 #define ADDR_EQ(a, b) ((a) == (b))
 #define BE_ADDR(be) ((be)->ip)
+#define NH_SADDR(nh) ((nh)->saddr)
+#define SNAT_COUNT snat_count
 #endif

@@ -104,11 +104,10 @@ struct {
  * full set replaces the set's oldest entry, so a SYN flood churns this
  * table alone; an insert costs a compare-and-swap and two cache lines, not
  * an LRU list's walk (BPF's LRU pop, 200+ ns a new entry, was most of a
- * new flow's cost). A
- * set is 4 cache lines: its sequence number, insert times and keys in the
- * first (what a miss reads), an entry in each of the others (IPv6: see
- * ho_set6). Mmapable: the kernel aligns the sets to pages, hence to cache
- * lines, and user space takes a set through the mapping
+ * new flow's cost). A set is 4 cache lines: its sequence number, insert times
+ * and keys in the first (what a miss reads), an entry in each of the others
+ * (IPv6: see ho_set6). Mmapable: the kernel aligns the sets to pages, hence to
+ * cache lines, and user space takes a set through the mapping
  * (src/halfopen.rs). Sized by the CLI (max_entries: sets).
  */
 #define HO_WAYS LB_HO_WAYS

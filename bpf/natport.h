@@ -209,15 +209,26 @@ static __always_inline int FN(nat_claim)(struct FN(nat_search) * s)
 	return NAT_NEW;
 }
 
+/* SNAT address `idx` (of SNAT_COUNT) into *a. IPv6 word by word: clang
+ * folds a copy of a const volatile array to its zero initializer. */
+static __always_inline void FN(snat_addr_at)(ADDR *a, __u32 idx)
+{
+	idx &= LB_MAX_SNAT - 1;
+#if LB_V6
+	a->w[0] = snat_addr6[idx].w[0];
+	a->w[1] = snat_addr6[idx].w[1];
+	a->w[2] = snat_addr6[idx].w[2];
+	a->w[3] = snat_addr6[idx].w[3];
+#else
+	*a = snat_addr[idx];
+#endif
+}
+
 /* Candidate `i` of a search (0: the client's port; then the cursor's). */
 static long FN(nat_try)(__u32 i, void *arg)
 {
 	struct FN(nat_search) *s = ((struct FN(nat_loop) *)arg)->s;
-#if LB_V6
-	__u32 n = snat_count6, idx, k;
-#else
-	__u32 n = snat_count, idx, k;
-#endif
+	__u32 n = SNAT_COUNT, idx, k;
 	__u16 port;
 
 	if (i == 0) {
@@ -230,21 +241,10 @@ static long FN(nat_try)(__u32 i, void *arg)
 		idx = n ? k % n : 0;
 		port = nat_port_at(n ? k / n : k, n && FN(snat_is_full)(idx));
 	}
-#if LB_V6
-	if (n) {
-		/* word by word: clang folds a copy of a const volatile array
-		 * to its zero initializer */
-		idx &= LB_MAX_SNAT - 1;
-		s->t.daddr.w[0] = snat_addr6[idx].w[0];
-		s->t.daddr.w[1] = snat_addr6[idx].w[1];
-		s->t.daddr.w[2] = snat_addr6[idx].w[2];
-		s->t.daddr.w[3] = snat_addr6[idx].w[3];
-	} else {
+	if (n)
+		FN(snat_addr_at)(&s->t.daddr, idx);
+	else
 		s->t.daddr = s->fib_saddr;
-	}
-#else
-	s->t.daddr = n ? snat_addr[idx & (LB_MAX_SNAT - 1)] : s->fib_saddr;
-#endif
 	s->t.dport = bpf_htons(port);
 	s->result = FN(nat_claim)(s);
 	s->tries = i;

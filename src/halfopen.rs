@@ -54,12 +54,8 @@ fn hash(keys: &Keys, key: &[u8]) -> u32 {
     (h >> 32) as u32
 }
 
-/// The set of a key in a table of `sets`, as `ho_index` in
+/// The set of hash `h` in a table of `sets`, as `ho_index` in
 /// bpf/halfopen.h computes it: the top half of hash x sets.
-pub fn set_index(keys: &Keys, sets: u32, key: &[u8]) -> u32 {
-    set_of_hash(hash(keys, key), sets)
-}
-
 fn set_of_hash(h: u32, sets: u32) -> u32 {
     ((u64::from(h) * u64::from(sets)) >> 32) as u32
 }
@@ -523,7 +519,7 @@ mod tests {
         let keys: Keys =
             std::array::from_fn(|i| 0x2545_f491_4f6c_dd1du64.wrapping_mul(i as u64 + 3));
         for i in 0..1000u64 {
-            let s = set_index(&keys, sets, &i.to_ne_bytes());
+            let s = set_of_hash(hash(&keys, &i.to_ne_bytes()), sets);
             seen[s as usize] = true;
         }
         assert!(seen.iter().all(|&s| s));

@@ -1178,3 +1178,64 @@ fn conntrack_lists_every_entry() {
     lb_ok(&detach_args(&ns.name, pins.arg()));
     assert_no_pins(&pins);
 }
+
+/// An instance made by an earlier build, whose settings hold no keys for
+/// the half-open tables' hash (loader.rs): attaching to it again is refused
+/// in one line, and the running program is left as it was. The earlier
+/// settings map is made from the instance's own, its keys zeroed.
+#[test]
+fn instance_of_an_earlier_build_is_refused() {
+    use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+
+    if !root_or_skip("instance_of_an_earlier_build_is_refused") {
+        return;
+    }
+    let x = veth_ns("lbc");
+    let pins = PinDir::new("lbc");
+    let attach = attach_args(&x.name, pins.arg(), &[A_IP, B_IP], &["--mode", "native"]);
+    lb_ok(&attach);
+    let (prog, _) = xdp_prog(&x.name, "eth0").expect("attached");
+
+    let cfg = pins.path.join("config");
+    let mine = MapHandle::from_pinned_path(&cfg).expect("the settings pin");
+    let mut v = mine
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .expect("reading the settings")
+        .expect("settings");
+    let at = std::mem::offset_of!(lb::skel::lb::types::rodata, ho_key);
+    let keys = &mut v[at..at + std::mem::size_of::<[u64; 11]>()];
+    assert!(keys.iter().any(|&b| b != 0), "this build's keys are set");
+    keys.fill(0);
+    let old = MapHandle::create(
+        MapType::Array,
+        Some("config"),
+        4,
+        v.len() as u32,
+        1,
+        &libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            ..Default::default()
+        },
+    )
+    .expect("a settings map");
+    old.update(&0u32.to_ne_bytes(), &v, MapFlags::ANY)
+        .expect("writing it");
+    drop(mine);
+    std::fs::remove_file(&cfg).expect("unpinning the settings");
+    let mut old = old;
+    old.pin(&cfg).expect("pinning the earlier settings");
+
+    let out = lb_s(&attach);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {}", show(&out));
+    assert!(
+        err.contains("created by an earlier lb") && err.contains("detach it first"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(xdp_prog(&x.name, "eth0"), Some((prog, "lb_xdp".into())));
+
+    lb_ok(&detach_args(&x.name, pins.arg()));
+    assert_no_xdp(&x.name, "eth0");
+}

@@ -481,6 +481,59 @@ fn time_new_flows(
     Ok(new)
 }
 
+/// A UDP datagram to a service from a new client port: a new flow (three
+/// services, as the TCP ones); then another datagram of each of those flows,
+/// not answered yet (a one-way stream's packets: the half-open table's).
+/// Checked from the counters: every first datagram made a flow, every
+/// second was forwarded.
+fn time_udp_flows(
+    m: &Maps,
+    prog: &libbpf_rs::ProgramMut<'_>,
+    ifindex: u32,
+    n: u32,
+) -> Result<(f64, f64)> {
+    for i in 0..3u16 {
+        let svc = Service::new(SocketAddrV4::new(VIP, 81 + i), Proto::Udp);
+        service::service_add(m, &svc)?;
+        service::backend_add(m, &svc, SocketAddrV4::new(BACKEND, 81 + i), 1)?;
+    }
+    let frame = |i: u16, k: u32| udp_frame(CLIENT, 2000 + k as u16, VIP, 81 + i);
+    let (mut new, mut next) = (f64::MAX, f64::MAX);
+    let (flows, sent) = (counter(m, "new_flow")?, counter(m, "to_backend")?);
+    for i in 0..3u16 {
+        let (mut a, mut b) = (0.0, 0.0);
+        for k in 0..n {
+            a += time_once(prog, ifindex, &frame(i, k), 1)?;
+        }
+        for k in 0..n {
+            b += time_once(prog, ifindex, &frame(i, k), 1)?;
+        }
+        new = new.min(a / f64::from(n.max(1)));
+        next = next.min(b / f64::from(n.max(1)));
+    }
+    let made = counter(m, "new_flow")? - flows;
+    let fwd = counter(m, "to_backend")? - sent;
+    if made != 3 * u64::from(n) || fwd != 6 * u64::from(n) {
+        bail!(
+            "UDP: {made} of {} first datagrams made a flow, {fwd} of {} forwarded",
+            3 * n,
+            6 * n
+        );
+    }
+    Ok((new, next))
+}
+
+/// A UDP datagram with 64 bytes of payload.
+fn udp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(PEER, MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(sport, dport);
+    let payload = [0u8; 64];
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, &payload).expect("building a frame");
+    out
+}
+
 /// The rest of a handshake, each step timed one run a call on distinct
 /// frames: a SYN (not timed) makes a half-open flow, the backend's SYN-ACK
 /// to its NAT tuple (read from the SYN's output) goes back to the client
@@ -588,16 +641,20 @@ fn main() -> Result<()> {
     let ifindex = lb::net::ifindex("eth0")?;
 
     let mut rows = Vec::new();
-    let backend_counts: &[u32] = if quick {
-        &[2, 4096]
-    } else {
-        &[2, 16, 256, 1024, 4096]
+    // (LB_BENCH_BACKENDS / LB_BENCH_FLOWS=N[,N...]: other columns, while
+    // developing; the first of each is the other axis' value.)
+    let counts = |var: &str, quick_set: &[u32], full: &[u32]| -> Vec<u32> {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.split(',').map(|n| n.parse().ok()).collect())
+            .unwrap_or_else(|| if quick { quick_set } else { full }.to_vec())
     };
-    let flow_counts: &[u32] = if quick {
-        &[1, 100_000]
-    } else {
-        &[1, 1_000, 100_000, 1_000_000]
-    };
+    let backend_counts = &counts("LB_BENCH_BACKENDS", &[2, 4096], &[2, 16, 256, 1024, 4096]);
+    let flow_counts = &counts(
+        "LB_BENCH_FLOWS",
+        &[1, 100_000],
+        &[1, 1_000, 100_000, 1_000_000],
+    );
 
     // The empty program, for scale.
     let mut st = MaybeUninit::uninit();
@@ -681,6 +738,19 @@ fn main() -> Result<()> {
             let mut arp = tcp_frame(CLIENT, 40002, LB_IP, 22);
             arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
             let not_ip = time(prog, ifindex, &arp, repeat)?;
+            // Profiling aid (LB_BENCH_PROFILE_HS=RUNS): the rest of that
+            // many handshakes (three services), for `perf record`.
+            if let Some(n) = std::env::var("LB_BENCH_PROFILE_HS")
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+            {
+                let (sa, ack) = time_handshakes(&m, prog, ifindex, n.min(20_000))?;
+                let (udp, oneway) = time_udp_flows(&m, prog, ifindex, n.min(20_000))?;
+                println!(
+                    "profile: handshake ACK {ack:.1} ns, SYN-ACK {sa:.1} ns, new UDP flow {udp:.1} ns, unanswered UDP {oneway:.1} ns"
+                );
+                return Ok(());
+            }
             // Profiling aid (LB_BENCH_PROFILE_NEW=ROUNDS): that many more
             // rounds of new flows, one service port each, for `perf record`.
             if let Some(n) = std::env::var("LB_BENCH_PROFILE_NEW")
@@ -707,6 +777,7 @@ fn main() -> Result<()> {
             }
             let new = time_new_flows(&m, prog, ifindex, new_repeat)?;
             let (synack, hs_ack) = time_handshakes(&m, prog, ifindex, new_repeat)?;
+            let (new_udp, udp_oneway) = time_udp_flows(&m, prog, ifindex, new_repeat)?;
             // DSR: any packet of a DSR service, its flow cached (the
             // frame is left as it was but for its MACs: every rerun
             // takes the same path).
@@ -779,6 +850,8 @@ fn main() -> Result<()> {
                 ("new flow", new),
                 ("SYN-ACK (half-open)", synack),
                 ("handshake ACK", hs_ack),
+                ("new flow UDP", new_udp),
+                ("UDP, unanswered flow", udp_oneway),
                 ("established IPv6", est6),
                 ("established, traced", est_traced),
                 ("new flow, traced", new_traced),

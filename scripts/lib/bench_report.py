@@ -31,7 +31,7 @@ import platform
 import statistics
 import subprocess
 
-PATHS = ["established", "return", "new flow", "SYN-ACK (half-open)", "handshake ACK", "passed (not ours)", "passed (not IP)", "dsr", "established IPv6", "return IPv6", "new flow IPv6", "established, traced", "new flow, traced", "established, no latency", "new flow, no latency", "ipip (1 run a call)"]
+PATHS = ["established", "return", "new flow", "SYN-ACK (half-open)", "handshake ACK", "new flow UDP", "UDP, unanswered flow", "passed (not ours)", "passed (not IP)", "dsr", "established IPv6", "return IPv6", "new flow IPv6", "established, traced", "new flow, traced", "established, no latency", "new flow, no latency", "ipip (1 run a call)"]
 SCENARIOS = [("lb", "lb (XDP, native), defaults"), ("nft", "nftables DNAT + masquerade"),
              ("haproxy", "haproxy (mode tcp)"), ("direct", "direct to one backend"),
              ("fwd", "XDP forward-only (ceiling)"),
@@ -311,6 +311,8 @@ def main():
                  "*return*: backend to client; *new flow*: a SYN creating a connection; "
                  "*SYN-ACK (half-open)*: the backend's answer to that SYN, back to the client; *handshake ACK*: the client's ACK that confirms it, "
                  "moving both entries of the connection from the half-open table to conntrack (two LRU inserts); "
+                 "*new flow UDP*: a datagram from a new client port making a flow; *UDP, unanswered flow*: the next datagram of such a flow, "
+                 "its backend silent so far (a one-way stream: found in the half-open table); "
                  "*passed*: not the LB's traffic; *dsr*: a packet of a direct-server-return service (only its MACs change); "
                  "*IPv6*: the same paths of an IPv6 connection; *traced*: with `lb trace` on for every packet (no filter, sample 1; the untraced rows are tracing off, which costs one per-CPU lookup and two tests); "
                  "*no latency*: handshake latency not measured (`handshake_latency = false`: no clock read on a new flow's SYN, "

@@ -548,6 +548,15 @@ def main():
                      f"{max(0, syns - dropped):,} of them competed with the held connections for its "
                      f"{fl_flows:,} connections ({'more' if syns - dropped > fl_flows else 'not more'} than "
                      "the table holds).")
+        fc = counters(os.path.join(R, "lbstats-flood-lbflood.json"))
+        table = ["new_flow", "established", "half_open_evicted", "stale", "evicted", "est_full", "reopen"]
+        if fc:
+            L.append("\nlb's connection table over the flood scenario (`lb status --json` counters): "
+                     + ", ".join(f"`{k}` {fc.get(k, 0):,}" for k in table)
+                     + ". *new_flow*: flows made (flood SYNs and real ones); *established*: connections confirmed "
+                     "and moved to conntrack; *half_open_evicted*: half-open flows pushed out of their set by newer ones; "
+                     "*stale*: packets of a flow whose NAT tuple had been given to another (a half-open flow's, once "
+                     "its SYN waited unanswered); *evicted*: packets of a flow whose owner entry was gone.")
         L.append("\nA held connection that does not answer lost its state at the LB during the flood (its "
                  "entry evicted, or its NAT mapping given away). New connections are counted answered if the "
                  "whole request took at most the timeout, so one that needed a SYN retransmission (1 s) still "

@@ -407,8 +407,13 @@ def main():
                      + ". lb runs two backends and the ceiling one: with keep-alive and iperf3 the LB's "
                        "per-packet work is what differs; with a new connection per request, also the backends.\n")
         L.append("Handshakes, from nstat in the fresh namespaces (deltas over each test, summed over rounds): "
-                 f"SYNs the clients retransmitted (`{SYN}`) / SYNs the backends refused because a TIME_WAIT "
-                 f"socket held the tuple (`{PAWS}`, summed over both backends):\n")
+                 f"SYNs the clients retransmitted (`{SYN}`) / segments the backends' TIME_WAIT sockets rejected "
+                 f"as older than the last one seen (`{PAWS}`, any segment, summed over both backends): a "
+                 f"rejected SYN is retransmitted a second later and also counts on the left; rejected "
+                 f"segments without a SYN retransmission are late ones of the connection that just ended, "
+                 f"typically its ACK of the answer overtaken on the veth bridge by its FIN (the "
+                 f"clients' segments leave from two CPUs' backlogs; scripts/topo --rps keeps them in "
+                 f"order):\n")
         L.append("| scenario | " + " | ".join(n.rsplit(",", 1)[0] for t, n in TESTS if t != "iperf3") + " |")
         L.append("| --- |" + " ---: |" * (len(TESTS) - 1))
         for sc, name in SCENARIOS:
@@ -455,7 +460,7 @@ def main():
         L.append("Reading it: with keep-alive and iperf3 a packet through lb costs one XDP program run and "
                  "XDP_TX, no socket and no kernel conntrack. With a new connection per request every request "
                  "is a handshake: a SYN the backend refuses (a TIME_WAIT socket there still holds the "
-                 "LB-side tuple the SYN reuses, the PAWS column) or one dropped on the way is retransmitted by "
+                 "LB-side tuple the SYN reuses, with newer timestamps) or one dropped on the way is retransmitted by "
                  "the client a second later, which shows up both as SYN retransmissions and as lost req/s.\n")
     else:
         L.append("Not measured in this run.\n")

@@ -960,4 +960,20 @@ fn print_report(r: &stats::Report) {
         }
     }
     print_counters(&r.counters);
+    print_tables(&r.tables);
+}
+
+/// One line: each table's entries of its capacity (IPv6 ones only if used).
+fn print_tables(tables: &[conntrack::TableUse]) {
+    let shown: Vec<String> = tables
+        .iter()
+        .filter(|t| !t.table.ends_with('6') || t.entries > 0)
+        .map(|t| {
+            let pct = 100.0 * t.entries as f64 / t.capacity.max(1) as f64;
+            format!("{} {}/{} ({pct:.1}%)", t.table, t.entries, t.capacity)
+        })
+        .collect();
+    if !shown.is_empty() {
+        println!("tables: {}", shown.join(", "));
+    }
 }

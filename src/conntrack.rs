@@ -190,21 +190,24 @@ pub fn owner_key(f: &Flow, proto: u8) -> FlowKey {
 /// Client entries with their owners: the live connections' halves
 /// (client entry, owner).
 fn connections(m: &Maps) -> Result<Vec<(Entry, Entry)>> {
-    let all = all_entries(m)?;
+    Ok(connections_of(all_entries(m)?))
+}
+
+/// [`connections`] among entries already read.
+fn connections_of(all: Vec<Entry>) -> Vec<(Entry, Entry)> {
     let owners: HashMap<(SocketAddr, SocketAddr, u8, bool), Entry> = all
         .iter()
         .filter(|e| e.dir == maps::DIR_TO_CLIENT)
         .map(|e| ((e.src, e.dst, e.proto, e.answered), *e))
         .collect();
-    Ok(all
-        .into_iter()
+    all.into_iter()
         .filter(|e| e.dir == maps::DIR_TO_BACKEND)
         .filter_map(|c| {
             let o = owners.get(&(c.to_dst, c.to_src, c.proto, c.answered))?;
             let points_back = o.to_dst == c.src && o.to_src == c.dst;
             (points_back && o.state & maps::CT_RECLAIMED == 0).then_some((c, *o))
         })
-        .collect())
+        .collect()
 }
 
 /// The connections, oldest first.
@@ -277,15 +280,73 @@ pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
 
 /// Active (not expired, not closing) connections per backend id.
 pub fn active_per_backend(m: &Maps) -> Result<HashMap<u32, u64>> {
+    Ok(census(m)?.0)
+}
+
+/// How full one connection table is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TableUse {
+    /// The map: `conntrack`, `ct_new` (half-open), `conntrack6`, `ct_new6`.
+    pub table: &'static str,
+    /// Entries in it now, two a connection (entries of ended connections
+    /// stay until reused or evicted).
+    pub entries: u64,
+    /// The most it holds.
+    pub capacity: u64,
+}
+
+/// [`active_per_backend`], and how full each connection table is: one
+/// read of the tables.
+pub fn census(m: &Maps) -> Result<(HashMap<u32, u64>, Vec<TableUse>)> {
+    let all = all_entries(m)?;
+    let ways = halfopen::WAYS as u64;
+    let tables = [
+        (
+            "conntrack",
+            true,
+            true,
+            u64::from(m.conntrack.max_entries()),
+        ),
+        (
+            "ct_new",
+            true,
+            false,
+            u64::from(m.ct_new.max_entries()) * ways,
+        ),
+        (
+            "conntrack6",
+            false,
+            true,
+            u64::from(m.conntrack6.max_entries()),
+        ),
+        (
+            "ct_new6",
+            false,
+            false,
+            u64::from(m.ct_new6.max_entries()) * ways,
+        ),
+    ]
+    .map(|(table, v4, answered, capacity)| {
+        let entries = all
+            .iter()
+            .filter(|e| e.src.is_ipv4() == v4 && e.answered == answered)
+            .count() as u64;
+        TableUse {
+            table,
+            entries,
+            capacity,
+        }
+    })
+    .to_vec();
     let s = m.timeouts()?;
     let now = crate::clock::now()?;
     let mut out = HashMap::new();
-    for (c, o) in connections(m)? {
+    for (c, o) in connections_of(all) {
         if o.state & maps::CT_CLOSING == 0
             && !expired_at(o.state, o.seen, c.proto, c.answered, &s, now)
         {
             *out.entry(o.backend).or_insert(0) += 1;
         }
     }
-    Ok(out)
+    Ok((out, tables))
 }

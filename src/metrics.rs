@@ -217,6 +217,21 @@ pub fn render(m: &Maps, health: &HealthView) -> Result<String> {
         vp.get_or_create(&l).inc_by(c.packets);
         vb.get_or_create(&l).inc_by(c.bytes);
     }
+    let te = gauge_family(
+        &mut reg,
+        "table_entries",
+        "Entries in a connection table (two a connection)",
+    );
+    let tc = gauge_family(
+        &mut reg,
+        "table_capacity",
+        "Entries a connection table holds at most",
+    );
+    for t in &r.tables {
+        let l = vec![("table".to_string(), t.table.to_string())];
+        te.get_or_create(&l).set(t.entries as i64);
+        tc.get_or_create(&l).set(t.capacity as i64);
+    }
     let mut out = String::new();
     encode(&mut out, &reg).context("encoding metrics")?;
     Ok(out)

@@ -201,11 +201,13 @@ pub struct Report {
     /// Verdict counters by name (in JSON an object keyed by name).
     #[serde(serialize_with = "crate::output::by_name")]
     pub counters: Vec<(String, Counter)>,
+    /// How full the connection tables are.
+    pub tables: Vec<conntrack::TableUse>,
 }
 
 /// Reads the whole report from an instance's maps.
 pub fn report(m: &Maps) -> Result<Report> {
-    let active = conntrack::active_per_backend(m)?;
+    let (active, tables) = conntrack::census(m)?;
     let list = service::list(m)?;
     // Backend ids are handed out from 0: one batch up to the highest.
     let top = list
@@ -253,7 +255,11 @@ pub fn report(m: &Maps) -> Result<Report> {
         .map(|n| n.to_string())
         .zip(read(&m.stats)?)
         .collect();
-    Ok(Report { services, counters })
+    Ok(Report {
+        services,
+        counters,
+        tables,
+    })
 }
 
 #[cfg(test)]

@@ -140,6 +140,7 @@ mod tests {
                 }],
             }],
             counters: vec![],
+            tables: vec![],
         }
     }
 

@@ -1174,6 +1174,22 @@ fn conntrack_lists_every_entry() {
     for b in stats["services"][0]["backends"].as_array().unwrap() {
         assert_eq!(b["active_flows"], CONNS / 2, "{stats:#}");
     }
+    // ... and the tables how full: two entries a connection, of twice
+    // --max-flows; the half-open tables (sets of 3) and IPv6 ones empty.
+    let sets = |n: u64| n.div_ceil(3) * 3;
+    let want = serde_json::json!([
+        {"table": "conntrack", "entries": 2 * CONNS, "capacity": 200_000},
+        {"table": "ct_new", "entries": 0, "capacity": sets(2 * 262_144)},
+        {"table": "conntrack6", "entries": 0, "capacity": 50_000},
+        {"table": "ct_new6", "entries": 0, "capacity": sets(2 * 65_536)},
+    ]);
+    assert_eq!(stats["tables"], want, "{stats:#}");
+    let text = String::from_utf8(lb_ok(&with(&["stats"])).stdout).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "tables: conntrack 100000/200000 (50.0%), ct_new 0/524289 (0.0%)"),
+        "{text}"
+    );
 
     lb_ok(&detach_args(&ns.name, pins.arg()));
     assert_no_pins(&pins);

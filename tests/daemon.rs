@@ -358,6 +358,20 @@ fn reload_and_metrics() {
     let m = parse_metrics(&text);
     let svc = "service=\"10.200.0.2:80/tcp\"";
     let key = |name: &str, be: &str| format!("{name}{{{svc},backend=\"{be}\"}}");
+    // The connection tables: the n connections (ended, their entries kept
+    // for the backends' TIME_WAIT) in conntrack, two entries each (fewer if
+    // the client reused a port: that reopens its flow), of twice max_flows;
+    // the half-open tables' sets of 3.
+    let table = |name: &str, t: &str| m[&format!("{name}{{table=\"{t}\"}}")];
+    let e = table("lb_table_entries", "conntrack");
+    assert!(e >= 2.0 && e <= 2.0 * n as f64 && e % 2.0 == 0.0, "{text}");
+    assert_eq!(table("lb_table_capacity", "conntrack"), 131_072.0, "{text}");
+    assert_eq!(table("lb_table_entries", "ct_new"), 0.0, "{text}");
+    assert_eq!(
+        table("lb_table_capacity", "ct_new"),
+        (2u32 * 262_144).div_ceil(3) as f64 * 3.0,
+        "{text}"
+    );
     assert_eq!(
         m[&format!("lb_service_new_flows_total{{{svc}}}")],
         n as f64,

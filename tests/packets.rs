@@ -888,6 +888,17 @@ impl<'obj> Lb<'obj> {
             .collect()
     }
 
+    /// Entries in each connection table (conntrack, ct_new, conntrack6,
+    /// ct_new6), as `lb stats` counts them.
+    fn table_use(&self) -> Vec<(&'static str, u64)> {
+        conntrack::census(&self.m)
+            .expect("counting the connection tables")
+            .1
+            .into_iter()
+            .map(|t| (t.table, t.entries))
+            .collect()
+    }
+
     /// The table holding `key`: true for conntrack (answered), false for
     /// ct_new (half-open).
     fn table_of(&self, key: &FlowKey) -> Option<bool> {
@@ -1746,6 +1757,19 @@ fn tcp_new_flow_established_and_return() {
             "half-open"
         )
     );
+    let tables = |ct, ho| {
+        vec![
+            ("conntrack", ct),
+            ("ct_new", ho),
+            ("conntrack6", 0),
+            ("ct_new6", 0),
+        ]
+    };
+    assert_eq!(
+        lb.table_use(),
+        tables(0, 2),
+        "half-open: both entries in ct_new"
+    );
 
     must(
         lb.cont(&conn, &syn, c),
@@ -1772,6 +1796,7 @@ fn tcp_new_flow_established_and_return() {
         "client ACK of the data",
     );
     assert_eq!(lb.entries().len(), 2, "two entries per connection");
+    assert_eq!(lb.table_use(), tables(2, 0), "confirmed: both in conntrack");
 
     // Per-backend counters: both directions, one new flow, one open.
     let (mine, other) = if *conn.backend.ip() == BACKEND_A {

@@ -562,6 +562,19 @@ def main():
                      "and moved to conntrack; *half_open_evicted*: half-open flows pushed out of their set by newer ones; "
                      "*stale*: packets of a flow whose NAT tuple had been given to another (a half-open flow's, once "
                      "its SYN waited unanswered); *evicted*: packets of a flow whose owner entry was gone.")
+            seen = sum(v for k, v in fc.items()
+                       if k in ("to_backend", "to_client", "icmp_error") or k.startswith(("pass_", "drop_")))
+            if "lbflood" in flood:
+                sent = int(flood["lbflood"]["syns"])
+                inward = seen - fc.get("to_client", 0) - fc.get("icmp_error", 0)
+                L.append(f" Over the scenario lb's program saw {inward:,} packets from clients (every verdict but "
+                         f"the answers to them) while {sent:,} flood SYNs were sent: {max(0, sent - inward):,} "
+                         "or more never reached XDP, "
+                         "dropped on the way (the veth and bridge queues of a box whose 2 vCPUs also run the "
+                         "generator and the backends), and real SYNs sent meanwhile meet the same drops. The "
+                         f"backends answered with {nsum('flood', 'lbflood', 'probe', 'TcpExtSyncookiesSent'):,} "
+                         f"SYN cookies, of which at most {fc.get('to_client', 0):,} (every packet lb sent to "
+                         "clients) reached lb.")
         L.append("\nA held connection that does not answer lost its state at the LB during the flood (its "
                  "entry evicted, or its NAT mapping given away). New connections are counted answered if the "
                  "whole request took at most the timeout, so one that needed a SYN retransmission (1 s) still "

@@ -190,8 +190,25 @@ pub enum Command {
     Backend(BackendCmd),
     /// List services and their backends.
     List,
-    /// List tracked connections.
-    Conntrack,
+    /// List tracked connections (all, or those every filter given matches).
+    Conntrack {
+        /// Only this client (ADDR or ADDR:PORT; IPv6 with a port: [ADDR]:PORT).
+        #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_vip)]
+        client: Option<(IpAddr, Option<u16>)>,
+        /// Only connections to this VIP (ADDR or ADDR:PORT).
+        #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_vip)]
+        vip: Option<(IpAddr, Option<u16>)>,
+        /// Only connections to this backend (ADDR or ADDR:PORT).
+        #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_vip)]
+        backend: Option<(IpAddr, Option<u16>)>,
+        /// Only connections in this state: half-open, replied, open,
+        /// half-closed, closing or expired.
+        #[arg(long, value_name = "STATE", value_parser = parse_conn_state)]
+        state: Option<&'static str>,
+        /// Print how many there are, not the connections.
+        #[arg(long)]
+        count: bool,
+    },
     /// Traffic per service and backend, and drops and passes by reason.
     Stats {
         /// Print rates every --interval seconds.
@@ -391,6 +408,19 @@ fn parse_vip(s: &str) -> Result<(std::net::IpAddr, Option<u16>), String> {
     s.parse::<std::net::IpAddr>()
         .map(|ip| (ip, None))
         .map_err(|_| format!("'{s}' is not an address or address:port"))
+}
+
+fn parse_conn_state(s: &str) -> Result<&'static str, String> {
+    conntrack::STATES
+        .iter()
+        .find(|&&st| st == s)
+        .copied()
+        .ok_or_else(|| format!("'{s}' is not a state ({})", conntrack::STATES.join(", ")))
+}
+
+/// Whether `a` is `want` (an address, and the port if one is given).
+fn addr_is(a: &SocketAddr, want: &Option<(IpAddr, Option<u16>)>) -> bool {
+    want.is_none_or(|(ip, port)| a.ip() == ip && port.is_none_or(|p| a.port() == p))
 }
 
 /// Runs a parsed command, printing its result to stdout.
@@ -638,10 +668,28 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Conntrack => {
+        Command::Conntrack {
+            client,
+            vip,
+            backend,
+            state,
+            count,
+        } => {
             let (_ns, pins) = prepare(&place)?;
-            let conns = conntrack::list(&Maps::open(&pins)?)?;
-            if out.json {
+            let mut conns = conntrack::list(&Maps::open(&pins)?)?;
+            conns.retain(|c| {
+                addr_is(&c.client, &client)
+                    && addr_is(&c.vip, &vip)
+                    && addr_is(&c.backend, &backend)
+                    && state.is_none_or(|s| c.state == s)
+            });
+            if count {
+                if out.json {
+                    print_json(&serde_json::json!({ "count": conns.len() }))?;
+                } else {
+                    println!("{}", conns.len());
+                }
+            } else if out.json {
                 print_json(&conns)?;
             } else {
                 println!(

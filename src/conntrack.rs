@@ -16,6 +16,16 @@ use crate::halfopen;
 use crate::maps::Timeouts;
 use crate::maps::{self, Flow, Flow6, FlowKey, FlowKey6, Maps};
 
+/// A connection's states, as [`Conn::state`] names them.
+pub const STATES: [&str; 6] = [
+    "half-open",
+    "replied",
+    "open",
+    "half-closed",
+    "closing",
+    "expired",
+];
+
 /// One tracked connection.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Conn {
@@ -242,6 +252,7 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
             svc_id: c.svc,
         })
         .collect();
+    debug_assert!(out.iter().all(|c| STATES.contains(&c.state)));
     out.sort_by_key(|c| std::cmp::Reverse(c.age_s));
     Ok(out)
 }

@@ -1163,6 +1163,49 @@ fn conntrack_lists_every_entry() {
         "the connections listed are not those put"
     );
 
+    // Filters: one client port, one client's 256, a backend's half, by
+    // state; --count counts what the filters keep.
+    let count = |f: &[&str]| -> u64 {
+        let mut a = vec!["conntrack", "--count", "--json"];
+        a.extend_from_slice(f);
+        json_of(&lb_ok(&with(&a)))["count"].as_u64().unwrap()
+    };
+    assert_eq!(count(&[]), u64::from(CONNS));
+    assert_eq!(count(&["--client", "10.100.0.1:1030"]), 1);
+    assert_eq!(count(&["--client", "10.100.0.1"]), 256);
+    assert_eq!(
+        count(&["--client", "10.100.0.1", "--vip", &format!("{LB_IP}:80")]),
+        256
+    );
+    assert_eq!(count(&["--vip", &format!("{LB_IP}:81")]), 0);
+    let (a_ip, b_ip) = (backends[0].1.to_string(), backends[1].1.to_string());
+    assert_eq!(count(&["--backend", &a_ip]), u64::from(CONNS / 2));
+    assert_eq!(
+        count(&["--backend", &format!("{b_ip}:80"), "--client", "10.100.0.1"]),
+        128
+    );
+    assert_eq!(count(&["--state", "open"]), u64::from(CONNS));
+    assert_eq!(count(&["--state", "half-open"]), 0);
+    let one = json_of(&lb_ok(&with(&[
+        "conntrack",
+        "--json",
+        "--client",
+        "10.100.0.1:1030",
+    ])));
+    assert_eq!(one.as_array().map(Vec::len), Some(1), "{one:#}");
+    assert_eq!(one[0]["client"], "10.100.0.1:1030", "{one:#}");
+    let text = String::from_utf8(lb_ok(&with(&["conntrack", "--count", "--state", "open"])).stdout)
+        .unwrap();
+    assert_eq!(text, format!("{CONNS}\n"));
+    assert_usage_error(
+        &lb_s(&with(&["conntrack", "--state", "opened"])),
+        &["opened", "--state"],
+    );
+    assert_usage_error(
+        &lb_s(&with(&["conntrack", "--client", "10.100.0"])),
+        &["10.100.0", "--client"],
+    );
+
     // Stats: each backend has its half as active connections.
     let t = std::time::Instant::now();
     let stats = json_of(&lb_ok(&with(&["stats", "--json"])));

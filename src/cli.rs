@@ -208,6 +208,10 @@ pub enum Command {
         /// Print how many there are, not the connections.
         #[arg(long)]
         count: bool,
+        /// Delete the connections the filters select (at least one filter;
+        /// a live connection breaks) and print how many went.
+        #[arg(long, conflicts_with = "count")]
+        delete: bool,
     },
     /// Traffic per service and backend, and drops and passes by reason.
     Stats {
@@ -674,16 +678,29 @@ pub fn run(cli: Cli) -> Result<()> {
             backend,
             state,
             count,
+            delete,
         } => {
+            if delete && client.is_none() && vip.is_none() && backend.is_none() && state.is_none() {
+                bail!("--delete needs a filter (--client, --vip, --backend or --state) to say which connections");
+            }
             let (_ns, pins) = prepare(&place)?;
-            let mut conns = conntrack::list(&Maps::open(&pins)?)?;
+            let _lock = if delete { Some(lock(&pins)?) } else { None };
+            let m = Maps::open(&pins)?;
+            let mut conns = conntrack::list(&m)?;
             conns.retain(|c| {
                 addr_is(&c.client, &client)
                     && addr_is(&c.vip, &vip)
                     && addr_is(&c.backend, &backend)
                     && state.is_none_or(|s| c.state == s)
             });
-            if count {
+            if delete {
+                let entries = conntrack::delete(&m, &conns)?;
+                if out.json {
+                    print_json(&serde_json::json!({ "deleted": conns.len(), "entries": entries }))?;
+                } else {
+                    println!("deleted {} connections ({entries} entries)", conns.len());
+                }
+            } else if count {
                 if out.json {
                     print_json(&serde_json::json!({ "count": conns.len() }))?;
                 } else {

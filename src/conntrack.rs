@@ -289,6 +289,50 @@ pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
     Ok(n)
 }
 
+/// Deletes both entries of each of `conns` (as [`list`] gave them, from
+/// whichever table holds them now); returns how many entries went. A
+/// connection deleted while it lives breaks: its next packet finds no flow
+/// and goes to the kernel, which answers a TCP segment with a RST.
+pub fn delete(m: &Maps, conns: &[Conn]) -> Result<usize> {
+    let proto = |c: &Conn| if c.proto == "udp" { 17 } else { 6 };
+    let (mut keys, mut keys6) = (Vec::new(), Vec::new());
+    for c in conns {
+        // The client's entry, and the owner's (backend -> NAT address).
+        for (src, dst) in [(c.client, c.vip), (c.backend, c.nat)] {
+            match (src, dst) {
+                (SocketAddr::V4(s), SocketAddr::V4(d)) => keys.push(FlowKey {
+                    saddr: maps::ip_to_be(*s.ip()),
+                    daddr: maps::ip_to_be(*d.ip()),
+                    sport: s.port().to_be(),
+                    dport: d.port().to_be(),
+                    proto: proto(c),
+                    ..Default::default()
+                }),
+                (SocketAddr::V6(s), SocketAddr::V6(d)) => keys6.push(FlowKey6 {
+                    saddr: maps::in6_to_be(*s.ip()),
+                    daddr: maps::in6_to_be(*d.ip()),
+                    sport: s.port().to_be(),
+                    dport: d.port().to_be(),
+                    proto: proto(c),
+                    ..Default::default()
+                }),
+                _ => {}
+            }
+        }
+    }
+    let mut n = keys
+        .iter()
+        .filter(|k| m.conntrack.delete(maps::bytes(*k)).is_ok())
+        .count();
+    n += keys6
+        .iter()
+        .filter(|k| m.conntrack6.delete(maps::bytes(*k)).is_ok())
+        .count();
+    n += halfopen::delete_all::<halfopen::V4>(m, &keys)?;
+    n += halfopen::delete_all::<halfopen::V6>(m, &keys6)?;
+    Ok(n)
+}
+
 /// Active (not expired, not closing) connections per backend id.
 pub fn active_per_backend(m: &Maps) -> Result<HashMap<u32, u64>> {
     Ok(census(m)?.0)

@@ -1234,6 +1234,37 @@ fn conntrack_lists_every_entry() {
         "{text}"
     );
 
+    // Deleting one client's connections: both entries of each, the rest
+    // left; without a filter, refused.
+    let del = json_of(&lb_ok(&with(&[
+        "conntrack",
+        "--delete",
+        "--json",
+        "--client",
+        "10.100.0.1",
+    ])));
+    assert_eq!(del, serde_json::json!({"deleted": 256, "entries": 512}));
+    assert_eq!(count(&["--client", "10.100.0.1"]), 0);
+    assert_eq!(count(&[]), u64::from(CONNS) - 256);
+    assert_eq!(
+        lb::conntrack::entries(&m).unwrap().len(),
+        2 * CONNS as usize - 512
+    );
+    let out = lb_s(&with(&["conntrack", "--delete"]));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().count(),
+        1,
+        "{}",
+        show(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--delete needs a filter"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(count(&[]), u64::from(CONNS) - 256);
+
     lb_ok(&detach_args(&ns.name, pins.arg()));
     assert_no_pins(&pins);
 }

@@ -1839,6 +1839,39 @@ fn tcp_new_flow_established_and_return() {
         lb.passes(&other_backend, "pass_not_ours"),
         "reply from the other backend",
     );
+
+    // `lb conntrack --delete`: both entries go; the client's next segment
+    // is nobody's.
+    let conns = conntrack::list(&lb.m).expect("listing");
+    assert_eq!(conntrack::delete(&lb.m, &conns).expect("deleting"), 2);
+    assert_eq!(lb.table_use(), tables(0, 0), "deleted");
+    must(
+        lb.passes(&syn.clone().ack().frame(), "pass_not_ours"),
+        "a deleted connection's segment",
+    );
+}
+
+/// `lb conntrack --delete` of a half-open connection: both its entries
+/// leave ct_new, and the client's retransmitted SYN makes a new flow.
+#[test]
+fn deleting_a_half_open_connection() {
+    instance!("deleting_a_half_open_connection", lb, settings(), false);
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let backends = [sa(BACKEND_A, 80)];
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    must(
+        lb.open(&syn, &backends, Csum::Complete),
+        "client SYN opens a flow",
+    );
+    let conns = conntrack::list(&lb.m).expect("listing");
+    assert_eq!(conns.len(), 1);
+    assert_eq!(conntrack::delete(&lb.m, &conns).expect("deleting"), 2);
+    assert!(lb.entries().is_empty(), "{:?}", lb.entries());
+    must(
+        lb.open(&syn, &backends, Csum::Complete),
+        "the SYN again: a new flow",
+    );
 }
 
 #[test]

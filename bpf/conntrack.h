@@ -172,7 +172,9 @@ static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 	if (!cursor)
 		return LB_DROP_NAT_FULL;
 	sp->cursor = *cursor;
-	bpf_loop(NAT_TRIES + 1, FN(nat_try), &loop, 0);
+	bpf_loop(NAT_TRIES + 2, FN(nat_try), &loop, 0);
+	if (sp->force && sp->result == NAT_NEW)
+		count(ctx, LB_NAT_TW_REUSE, 0);
 	/* The next search starts past the tuple taken, or past the ones
 	 * tried in order if none was free. */
 	if (sp->result == NAT_TAKEN) {

@@ -89,10 +89,11 @@ static __always_inline void FN(ct_tcp_end)(FLOW *o, __u8 dir, __u8 tcp_flags)
  * Whether a new flow may take the NAT tuple that owner `o` (in conntrack if
  * `est`) holds. A live connection keeps it. A finished TCP connection keeps
  * it until the backend's TIME_WAIT for the tuple is over (tw_timeout): a SYN
- * from any other client tuple would carry timestamps and a sequence
- * unrelated to the old connection's (Linux offsets both per 4-tuple, so
- * even the same client address on another port), the backend would reject
- * it (PAWS) and the client would stall for a second. Only the same client
+ * from another client address would carry unrelated timestamps (Linux
+ * offsets them per address pair, the initial sequence per 4-tuple: without
+ * timestamps another port of the same address too), the backend would
+ * reject it (PAWS) and the client would stall for a second (but see
+ * ct_tw_held). Only the same client
  * tuple reopens it earlier (see nat_claim and process). A half-open flow
  * never reached TIME_WAIT. A TCP one gives up its tuple to any new flow once
  * its SYN has waited a tenth of a second unanswered (a SYN flood cannot
@@ -123,4 +124,22 @@ static __always_inline int FN(ct_reusable)(const FLOW *o, __u32 state,
 	if (proto != IPPROTO_TCP)
 		return 1;
 	return now - o->seen > tw_timeout;
+}
+
+/*
+ * Whether owner `o` is a finished TCP connection whose tuple ct_reusable
+ * still holds for the backend's TIME_WAIT, quiet for a second (its last
+ * segments have arrived). A new flow takes such a tuple only when every
+ * other it tried is held too (nat_try: the first met, i.e. the one freed
+ * longest ago), rather than be dropped: the backend's TIME_WAIT accepts
+ * the new SYN if its timestamps are newer than the old connection's (the
+ * same client address, or by chance); if not, it answers with an ACK, the
+ * client's RST ends that TIME_WAIT, and the SYN retransmitted a second
+ * later gets through. A drop would cost the second without the chance.
+ */
+static __always_inline int FN(ct_tw_held)(const FLOW *o, __u32 state,
+					  __u8 proto, int est, __u64 now)
+{
+	return est && proto == IPPROTO_TCP && (state & LB_CT_CLOSING) &&
+	       !(state & LB_CT_RECLAIMED) && now - o->seen > hz;
 }

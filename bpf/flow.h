@@ -65,6 +65,10 @@ static __always_inline int FN(flow_process)(struct xdp_md *ctx,
 			}
 			/* (or the tuple's owner now: another connection's) */
 			o = bpf_map_lookup_elem(&CT, &ok);
+		} else if (!o) {
+			/* Its tuple given to a new flow since (half-open), or
+			 * its owner evicted. */
+			o = FN(ho_lookup)(&ok);
 		}
 		state = o ? o->state : 0;
 		if (!o || !FN(ct_owner_of)(o, &p->key) ||

@@ -69,6 +69,9 @@ enum lb_stat {
 	LB_HALF_OPEN_EVICTED, /* a half-open entry replaced by a newer one in
 				 its full set of ct_new (a SYN flood, or
 				 --max-half-open too small) */
+	LB_NAT_TW_REUSE, /* of LB_NEW_FLOW: every NAT tuple tried was held, and
+			    the flow took a finished connection's within the
+			    backend's TIME_WAIT (ct_tw_held) */
 	LB_STAT_MAX,
 };
 

@@ -30,6 +30,8 @@ enum nat_claim {
 	NAT_NEW,       /* ours now: the owner is written to ct_new */
 	NAT_OURS_EST,  /* already this client's connection (in conntrack) */
 	NAT_OURS_NEW,  /* already this client's connection (in ct_new) */
+	NAT_TW,	       /* a finished connection's, the backend's TIME_WAIT not
+			  over: taken, unless every other tuple is too */
 };
 
 /* Whether SNAT address `idx` is lb's alone (every port from 1024). */
@@ -89,6 +91,8 @@ struct FN(nat_search) {
 	__u32 cursor;	/* the backend's cursor when the search began */
 	__u32 result;	/* enum nat_claim */
 	__u32 tries;	/* the candidate that ended the search */
+	__u32 tw;	/* 1 + the first candidate that was NAT_TW, or 0 */
+	__u32 force;	/* the second pass: take candidate tw - 1 even so */
 };
 
 /* A new flow's working state: the NAT search and the client entry made.
@@ -193,8 +197,12 @@ static __always_inline int FN(nat_claim)(struct FN(nat_search) * s)
 		o->seen = s->now;
 		return est ? NAT_OURS_EST : NAT_OURS_NEW;
 	}
-	if (!FN(ct_reusable)(o, state, s->ck.proto, est, s->now))
-		return NAT_TAKEN;
+	if (!FN(ct_reusable)(o, state, s->ck.proto, est, s->now)) {
+		if (!FN(ct_tw_held)(o, state, s->ck.proto, est, s->now))
+			return NAT_TAKEN;
+		if (!s->force)
+			return NAT_TW;
+	}
 	if (__sync_val_compare_and_swap(&o->state, state,
 					state | LB_CT_RECLAIMED) != state)
 		return NAT_TAKEN;
@@ -224,13 +232,22 @@ static __always_inline void FN(snat_addr_at)(ADDR *a, __u32 idx)
 #endif
 }
 
-/* Candidate `i` of a search (0: the client's port; then the cursor's). */
+/* Candidate `i` of a search (0: the client's port; then the cursor's; past
+ * NAT_TRIES, the first finished connection's met, if every one was held). */
 static long FN(nat_try)(__u32 i, void *arg)
 {
 	struct FN(nat_search) *s = ((struct FN(nat_loop) *)arg)->s;
 	__u32 n = SNAT_COUNT, idx, k;
 	__u16 port;
 
+	if (i > NAT_TRIES) {
+		/* Every tuple tried is held: a finished connection's, if one
+		 * was met, rather than a drop (ct_tw_held). */
+		if (!s->tw)
+			return 1;
+		s->force = 1;
+		i = s->tw - 1;
+	}
 	if (i == 0) {
 		idx = n ? s->h % n : 0;
 		port = bpf_ntohs(s->ck.sport);
@@ -248,5 +265,10 @@ static long FN(nat_try)(__u32 i, void *arg)
 	s->t.dport = bpf_htons(port);
 	s->result = FN(nat_claim)(s);
 	s->tries = i;
+	if (s->result == NAT_TW) {
+		if (!s->tw)
+			s->tw = i + 1;
+		s->result = NAT_TAKEN;
+	}
 	return s->result != NAT_TAKEN;
 }

@@ -293,6 +293,7 @@ mod tests {
         "drop_no_neigh",
         "drop_too_big",
         "half_open_evicted",
+        "nat_tw_reuse",
     ];
 
     #[test]

@@ -760,6 +760,16 @@ fn one_nat_port() -> Settings {
     }
 }
 
+fn two_nat_ports() -> Settings {
+    Settings {
+        nat_ports: vec![lb::settings::PortRange {
+            lo: 61000,
+            hi: 61001,
+        }],
+        ..settings()
+    }
+}
+
 fn verdict_name(v: u32) -> String {
     match v {
         0 => "XDP_ABORTED".into(),
@@ -873,6 +883,11 @@ impl<'obj> Lb<'obj> {
 
     fn counters(&self) -> Vec<stats::Counter> {
         stats::read(&self.m.stats).expect("reading the counters")
+    }
+
+    /// Packets counted under `name` so far.
+    fn counter(&self, name: &str) -> u64 {
+        self.counters()[stats::index(name).expect("a counter name")].packets
     }
 
     fn conns(&self) -> Vec<conntrack::Conn> {
@@ -2153,16 +2168,17 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
 
 /// A finished connection's NAT tuple is held for the backend's TIME_WAIT:
 /// only the same client 4-tuple may reopen it at once (its new SYN carries
-/// timestamps and a sequence the backend's TIME_WAIT accepts); any other
-/// client tuple, even from the same client address (Linux offsets TCP
-/// timestamps per 4-tuple), waits until the TIME_WAIT is over, or the
-/// backend would reject its SYN (PAWS) and stall it for a second.
+/// timestamps and a sequence the backend's TIME_WAIT accepts); another
+/// client (whose timestamps Linux offsets per address pair) waits until the
+/// TIME_WAIT is over, or the backend would reject its SYN (PAWS) and stall
+/// it for a second, unless every tuple is held (see
+/// time_wait_tuple_is_taken_only_when_every_other_is_held).
 #[test]
 fn finished_tuple_waits_out_the_backends_time_wait() {
     instance!(
         "finished_tuple_waits_out_the_backends_time_wait",
         lb,
-        one_nat_port(),
+        two_nat_ports(),
         false
     );
     let svc = lb.service(VIP, 80, Proto::Tcp);
@@ -2178,21 +2194,22 @@ fn finished_tuple_waits_out_the_backends_time_wait() {
     must(lb.cont(&conn, &syn.clone().fin(), c), "client FIN");
     assert_ne!(lb.owner(&conn).state & maps::CT_CLOSING, 0);
 
+    // Within TIME_WAIT (past the flow's own linger, fin_timeout), new
+    // client tuples get the other port, the finished one left alone.
+    lb.time_passes(lb.settings.fin_timeout + 1);
     let other_port = Seg::syn(CLIENT, 40002, VIP, 80);
     let other_client = Seg::syn(CLIENT2, 40000, VIP, 80);
     for (seg, what) in [
         (&other_port, "same client address, other port"),
         (&other_client, "other client, same port"),
     ] {
-        must(lb.drops(&seg.frame(), "drop_nat_full"), what);
-        assert!(lb.entry(&seg.key()).is_none(), "{what}: no entry");
+        let o = must(lb.open(seg, &a80, c), what);
+        assert_ne!(o.nat, conn.nat, "{what}: took the finished tuple");
+        must(lb.back(&o, &o.reply().rst(), c), "the backend refuses it");
+        // (closed at once by the RST: the other port is free again)
+        lb.time_passes(lb.settings.fin_timeout + 1);
     }
-    // Past the flow's own linger (fin_timeout), still within TIME_WAIT.
-    lb.time_passes(lb.settings.fin_timeout + 1);
-    must(
-        lb.drops(&other_port.frame(), "drop_nat_full"),
-        "after fin_timeout, within TIME_WAIT",
-    );
+    assert_eq!(lb.counter("nat_tw_reuse"), 0);
     // The same 4-tuple reopens it at any time.
     let input = lb.input(&syn, c).unwrap();
     let want = syn.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
@@ -2212,10 +2229,89 @@ fn finished_tuple_waits_out_the_backends_time_wait() {
         "backend RST ends it",
     );
 
-    // Once the backend's TIME_WAIT is over, anyone may take it.
+    // Once the backend's TIME_WAIT is over, anyone may take it (new client
+    // tuples: the ones above would find their own stale entries): two new
+    // flows take both ports, the finished one's among them.
     lb.time_passes(lb::settings::TIME_WAIT + 1);
-    let next = must(lb.open(&other_port, &a80, c), "after TIME_WAIT");
-    assert_eq!(next.nat, conn.nat);
+    let mut nats = Vec::new();
+    for seg in [
+        Seg::syn(CLIENT2, 40002, VIP, 80),
+        Seg::syn(CLIENT, 40004, VIP, 80),
+    ] {
+        let f = must(lb.open(&seg, &a80, c), "after TIME_WAIT");
+        must(lb.back(&f, &f.reply().synack(), c), "answered: held");
+        nats.push(f.nat);
+    }
+    assert_ne!(nats[0], nats[1]);
+    assert!(nats.contains(&conn.nat), "{nats:?}");
+    assert_eq!(lb.counter("nat_tw_reuse"), 0);
+}
+
+/// Every NAT tuple held: a new flow takes the finished connection's whose
+/// TIME_WAIT at the backend is not over (the first the search meets),
+/// counted `nat_tw_reuse`, rather than be dropped; never a live one, nor
+/// one finished less than a second ago. The finished connection's client
+/// entry is stale from then on.
+#[test]
+fn time_wait_tuple_is_taken_only_when_every_other_is_held() {
+    instance!(
+        "time_wait_tuple_is_taken_only_when_every_other_is_held",
+        lb,
+        one_nat_port(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &a80, c), "SYN");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    let other = Seg::syn(CLIENT2, 40000, VIP, 80);
+    must(
+        lb.drops(&other.frame(), "drop_nat_full"),
+        "a live connection's",
+    );
+    must(lb.back(&conn, &conn.reply().fin(), c), "backend FIN first");
+    must(lb.cont(&conn, &syn.clone().fin(), c), "client FIN");
+    must(
+        lb.drops(&other.frame(), "drop_nat_full"),
+        "finished just now: its last segments may be on their way",
+    );
+    assert!(lb.entry(&other.key()).is_none());
+
+    lb.time_passes(2);
+    let input = lb.input(&other, c).unwrap();
+    let want = other.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &input,
+            XDP_TX,
+            &want.frame(),
+            c,
+            &["to_backend", "new_flow", "nat_tw_reuse"],
+        ),
+        "every tuple held: the finished one, within TIME_WAIT",
+    );
+    // The old connection's client entry no longer has its owner: stale
+    // (not evicted: its tuple is another connection's), and gone.
+    let late = syn.clone().ack();
+    let input = lb.input(&late, c).unwrap();
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &input,
+            XDP_PASS,
+            &late.frame(),
+            c,
+            &["pass_not_ours", "stale"],
+        ),
+        "the finished connection's late segment",
+    );
+    assert!(lb.entry(&syn.key()).is_none(), "the stale entry stays");
 }
 
 /// Connections opened in a burst hold consecutive NAT ports: a search that

@@ -89,14 +89,13 @@ static __always_inline void FN(ct_tcp_end)(FLOW *o, __u8 dir, __u8 tcp_flags)
  * Whether a new flow may take the NAT tuple that owner `o` (in conntrack if
  * `est`) holds. A live connection keeps it. A finished TCP connection keeps
  * it until the backend's TIME_WAIT for the tuple is over (tw_timeout): a SYN
- * from another client address would carry unrelated timestamps (Linux
- * offsets them per address pair, the initial sequence per 4-tuple: without
- * timestamps another port of the same address too), the backend would
- * reject it (PAWS) and the client would stall for a second (but see
- * ct_tw_held). Only the same client
- * tuple reopens it earlier (see nat_claim and process). A half-open flow
- * never reached TIME_WAIT. A TCP one gives up its tuple to any new flow once
- * its SYN has waited a tenth of a second unanswered (a SYN flood cannot
+ * from any other client tuple would carry timestamps and a sequence
+ * unrelated to the old connection's (Linux offsets both per connection, so
+ * even the same client address on another port), and the backend would
+ * reject it (PAWS) about half the time (but see ct_tw_held). Only the
+ * same client tuple reopens it earlier (see nat_claim and process). A half-open
+ * flow never reached TIME_WAIT. A TCP one gives up its tuple to any new flow
+ * once its SYN has waited a tenth of a second unanswered (a SYN flood cannot
  * hold the ports: the cursor takes the oldest first), or the backend's
  * SYN-ACK a second unconfirmed (a client far away, or starved of CPU, may
  * take long to send its ACK and request; at 250 ms a flood-test client lost
@@ -130,12 +129,13 @@ static __always_inline int FN(ct_reusable)(const FLOW *o, __u32 state,
  * Whether owner `o` is a finished TCP connection whose tuple ct_reusable
  * still holds for the backend's TIME_WAIT, quiet for a second (its last
  * segments have arrived). A new flow takes such a tuple only when every
- * other it tried is held too (nat_try: the first met, i.e. the one freed
- * longest ago), rather than be dropped: the backend's TIME_WAIT accepts
- * the new SYN if its timestamps are newer than the old connection's (the
- * same client address, or by chance); if not, it answers with an ACK, the
- * client's RST ends that TIME_WAIT, and the SYN retransmitted a second
- * later gets through. A drop would cost the second without the chance.
+ * other it tried is held too (nat_try: the first met, in the cursor's
+ * order the least recently handed out), rather than be dropped: the
+ * backend's TIME_WAIT accepts the new SYN if its timestamps happen to be
+ * newer than the old connection's; if not, it answers with an ACK, the
+ * client's RST ends that TIME_WAIT and Linux sends the SYN again at once
+ * (an unacceptable ACK in SYN-SENT rearms its retransmission for the
+ * minimum timeout), which gets through. A drop costs the client a second.
  */
 static __always_inline int FN(ct_tw_held)(const FLOW *o, __u32 state,
 					  __u8 proto, int est, __u64 now)

@@ -2169,9 +2169,9 @@ fn fin_and_rst_close_and_a_new_syn_starts_over() {
 /// A finished connection's NAT tuple is held for the backend's TIME_WAIT:
 /// only the same client 4-tuple may reopen it at once (its new SYN carries
 /// timestamps and a sequence the backend's TIME_WAIT accepts); another
-/// client (whose timestamps Linux offsets per address pair) waits until the
-/// TIME_WAIT is over, or the backend would reject its SYN (PAWS) and stall
-/// it for a second, unless every tuple is held (see
+/// client tuple (whose timestamps Linux offsets per connection) waits until
+/// the TIME_WAIT is over, or the backend might reject its SYN (PAWS),
+/// unless every tuple is held (see
 /// time_wait_tuple_is_taken_only_when_every_other_is_held).
 #[test]
 fn finished_tuple_waits_out_the_backends_time_wait() {

@@ -92,7 +92,7 @@ struct FN(nat_search) {
 	__u32 result;	/* enum nat_claim */
 	__u32 tries;	/* the candidate that ended the search */
 	__u32 tw;	/* 1 + the first candidate that was NAT_TW, or 0 */
-	__u32 force;	/* the second pass: take candidate tw - 1 even so */
+	__u32 force;	/* the last try: candidate tw - 1, taken even so */
 };
 
 /* A new flow's working state: the NAT search and the client entry made.

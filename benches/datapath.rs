@@ -499,23 +499,29 @@ fn time_udp_flows(
     }
     let frame = |i: u16, k: u32| udp_frame(CLIENT, 2000 + k as u16, VIP, 81 + i);
     let (mut new, mut next) = (f64::MAX, f64::MAX);
-    let (flows, sent) = (counter(m, "new_flow")?, counter(m, "to_backend")?);
+    let sent = counter(m, "to_backend")?;
+    let (mut made, mut remade) = (0, 0);
     for i in 0..3u16 {
         let (mut a, mut b) = (0.0, 0.0);
+        let before = counter(m, "new_flow")?;
         for k in 0..n {
             a += time_once(prog, ifindex, &frame(i, k), 1)?;
         }
+        let between = counter(m, "new_flow")?;
         for k in 0..n {
             b += time_once(prog, ifindex, &frame(i, k), 1)?;
         }
+        made += between - before;
+        remade += counter(m, "new_flow")? - between;
         new = new.min(a / f64::from(n.max(1)));
         next = next.min(b / f64::from(n.max(1)));
     }
-    let made = counter(m, "new_flow")? - flows;
     let fwd = counter(m, "to_backend")? - sent;
-    if made != 3 * u64::from(n) || fwd != 6 * u64::from(n) {
+    // (A second datagram makes its flow again if the first's entries left
+    // their half-open set meanwhile: a few of the full run's 60,000.)
+    if made != 3 * u64::from(n) || remade > u64::from(n) / 100 || fwd != 6 * u64::from(n) {
         bail!(
-            "UDP: {made} of {} first datagrams made a flow, {fwd} of {} forwarded",
+            "UDP: {made} of {} first datagrams made a flow, {remade} second ones too, {fwd} of {} forwarded",
             3 * n,
             6 * n
         );

@@ -167,6 +167,17 @@ fn time_once(
     frame: &[u8],
     repeat: u32,
 ) -> Result<f64> {
+    Ok(run_once(prog, ifindex, frame, repeat)?.0)
+}
+
+/// `repeat` runs of `frame` (received on `ifindex`): the average ns a run,
+/// the verdict and the frame the program left.
+fn run_once(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    ifindex: u32,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(f64, u32, Vec<u8>)> {
     let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
     let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut out = vec![0u8; frame.len() + 256];
@@ -178,7 +189,8 @@ fn time_once(
         ..Default::default()
     };
     let r = prog.test_run(input).context("test_run")?;
-    Ok(duration_ns(r.duration))
+    let data = r.data.map(|d| d.to_vec()).unwrap_or_default();
+    Ok((duration_ns(r.duration), r.return_value, data))
 }
 
 fn duration_ns(d: Duration) -> f64 {
@@ -591,26 +603,11 @@ fn time_handshakes(
     Ok((synack, ack))
 }
 
-/// One run of `frame`, returning the frame the program left.
+/// One run of a SYN `frame`: the frame the program sent on (XDP_TX).
 fn run_out(prog: &libbpf_rs::ProgramMut<'_>, ifindex: u32, frame: &[u8]) -> Result<Vec<u8>> {
-    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    let mut ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let mut buf = vec![0u8; frame.len() + 256];
-    let input = ProgramInput {
-        context_in: Some(&mut ctx),
-        data_in: Some(frame),
-        data_out: Some(&mut buf),
-        repeat: 1,
-        ..Default::default()
-    };
-    let r = prog.test_run(input).context("test_run")?;
-    let data = r.data.map(|d| d.to_vec()).unwrap_or_default();
-    if r.return_value != 3 || data.len() < 38 {
-        bail!(
-            "a SYN: verdict {}, {} bytes out",
-            r.return_value,
-            data.len()
-        );
+    let (_, verdict, data) = run_once(prog, ifindex, frame, 1)?;
+    if verdict != 3 || data.len() < 38 {
+        bail!("a SYN: verdict {verdict}, {} bytes out", data.len());
     }
     Ok(data)
 }

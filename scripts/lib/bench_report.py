@@ -409,7 +409,7 @@ def main():
         L.append("Handshakes, from nstat in the fresh namespaces (deltas over each test, summed over rounds): "
                  f"SYNs the clients retransmitted (`{SYN}`) / segments the backends' TIME_WAIT sockets rejected "
                  f"as older than the last one seen (`{PAWS}`, any segment, summed over both backends): a "
-                 f"rejected SYN is retransmitted a second later and also counts on the left; rejected "
+                 f"rejected SYN is sent again (after the client's RST, at once) and also counts on the left; rejected "
                  f"segments without a SYN retransmission are late ones of the connection that just ended, "
                  f"typically its ACK of the answer overtaken on the veth bridge by its FIN (the "
                  f"clients' segments leave from two CPUs' backlogs; scripts/topo --rps keeps them in "
@@ -459,9 +459,11 @@ def main():
                        "the outer header and the backends' `lb decap`.\n")
         L.append("Reading it: with keep-alive and iperf3 a packet through lb costs one XDP program run and "
                  "XDP_TX, no socket and no kernel conntrack. With a new connection per request every request "
-                 "is a handshake: a SYN the backend refuses (a TIME_WAIT socket there still holds the "
-                 "LB-side tuple the SYN reuses, with newer timestamps) or one dropped on the way is retransmitted by "
-                 "the client a second later, which shows up both as SYN retransmissions and as lost req/s.\n")
+                 "is a handshake: a SYN dropped on the way is retransmitted by the client a second later; one "
+                 "the backend refuses (a TIME_WAIT socket there still holds the LB-side tuple the SYN reuses, "
+                 "with newer timestamps) is answered with an ACK, the client's RST ends that TIME_WAIT and it "
+                 "sends the SYN again within milliseconds (Linux, for an unacceptable ACK in SYN-SENT). Both "
+                 "show as SYN retransmissions, the first also as lost req/s.\n")
     else:
         L.append("Not measured in this run.\n")
 

@@ -971,10 +971,12 @@ fn print_status(s: &loader::Status) {
 }
 
 fn print_counters(c: &[(String, stats::Counter)]) {
+    // The column as wide as the longest name.
+    let w = c.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(16);
     if !c.is_empty() {
-        println!("{:<16} {:>12} {:>14}", "counter", "packets", "bytes");
+        println!("{:<w$} {:>12} {:>14}", "counter", "packets", "bytes");
         for (name, c) in c {
-            println!("{name:<16} {:>12} {:>14}", c.packets, c.bytes);
+            println!("{name:<w$} {:>12} {:>14}", c.packets, c.bytes);
         }
     }
 }

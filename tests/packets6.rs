@@ -121,17 +121,26 @@ impl<'obj> Lb<'obj> {
         snat: Vec<std::net::IpAddr>,
         storage: &'obj mut MaybeUninit<OpenObject>,
     ) -> Self {
-        let guard = NetnsGuard::enter(&lab.ns.name).expect("entering the test namespace");
-        let ifindex = lb::net::ifindex("eth0").expect("eth0");
-        let pins = common::PinDir::new("lbp6");
-        std::fs::create_dir(&pins.path).expect("creating the pin directory");
-        let bp = lb::bpffs::PinDir::new(&pins.path);
         let settings = Settings {
             max_flows: 4096,
             max_half_open: 4096,
             snat,
             ..Default::default()
         };
+        Self::with_settings(lab, skb_mode, settings, storage)
+    }
+
+    fn with_settings(
+        lab: &Lab,
+        skb_mode: bool,
+        settings: Settings,
+        storage: &'obj mut MaybeUninit<OpenObject>,
+    ) -> Self {
+        let guard = NetnsGuard::enter(&lab.ns.name).expect("entering the test namespace");
+        let ifindex = lb::net::ifindex("eth0").expect("eth0");
+        let pins = common::PinDir::new("lbp6");
+        std::fs::create_dir(&pins.path).expect("creating the pin directory");
+        let bp = lb::bpffs::PinDir::new(&pins.path);
         let mut skel =
             lb::loader::load(&settings, skb_mode, None, storage).expect("loading the program");
         lb::loader::pin_maps(&mut skel, &bp).expect("pinning the maps");
@@ -1118,4 +1127,66 @@ fn client_affinity_timeout_remembers_the_backend() {
         m.update(&k, &v, MapFlags::EXIST).unwrap();
     }
     assert_eq!(backend_of(CLIENT, 41002), sa(BACKEND_B, 80), "expired");
+}
+
+/// As over IPv4 (packets.rs, time_wait_tuple_is_taken_only_when_every_other_is_held):
+/// with the one NAT port held by a finished connection within the
+/// backend's TIME_WAIT, a new client tuple is dropped while that
+/// connection's last second lasts, then takes its tuple (`nat_tw_reuse`).
+#[test]
+fn time_wait_tuple_is_taken_only_when_every_other_is_held_v6() {
+    if !common::root_or_skip("time_wait_tuple_is_taken_only_when_every_other_is_held_v6") {
+        return;
+    }
+    let lab = Lab::new();
+    let mut st = MaybeUninit::uninit();
+    let settings = Settings {
+        max_flows: 4096,
+        max_half_open: 4096,
+        nat_ports: vec![lb::settings::PortRange {
+            lo: 61000,
+            hi: 61000,
+        }],
+        ..Default::default()
+    };
+    let lb = Lb::with_settings(&lab, false, settings, &mut st);
+    lb.service(80, Proto::Tcp, &[BACKEND_A]);
+    let (vip, cmac, bmac) = (sa(VIP, 80), mac_of(CLIENT), mac_of(BACKEND_A));
+    let client = sa(CLIENT, 40000);
+    let syn = tcp(cmac, ETH0_MAC, client, vip, |b| b.syn(), &[]);
+    lb.step("SYN", &syn, &["to_backend", "new_flow"]);
+    let c = lb.conn();
+    assert_eq!(c.nat.port(), 61000);
+    let from_be = |f: &dyn Fn(_) -> _| tcp(bmac, ETH0_MAC, c.backend, c.nat, f, &[]);
+    let synack =
+        from_be(&|b: etherparse::PacketBuilderStep<etherparse::TcpHeader>| b.syn().ack(1001));
+    lb.step("SYN-ACK", &synack, &["to_client"]);
+    let ack = tcp(cmac, ETH0_MAC, client, vip, |b| b.ack(1), &[]);
+    lb.step("ACK", &ack, &["to_backend", "established"]);
+    let fin = from_be(&|b: etherparse::PacketBuilderStep<etherparse::TcpHeader>| b.fin().ack(1001));
+    lb.step("backend FIN", &fin, &["to_client"]);
+    let cfin = tcp(cmac, ETH0_MAC, client, vip, |b| b.fin().ack(1), &[]);
+    lb.step("client FIN", &cfin, &["to_backend"]);
+    assert_eq!(lb.conn().state, "closing");
+
+    let other = tcp(cmac, ETH0_MAC, sa(CLIENT, 40002), vip, |b| b.syn(), &[]);
+    lb.step("finished just now", &other, &["drop_nat_full"]);
+    // Two seconds later (the entries' clocks moved back).
+    let ticks = 2 * u64::from(lb::clock::hz().expect("HZ"));
+    let ct: Vec<(lb::maps::FlowKey6, lb::maps::Flow6)> =
+        lb::maps::read_all(&lb.m.conntrack6).expect("reading conntrack6");
+    for (k, mut f) in ct {
+        f.seen -= ticks;
+        f.created -= ticks;
+        lb.m.conntrack6
+            .update(bytes(&k), bytes(&f), libbpf_rs::MapFlags::EXIST)
+            .expect("aging an entry");
+    }
+    let (v, out) = lb.step(
+        "every tuple held",
+        &other,
+        &["to_backend", "new_flow", "nat_tw_reuse"],
+    );
+    assert_eq!(v, XDP_TX);
+    assert_eq!(seen(&out).src, c.nat, "the finished connection's tuple");
 }

@@ -1189,4 +1189,15 @@ fn time_wait_tuple_is_taken_only_when_every_other_is_held_v6() {
     );
     assert_eq!(v, XDP_TX);
     assert_eq!(seen(&out).src, c.nat, "the finished connection's tuple");
+
+    // `lb conntrack --delete` over IPv6: the new (half-open) connection's
+    // two entries go, the old one's stale client entry is not listed.
+    let conns = conntrack::list(&lb.m).expect("listing");
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert_eq!(conntrack::delete(&lb.m, &conns).expect("deleting"), 2);
+    let left = conntrack::entries6(&lb.m).expect("IPv6 entries");
+    assert!(
+        left.len() == 1 && left[0].0.sport == 40000u16.to_be(),
+        "only the old client's entry is left: {left:?}"
+    );
 }

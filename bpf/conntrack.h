@@ -128,7 +128,11 @@ static __always_inline int FN(flow_new)(struct xdp_md *ctx, PKT *p,
 	__builtin_memset(sp, 0, sizeof(*sp));
 	__builtin_memset(fwd, 0, sizeof(*fwd));
 	sp->h = FN(pick_hash)(&p->key, svc_flags);
-	be = hint ? backend_hinted(svc_id, hint, &fwd->backend) : NULL;
+	be = NULL;
+	if (hint) { /* backend_pick's answer, from the SYN's prefetch */
+		fwd->backend = hint - 1;
+		be = backend_of(svc_id, &fwd->backend);
+	}
 	if (!be)
 		be = FN(backend_select)(svc_id, svc_flags, &p->key, sp->h, now,
 					&fwd->backend, &sc->aff);

@@ -55,13 +55,22 @@ static __always_inline __u32 pick_hash6(const struct flow6_key *k, __u32 flags)
 	return flow_hash6(k);
 }
 
-/* The backend service `svc_id`'s Maglev table gives hash `h`, or NULL. A
- * CPU may still hold a table the service has since replaced: the backend
- * must belong to the service. */
+/* Backend `id`, if it is one of service `svc_id`'s (a CPU may still hold
+ * a Maglev table the service has since replaced, or a prefetch's pick from
+ * before a change), else NULL. */
+static __always_inline struct backend *backend_of(__u32 svc_id, __u32 *id)
+{
+	struct backend *be = bpf_map_lookup_elem(&backends, id);
+
+	if (!be || !(be->flags & LB_BACKEND_USED) || be->svc != svc_id)
+		return NULL;
+	return be;
+}
+
+/* The backend service `svc_id`'s Maglev table gives hash `h`, or NULL. */
 static __always_inline struct backend *backend_pick(__u32 svc_id, __u32 h,
 						    __u32 *id)
 {
-	struct backend *be;
 	void *table;
 	__u32 slot, *bid;
 
@@ -73,24 +82,7 @@ static __always_inline struct backend *backend_pick(__u32 svc_id, __u32 h,
 	if (!bid || *bid == LB_NO_BACKEND)
 		return NULL;
 	*id = *bid;
-	be = bpf_map_lookup_elem(&backends, id);
-	if (!be || !(be->flags & LB_BACKEND_USED) || be->svc != svc_id)
-		return NULL;
-	return be;
-}
-
-/* backend_pick's answer, given again: backend `hint - 1` (what a SYN's
- * prefetch picked, conntrack.h), if it still is one of the service's. */
-static __always_inline struct backend *backend_hinted(__u32 svc_id, __u32 hint,
-						      __u32 *id)
-{
-	struct backend *be;
-
-	*id = hint - 1;
-	be = bpf_map_lookup_elem(&backends, id);
-	if (!be || !(be->flags & LB_BACKEND_USED) || be->svc != svc_id)
-		return NULL;
-	return be;
+	return backend_of(svc_id, id);
 }
 
 #endif /* LB_SELECT_ONCE */

@@ -48,11 +48,12 @@ const volatile __u32 nh_ttl = 250;	 /* a cached next hop is fresh, ticks */
  * what an instance of a build before this setting reads as). */
 const volatile __u8 hs_latency_off = 0;
 /* The half-open tables (halfopen.h): their sets, and the half-open
- * connections asked for (what `lb status` shows). ho_seed is unused (an
- * earlier build's hash; kept so that no setting moves); ho_key below. */
+ * connections asked for (what `lb status` shows). ho_hash_id: which hash
+ * (ho_hash) the instance's sets are of, read by user space only (0: an
+ * earlier build's; see src/halfopen.rs, HASH); ho_key below. */
 const volatile __u32 ho_sets = 128 * 1024;
 const volatile __u32 ho_sets6 = 32 * 1024;
-const volatile __u32 ho_seed = 0;
+const volatile __u32 ho_hash_id = 0;
 const volatile __u32 ho_half_open = 0;
 /* The random keys of the half-open tables' hash (halfopen.h: ho_hash),
  * drawn for each instance (all 0: an instance of an earlier build). */

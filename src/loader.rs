@@ -100,17 +100,18 @@ pub fn load<'obj>(
         Some(p) => {
             let config = libbpf_rs::MapHandle::from_pinned_path(p.config())
                 .context("opening the instance's settings")?;
-            let keys = maps::rodata_of(&config)?.ho_key;
-            if keys.iter().all(|&k| k == 0) {
+            let theirs = maps::rodata_of(&config)?;
+            if theirs.ho_hash_id != halfopen::HASH || theirs.ho_key.iter().all(|&k| k == 0) {
                 bail!(
                     "the instance at {} was created by an earlier lb (another half-open table hash): detach it first",
                     p.root.display()
                 );
             }
-            keys
+            theirs.ho_key
         }
         None => rand_keys()?,
     };
+    ro.ho_hash_id = halfopen::HASH;
     open.maps
         .ct_new
         .set_max_entries(sets)

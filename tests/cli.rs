@@ -1269,12 +1269,15 @@ fn conntrack_lists_every_entry() {
     assert_no_pins(&pins);
 }
 
-/// An instance made by an earlier build, whose settings hold no keys for
-/// the half-open tables' hash (loader.rs): attaching to it again is refused
-/// in one line, and the running program is left as it was. The earlier
-/// settings map is made from the instance's own, its keys zeroed.
+/// An instance made by an earlier build, whose half-open sets are of
+/// another hash (loader.rs): one whose settings hold no keys for it (seeded
+/// murmur3), and one whose settings name no hash (pair-multiply-shift
+/// without the finaliser). Attaching to either again is refused in one
+/// line, and the running program is left as it was. The earlier settings
+/// map is made from the instance's own, its keys or its hash's name zeroed.
 #[test]
 fn instance_of_an_earlier_build_is_refused() {
+    use lb::skel::lb::types::rodata;
     use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
     if !root_or_skip("instance_of_an_earlier_build_is_refused") {
@@ -1287,44 +1290,56 @@ fn instance_of_an_earlier_build_is_refused() {
     let (prog, _) = xdp_prog(&x.name, "eth0").expect("attached");
 
     let cfg = pins.path.join("config");
-    let mine = MapHandle::from_pinned_path(&cfg).expect("the settings pin");
-    let mut v = mine
+    let mut mine = MapHandle::from_pinned_path(&cfg).expect("the settings pin");
+    let v = mine
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
         .expect("reading the settings")
         .expect("settings");
-    let at = std::mem::offset_of!(lb::skel::lb::types::rodata, ho_key);
-    let keys = &mut v[at..at + std::mem::size_of::<[u64; 11]>()];
-    assert!(keys.iter().any(|&b| b != 0), "this build's keys are set");
-    keys.fill(0);
-    let old = MapHandle::create(
-        MapType::Array,
-        Some("config"),
-        4,
-        v.len() as u32,
-        1,
-        &libbpf_sys::bpf_map_create_opts {
-            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
-            ..Default::default()
-        },
-    )
-    .expect("a settings map");
-    old.update(&0u32.to_ne_bytes(), &v, MapFlags::ANY)
-        .expect("writing it");
-    drop(mine);
-    std::fs::remove_file(&cfg).expect("unpinning the settings");
-    let mut old = old;
-    old.pin(&cfg).expect("pinning the earlier settings");
+    let fields = [
+        (
+            std::mem::offset_of!(rodata, ho_key),
+            std::mem::size_of::<[u64; 11]>(),
+        ),
+        (std::mem::offset_of!(rodata, ho_hash_id), 4),
+    ];
+    for (at, len) in fields {
+        let mut earlier = v.clone();
+        let field = &mut earlier[at..at + len];
+        assert!(
+            field.iter().any(|&b| b != 0),
+            "this build sets {at}..+{len}"
+        );
+        field.fill(0);
+        let mut old = MapHandle::create(
+            MapType::Array,
+            Some("config"),
+            4,
+            v.len() as u32,
+            1,
+            &libbpf_sys::bpf_map_create_opts {
+                sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+                ..Default::default()
+            },
+        )
+        .expect("a settings map");
+        old.update(&0u32.to_ne_bytes(), &earlier, MapFlags::ANY)
+            .expect("writing it");
+        std::fs::remove_file(&cfg).expect("unpinning the settings");
+        old.pin(&cfg).expect("pinning the earlier settings");
 
-    let out = lb_s(&attach);
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "one line: {}", show(&out));
-    assert!(
-        err.contains("created by an earlier lb") && err.contains("detach it first"),
-        "{}",
-        show(&out)
-    );
-    assert_eq!(xdp_prog(&x.name, "eth0"), Some((prog, "lb_xdp".into())));
+        let out = lb_s(&attach);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line: {}", show(&out));
+        assert!(
+            err.contains("created by an earlier lb") && err.contains("detach it first"),
+            "{}",
+            show(&out)
+        );
+        assert_eq!(xdp_prog(&x.name, "eth0"), Some((prog, "lb_xdp".into())));
+        old.unpin(&cfg).expect("unpinning the earlier settings");
+        mine.pin(&cfg).expect("pinning the settings back");
+    }
 
     lb_ok(&detach_args(&x.name, pins.arg()));
     assert_no_xdp(&x.name, "eth0");

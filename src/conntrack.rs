@@ -258,7 +258,9 @@ pub fn list(m: &Maps) -> Result<Vec<Conn>> {
 }
 
 /// Deletes both entries of every connection `which` selects (by either
-/// entry); returns how many entries went.
+/// entry); returns how many entries went. An entry is deleted only if it
+/// is still selected when it goes (see [`maps::delete_if`]): one given to
+/// another connection since it was read stays.
 pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
     let ids = |backend, svc| FlowIds { backend, svc };
     let mut n = 0;
@@ -269,11 +271,13 @@ pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
         }
         if !answered {
             half.push(k);
-        } else if m.conntrack.delete(maps::bytes(&k)).is_ok() {
+        } else if maps::delete_if(&m.conntrack, maps::bytes(&k), |f: &Flow| {
+            which(&ids(f.backend, f.svc))
+        })? {
             n += 1;
         }
     }
-    n += halfopen::delete_all::<halfopen::V4>(m, &half)?;
+    n += halfopen::delete_all::<halfopen::V4>(m, &half, |_, f| which(&ids(f.backend, f.svc)))?;
     let mut half6 = Vec::new();
     for (k, f, answered) in entries6(m)? {
         if !which(&ids(f.backend, f.svc)) {
@@ -281,55 +285,93 @@ pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
         }
         if !answered {
             half6.push(k);
-        } else if m.conntrack6.delete(maps::bytes(&k)).is_ok() {
+        } else if maps::delete_if(&m.conntrack6, maps::bytes(&k), |f: &Flow6| {
+            which(&ids(f.backend, f.svc))
+        })? {
             n += 1;
         }
     }
-    n += halfopen::delete_all::<halfopen::V6>(m, &half6)?;
+    n += halfopen::delete_all::<halfopen::V6>(m, &half6, |_, f| which(&ids(f.backend, f.svc)))?;
     Ok(n)
 }
 
 /// Deletes both entries of each of `conns` (as [`list`] gave them, from
 /// whichever table holds them now); returns how many entries went. A
 /// connection deleted while it lives breaks: its next packet finds no flow
-/// and goes to the kernel, which answers a TCP segment with a RST.
+/// and goes to the kernel, which answers a TCP segment with a RST. An
+/// entry goes only if it still rewrites as the connection listed did (the
+/// client's towards its NAT tuple and backend, the owner's back to the
+/// client): a tuple or client port given to another connection since the
+/// listing keeps that connection.
 pub fn delete(m: &Maps, conns: &[Conn]) -> Result<usize> {
+    type To = (SocketAddr, SocketAddr); // what an entry rewrites to
     let proto = |c: &Conn| if c.proto == "udp" { 17 } else { 6 };
-    let (mut keys, mut keys6) = (Vec::new(), Vec::new());
+    let mut keys: Vec<(FlowKey, To)> = Vec::new();
+    let mut keys6: Vec<(FlowKey6, To)> = Vec::new();
     for c in conns {
         // The client's entry, and the owner's (backend -> NAT address).
-        for (src, dst) in [(c.client, c.vip), (c.backend, c.nat)] {
+        for (src, dst, to) in [
+            (c.client, c.vip, (c.nat, c.backend)),
+            (c.backend, c.nat, (c.vip, c.client)),
+        ] {
             match (src, dst) {
-                (SocketAddr::V4(s), SocketAddr::V4(d)) => keys.push(FlowKey {
-                    saddr: maps::ip_to_be(*s.ip()),
-                    daddr: maps::ip_to_be(*d.ip()),
-                    sport: s.port().to_be(),
-                    dport: d.port().to_be(),
-                    proto: proto(c),
-                    ..Default::default()
-                }),
-                (SocketAddr::V6(s), SocketAddr::V6(d)) => keys6.push(FlowKey6 {
-                    saddr: maps::in6_to_be(*s.ip()),
-                    daddr: maps::in6_to_be(*d.ip()),
-                    sport: s.port().to_be(),
-                    dport: d.port().to_be(),
-                    proto: proto(c),
-                    ..Default::default()
-                }),
+                (SocketAddr::V4(s), SocketAddr::V4(d)) => keys.push((
+                    FlowKey {
+                        saddr: maps::ip_to_be(*s.ip()),
+                        daddr: maps::ip_to_be(*d.ip()),
+                        sport: s.port().to_be(),
+                        dport: d.port().to_be(),
+                        proto: proto(c),
+                        ..Default::default()
+                    },
+                    to,
+                )),
+                (SocketAddr::V6(s), SocketAddr::V6(d)) => keys6.push((
+                    FlowKey6 {
+                        saddr: maps::in6_to_be(*s.ip()),
+                        daddr: maps::in6_to_be(*d.ip()),
+                        sport: s.port().to_be(),
+                        dport: d.port().to_be(),
+                        proto: proto(c),
+                        ..Default::default()
+                    },
+                    to,
+                )),
                 _ => {}
             }
         }
     }
-    let mut n = keys
+    let sa = maps::sockaddr_from_be;
+    let sa6 = maps::sockaddr6_from_be;
+    let to4 = |f: &Flow| (sa(f.saddr, f.sport), sa(f.daddr, f.dport));
+    let to6 = |f: &Flow6| (sa6(&f.saddr, f.sport), sa6(&f.daddr, f.dport));
+    let mut n = 0;
+    for (k, to) in &keys {
+        n += usize::from(maps::delete_if(&m.conntrack, maps::bytes(k), |f| {
+            to4(f) == *to
+        })?);
+    }
+    for (k, to) in &keys6 {
+        n += usize::from(maps::delete_if(&m.conntrack6, maps::bytes(k), |f| {
+            to6(f) == *to
+        })?);
+    }
+    let want: HashMap<Vec<u8>, To> = keys
         .iter()
-        .filter(|k| m.conntrack.delete(maps::bytes(*k)).is_ok())
-        .count();
-    n += keys6
+        .map(|(k, to)| (maps::bytes(k).to_vec(), *to))
+        .collect();
+    let only: Vec<FlowKey> = keys.iter().map(|(k, _)| *k).collect();
+    n += halfopen::delete_all::<halfopen::V4>(m, &only, |k, f| {
+        want.get(maps::bytes(k)) == Some(&to4(f))
+    })?;
+    let want6: HashMap<Vec<u8>, To> = keys6
         .iter()
-        .filter(|k| m.conntrack6.delete(maps::bytes(*k)).is_ok())
-        .count();
-    n += halfopen::delete_all::<halfopen::V4>(m, &keys)?;
-    n += halfopen::delete_all::<halfopen::V6>(m, &keys6)?;
+        .map(|(k, to)| (maps::bytes(k).to_vec(), *to))
+        .collect();
+    let only6: Vec<FlowKey6> = keys6.iter().map(|(k, _)| *k).collect();
+    n += halfopen::delete_all::<halfopen::V6>(m, &only6, |k, f| {
+        want6.get(maps::bytes(k)) == Some(&to6(f))
+    })?;
     Ok(n)
 }
 

@@ -464,12 +464,18 @@ pub fn put<F: Family>(m: &Maps, key: &F::Key, val: &F::Val) -> Result<()> {
 
 /// Removes the entry keyed `key`; whether there was one.
 pub fn delete<F: Family>(m: &Maps, key: &F::Key) -> Result<bool> {
-    Ok(delete_all::<F>(m, std::slice::from_ref(key))? == 1)
+    Ok(delete_all::<F>(m, std::slice::from_ref(key), |_, _| true)? == 1)
 }
 
-/// Removes the entries keyed `keys` (the table mapped once); how many
-/// there were.
-pub fn delete_all<F: Family>(m: &Maps, keys: &[F::Key]) -> Result<usize> {
+/// Removes the entries keyed `keys` whose values pass `ok` (the table
+/// mapped once; each entry checked and freed in one hold of its set, so
+/// an entry the datapath gave to another connection meanwhile stays); how
+/// many went.
+pub fn delete_all<F: Family>(
+    m: &Maps,
+    keys: &[F::Key],
+    ok: impl Fn(&F::Key, &F::Val) -> bool,
+) -> Result<usize> {
     if keys.is_empty() {
         return Ok(0);
     }
@@ -481,6 +487,9 @@ pub fn delete_all<F: Family>(m: &Maps, keys: &[F::Key]) -> Result<usize> {
             let Some(w) = set.way_of::<F>(key) else {
                 return false;
             };
+            if !ok(key, &set.val::<F::Val>(w)) {
+                return false;
+            }
             // SAFETY: the set is owned; the offsets are its fields'. A
             // free way as ho_drop makes it: tag 0, or (untagged) protocol 0.
             unsafe {

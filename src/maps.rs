@@ -517,6 +517,40 @@ fn read_by_key(map: &MapHandle, limit: usize, out: &mut RawEntries) -> Result<()
     Ok(())
 }
 
+/// Deletes `key`'s entry from hash `map` if its value passes `ok`, and only
+/// then; returns whether an entry went. The datapath may give the key to
+/// another connection between the look and the delete (the kernel has no
+/// compare-and-delete): a value taken that fails `ok` is put back
+/// (BPF_NOEXIST: unless the datapath made a newer one meanwhile).
+pub fn delete_if<V: plain::Plain + Default>(
+    map: &MapHandle,
+    key: &[u8],
+    ok: impl Fn(&V) -> bool,
+) -> Result<bool> {
+    let name = || map.name().to_string_lossy().into_owned();
+    let Some(v) = map
+        .lookup(key, MapFlags::ANY)
+        .with_context(|| format!("reading map {}", name()))?
+    else {
+        return Ok(false);
+    };
+    if !ok(&from_bytes::<V>(&v)) {
+        return Ok(false);
+    }
+    let taken = match map.lookup_and_delete(key) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Ok(false),
+        // ENOENT: gone meanwhile
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("deleting from map {}", name())),
+    };
+    if ok(&from_bytes::<V>(&taken)) {
+        return Ok(true);
+    }
+    let _ = map.update(key, &taken, MapFlags::NO_EXIST);
+    Ok(false)
+}
+
 /// Every entry of a hash or array map as (key, value), read a batch of
 /// entries a syscall ([`ReadMode::Batch`]).
 pub fn read_all<K, V>(map: &MapHandle) -> Result<Vec<(K, V)>>

@@ -2314,6 +2314,114 @@ fn time_wait_tuple_is_taken_only_when_every_other_is_held() {
     assert!(lb.entry(&syn.key()).is_none(), "the stale entry stays");
 }
 
+/// `lb conntrack --delete` acts on a listing that may be old: a connection
+/// listed, then finished, its NAT tuple given to another client's (the
+/// TIME_WAIT fallback), is deleted by its own entries only. The other
+/// connection's owner, on the listed connection's key, stays, half-open
+/// and then answered (conntrack::delete checks what an entry rewrites to).
+#[test]
+fn deleting_a_listed_connection_spares_the_one_on_its_tuple_since() {
+    instance!(
+        "deleting_a_listed_connection_spares_the_one_on_its_tuple_since",
+        lb,
+        one_nat_port(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &a80, c), "SYN");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    let listed = conntrack::list(&lb.m).expect("listing");
+    assert_eq!(listed.len(), 1);
+    must(lb.back(&conn, &conn.reply().fin(), c), "backend FIN first");
+    must(lb.cont(&conn, &syn.clone().fin(), c), "client FIN");
+    lb.time_passes(2);
+    let other = Seg::syn(CLIENT2, 40000, VIP, 80);
+    let input = lb.input(&other, c).unwrap();
+    let want = other.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
+    must(
+        lb.expect(
+            lb.ifs.eth0,
+            &input,
+            XDP_TX,
+            &want.frame(),
+            c,
+            &["to_backend", "new_flow", "nat_tw_reuse"],
+        ),
+        "another client on the finished connection's tuple",
+    );
+    let took = Conn {
+        client: other.clone(),
+        ..conn.clone()
+    };
+
+    // Only the listed connection's client entry goes (stale now).
+    assert_eq!(conntrack::delete(&lb.m, &listed).expect("deleting"), 1);
+    assert!(lb.entry(&syn.key()).is_none());
+    must(
+        lb.back(&took, &took.reply().synack(), c),
+        "the other connection's SYN-ACK, after the delete",
+    );
+    must(lb.cont(&took, &other.clone().ack(), c), "its ACK");
+    // Answered now (conntrack): the same again.
+    assert_eq!(conntrack::delete(&lb.m, &listed).expect("deleting"), 0);
+    must(
+        lb.cont(&took, &other.clone().data(HTTP_GET), c),
+        "a request",
+    );
+    must(
+        lb.back(&took, &took.reply().data(HTTP_OK), c),
+        "its answer, after the second delete",
+    );
+    assert_eq!(lb.conns().len(), 1);
+}
+
+/// maps::delete_if when the entry changes between its look and its delete
+/// (as if the datapath gave the key to another connection meanwhile): the
+/// check passes the first time and fails on what the delete took, which is
+/// put back; the connection carries on.
+#[test]
+fn delete_if_puts_back_an_entry_that_changed_meanwhile() {
+    instance!(
+        "delete_if_puts_back_an_entry_that_changed_meanwhile",
+        lb,
+        settings(),
+        false
+    );
+    let svc = lb.service(VIP, 80, Proto::Tcp);
+    lb.backend(&svc, BACKEND_A, 80, 1);
+    let a80 = [sa(BACKEND_A, 80)];
+    let c = Csum::Complete;
+    let syn = Seg::syn(CLIENT, 40000, VIP, 80);
+    let conn = must(lb.open(&syn, &a80, c), "SYN");
+    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
+    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    let key = syn.key();
+    let was = lb.m.conntrack.lookup(bytes(&key), MapFlags::ANY).unwrap();
+    assert!(was.is_some(), "answered: in conntrack");
+    let looks = std::cell::Cell::new(0);
+    let gone = maps::delete_if(&lb.m.conntrack, bytes(&key), |_: &Flow| {
+        looks.set(looks.get() + 1);
+        looks.get() == 1
+    })
+    .expect("delete_if");
+    assert!(!gone);
+    assert_eq!(looks.get(), 2, "looked at before and at what it took");
+    assert_eq!(
+        lb.m.conntrack.lookup(bytes(&key), MapFlags::ANY).unwrap(),
+        was,
+        "put back as it was"
+    );
+    must(lb.cont(&conn, &syn.clone().data(HTTP_GET), c), "a request");
+    assert!(maps::delete_if(&lb.m.conntrack, bytes(&key), |_: &Flow| true).unwrap());
+    assert!(!maps::delete_if(&lb.m.conntrack, bytes(&key), |_: &Flow| true).unwrap());
+}
+
 /// Connections opened in a burst hold consecutive NAT ports: a search that
 /// meets a run of live tuples longer than it tries in order still finds a
 /// free one past it (at doubling distances), and the next search starts

@@ -1328,6 +1328,17 @@ impl<'obj> Lb<'obj> {
 
     /// A packet of `conn` from the backend: rewritten to VIP -> client, to
     /// the MAC the client's first packet came from, from the one it went to.
+    /// A whole handshake for client SYN `seg` ([`Lb::open`], the backend's
+    /// SYN-ACK, the client's ACK): the connection, answered and confirmed.
+    fn connect(&self, seg: &Seg, backends: &[SocketAddrV4], csum: Csum) -> Result<Conn, String> {
+        let conn = self.open(seg, backends, csum)?;
+        self.back(&conn, &conn.reply().synack(), csum)
+            .map_err(|e| format!("SYN-ACK: {e}"))?;
+        self.cont(&conn, &seg.clone().ack(), csum)
+            .map_err(|e| format!("ACK: {e}"))?;
+        Ok(conn)
+    }
+
     fn back(&self, conn: &Conn, reply: &Seg, csum: Csum) -> Result<(), String> {
         let input = self.input(reply, csum)?;
         let want = reply.nat(
@@ -2187,9 +2198,7 @@ fn finished_tuple_waits_out_the_backends_time_wait() {
     let c = Csum::Complete;
 
     let syn = Seg::syn(CLIENT, 40000, VIP, 80);
-    let conn = must(lb.open(&syn, &a80, c), "SYN");
-    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
-    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    let conn = must(lb.connect(&syn, &a80, c), "a connection");
     must(lb.back(&conn, &conn.reply().fin(), c), "backend FIN first");
     must(lb.cont(&conn, &syn.clone().fin(), c), "client FIN");
     assert_ne!(lb.owner(&conn).state & maps::CT_CLOSING, 0);
@@ -2266,9 +2275,7 @@ fn time_wait_tuple_is_taken_only_when_every_other_is_held() {
     let c = Csum::Complete;
 
     let syn = Seg::syn(CLIENT, 40000, VIP, 80);
-    let conn = must(lb.open(&syn, &a80, c), "SYN");
-    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
-    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    let conn = must(lb.connect(&syn, &a80, c), "a connection");
     let other = Seg::syn(CLIENT2, 40000, VIP, 80);
     must(
         lb.drops(&other.frame(), "drop_nat_full"),
@@ -2333,9 +2340,7 @@ fn deleting_a_listed_connection_spares_the_one_on_its_tuple_since() {
     let c = Csum::Complete;
 
     let syn = Seg::syn(CLIENT, 40000, VIP, 80);
-    let conn = must(lb.open(&syn, &a80, c), "SYN");
-    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
-    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    let conn = must(lb.connect(&syn, &a80, c), "a connection");
     let listed = conntrack::list(&lb.m).expect("listing");
     assert_eq!(listed.len(), 1);
     must(lb.back(&conn, &conn.reply().fin(), c), "backend FIN first");
@@ -2398,9 +2403,7 @@ fn delete_if_puts_back_an_entry_that_changed_meanwhile() {
     let a80 = [sa(BACKEND_A, 80)];
     let c = Csum::Complete;
     let syn = Seg::syn(CLIENT, 40000, VIP, 80);
-    let conn = must(lb.open(&syn, &a80, c), "SYN");
-    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
-    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK");
+    let conn = must(lb.connect(&syn, &a80, c), "a connection");
     let key = syn.key();
     let was = lb.m.conntrack.lookup(bytes(&key), MapFlags::ANY).unwrap();
     assert!(was.is_some(), "answered: in conntrack");
@@ -2951,9 +2954,7 @@ fn an_evicted_owner_is_counted() {
     lb.backend(&svc, BACKEND_A, 80, 1);
     let c = Csum::Complete;
     let syn = Seg::syn(CLIENT, 40000, VIP, 80);
-    let conn = must(lb.open(&syn, &[sa(BACKEND_A, 80)], c), "SYN");
-    must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
-    must(lb.cont(&conn, &syn.clone().ack(), c), "ACK: established");
+    let conn = must(lb.connect(&syn, &[sa(BACKEND_A, 80)], c), "a connection");
     lb.m.conntrack
         .delete(bytes(&conn.reverse_key()))
         .expect("evicting the owner");
@@ -4127,9 +4128,7 @@ fn half_open_flood_cannot_evict_answered_flows() {
     let mut held = Vec::new();
     for port in 0..50u16 {
         let syn = Seg::syn(CLIENT, 30000 + port, VIP, 80);
-        let conn = must(lb.open(&syn, &backends, c), "held connection");
-        must(lb.back(&conn, &conn.reply().synack(), c), "SYN-ACK");
-        must(lb.cont(&conn, &syn.clone().ack(), c), "ACK: established");
+        let conn = must(lb.connect(&syn, &backends, c), "a held connection");
         held.push((syn, conn));
     }
     // 16x the half-open table (2 x 1024 entries), distinct spoofed sources.

@@ -304,74 +304,58 @@ pub fn end_flows(m: &Maps, which: impl Fn(&FlowIds) -> bool) -> Result<usize> {
 /// client): a tuple or client port given to another connection since the
 /// listing keeps that connection.
 pub fn delete(m: &Maps, conns: &[Conn]) -> Result<usize> {
-    type To = (SocketAddr, SocketAddr); // what an entry rewrites to
-    let proto = |c: &Conn| if c.proto == "udp" { 17 } else { 6 };
-    let mut keys: Vec<(FlowKey, To)> = Vec::new();
-    let mut keys6: Vec<(FlowKey6, To)> = Vec::new();
+    // Each entry's key, and what it must still rewrite to: (source, dest).
+    let (mut keys, mut to) = (Vec::new(), Vec::new());
+    let (mut keys6, mut to6) = (Vec::new(), Vec::new());
     for c in conns {
+        let proto = if c.proto == "udp" { 17 } else { 6 };
         // The client's entry, and the owner's (backend -> NAT address).
-        for (src, dst, to) in [
+        for (src, dst, rewrite) in [
             (c.client, c.vip, (c.nat, c.backend)),
             (c.backend, c.nat, (c.vip, c.client)),
         ] {
             match (src, dst) {
-                (SocketAddr::V4(s), SocketAddr::V4(d)) => keys.push((
-                    FlowKey {
+                (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                    keys.push(FlowKey {
                         saddr: maps::ip_to_be(*s.ip()),
                         daddr: maps::ip_to_be(*d.ip()),
                         sport: s.port().to_be(),
                         dport: d.port().to_be(),
-                        proto: proto(c),
+                        proto,
                         ..Default::default()
-                    },
-                    to,
-                )),
-                (SocketAddr::V6(s), SocketAddr::V6(d)) => keys6.push((
-                    FlowKey6 {
+                    });
+                    to.push(rewrite);
+                }
+                (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+                    keys6.push(FlowKey6 {
                         saddr: maps::in6_to_be(*s.ip()),
                         daddr: maps::in6_to_be(*d.ip()),
                         sport: s.port().to_be(),
                         dport: d.port().to_be(),
-                        proto: proto(c),
+                        proto,
                         ..Default::default()
-                    },
-                    to,
-                )),
+                    });
+                    to6.push(rewrite);
+                }
                 _ => {}
             }
         }
     }
     let sa = maps::sockaddr_from_be;
     let sa6 = maps::sockaddr6_from_be;
-    let to4 = |f: &Flow| (sa(f.saddr, f.sport), sa(f.daddr, f.dport));
-    let to6 = |f: &Flow6| (sa6(&f.saddr, f.sport), sa6(&f.daddr, f.dport));
+    let ok = |i: usize, f: &Flow| (sa(f.saddr, f.sport), sa(f.daddr, f.dport)) == to[i];
+    let ok6 = |i: usize, f: &Flow6| (sa6(&f.saddr, f.sport), sa6(&f.daddr, f.dport)) == to6[i];
     let mut n = 0;
-    for (k, to) in &keys {
-        n += usize::from(maps::delete_if(&m.conntrack, maps::bytes(k), |f| {
-            to4(f) == *to
-        })?);
+    for (i, k) in keys.iter().enumerate() {
+        n += usize::from(maps::delete_if(&m.conntrack, maps::bytes(k), |f| ok(i, f))?);
     }
-    for (k, to) in &keys6 {
+    for (i, k) in keys6.iter().enumerate() {
         n += usize::from(maps::delete_if(&m.conntrack6, maps::bytes(k), |f| {
-            to6(f) == *to
+            ok6(i, f)
         })?);
     }
-    let want: HashMap<Vec<u8>, To> = keys
-        .iter()
-        .map(|(k, to)| (maps::bytes(k).to_vec(), *to))
-        .collect();
-    let only: Vec<FlowKey> = keys.iter().map(|(k, _)| *k).collect();
-    n += halfopen::delete_all::<halfopen::V4>(m, &only, |k, f| {
-        want.get(maps::bytes(k)) == Some(&to4(f))
-    })?;
-    let want6: HashMap<Vec<u8>, To> = keys6
-        .iter()
-        .map(|(k, to)| (maps::bytes(k).to_vec(), *to))
-        .collect();
-    let only6: Vec<FlowKey6> = keys6.iter().map(|(k, _)| *k).collect();
-    n += halfopen::delete_all::<halfopen::V6>(m, &only6, |k, f| {
-        want6.get(maps::bytes(k)) == Some(&to6(f))
-    })?;
+    n += halfopen::delete_all::<halfopen::V4>(m, &keys, ok)?;
+    n += halfopen::delete_all::<halfopen::V6>(m, &keys6, ok6)?;
     Ok(n)
 }
 

@@ -467,14 +467,14 @@ pub fn delete<F: Family>(m: &Maps, key: &F::Key) -> Result<bool> {
     Ok(delete_all::<F>(m, std::slice::from_ref(key), |_, _| true)? == 1)
 }
 
-/// Removes the entries keyed `keys` whose values pass `ok` (the table
-/// mapped once; each entry checked and freed in one hold of its set, so
-/// an entry the datapath gave to another connection meanwhile stays); how
-/// many went.
+/// Removes the entries keyed `keys` whose values pass `ok` (given the
+/// key's index in `keys`); the table mapped once, each entry checked and
+/// freed in one hold of its set, so an entry the datapath gave to another
+/// connection meanwhile stays. How many went.
 pub fn delete_all<F: Family>(
     m: &Maps,
     keys: &[F::Key],
-    ok: impl Fn(&F::Key, &F::Val) -> bool,
+    ok: impl Fn(usize, &F::Val) -> bool,
 ) -> Result<usize> {
     if keys.is_empty() {
         return Ok(0);
@@ -482,12 +482,12 @@ pub fn delete_all<F: Family>(
     let t = Table::open::<F>(m)?;
     let l = &t.l;
     let mut n = 0;
-    for key in keys {
+    for (i, key) in keys.iter().enumerate() {
         let gone = t.write(t.index_of(key).0, |set, p| {
             let Some(w) = set.way_of::<F>(key) else {
                 return false;
             };
-            if !ok(key, &set.val::<F::Val>(w)) {
+            if !ok(i, &set.val::<F::Val>(w)) {
                 return false;
             }
             // SAFETY: the set is owned; the offsets are its fields'. A

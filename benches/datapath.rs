@@ -18,6 +18,10 @@
 //!   call)");
 //! - "no latency": the established and new-flow paths again on a second
 //!   instance loaded with `handshake_latency` off (the others measure it).
+//!
+//! `--katran OBJ` (Katran's balancer, which scripts/bench --katran DIR
+//! builds) times Katran in every column too, beside lb's new flow and its
+//! established packet timed one run a call (benches/katran).
 
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
@@ -29,6 +33,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 
 mod common;
+mod katran;
 
 use common::*;
 use lb::bpffs::PinDir;
@@ -629,6 +634,13 @@ fn main() -> Result<()> {
         .position(|a| a == "--csv")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    // Katran's balancer, built by scripts/bench --katran DIR: timed in
+    // every column too.
+    let katran_obj = args
+        .iter()
+        .position(|a| a == "--katran")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "the datapath benchmark needs root (it loads XDP programs into a namespace it creates)"
@@ -705,13 +717,20 @@ fn main() -> Result<()> {
             let dir = pin_root.0.join(format!("{nb}-{nf}"));
             std::fs::create_dir(&dir)?;
             let pins = PinDir::new(&dir);
+            let defaults = Settings::default();
             let settings = Settings {
                 nat_ports: vec![lb::settings::PortRange {
                     lo: 1024,
                     hi: 65535,
                 }],
                 max_flows: (nf + 4 * new_repeat + 1024).next_power_of_two(),
-                ..Default::default()
+                // (LB_BENCH_HALF_OPEN=N: another --max-half-open, while
+                // developing)
+                max_half_open: std::env::var("LB_BENCH_HALF_OPEN")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(defaults.max_half_open),
+                ..defaults
             };
             let mut st = MaybeUninit::uninit();
             let (skel, m) = instance(&mut st, &settings, &pins, nb, nf, ifindex)?;
@@ -815,6 +834,19 @@ fn main() -> Result<()> {
             if counter(&m, "to_backend")? - before != 3 * u64::from(new_repeat) {
                 bail!("ipip: not every run was encapsulated");
             }
+            // Established timed as Katran's is below (one run a call,
+            // copies of one frame): the connection's frame is copied in
+            // afresh at every call, so each takes the established path.
+            let before = counter(&m, "to_backend")?;
+            let est_one = time_frames(
+                prog,
+                ifindex,
+                |_, _| tcp_frame(CLIENT, 40000, VIP, 80),
+                new_repeat,
+            )?;
+            if counter(&m, "to_backend")? - before != 3 * u64::from(new_repeat) {
+                bail!("established (1 run a call): not every run took the established path");
+            }
             let (est6, ret6, new6) = ipv6_paths(&m, prog, ifindex, repeat, new_repeat)?;
             // Tracing on (every packet into the ring buffer, nobody reading:
             // once it is full, each event is a failed reserve counted
@@ -849,6 +881,39 @@ fn main() -> Result<()> {
             drop(m);
             drop(skel);
             let _ = std::fs::remove_dir_all(&dir);
+            if let Some(obj) = &katran_obj {
+                let mut k = katran::Katran::load(
+                    obj,
+                    CLIENT,
+                    VIP,
+                    BACKEND,
+                    nb,
+                    nf,
+                    settings.max_flows,
+                    PEER,
+                )?;
+                // New flows from a client address per round, ports from
+                // 2000 (as lb's), to VIP:80.
+                let src = |i: u16| Ipv4Addr::new(10, 200, 1, 1 + i as u8);
+                let kn = k.time(
+                    |i, n| tcp_frame_flags(src(i), 2000 + n as u16, VIP, 80, true),
+                    new_repeat,
+                    Some(&|i, n| katran::flow_key(src(i), 2000 + n as u16, VIP, 80)),
+                )?;
+                let ke = k.time(|_, _| tcp_frame(CLIENT, 40000, VIP, 80), new_repeat, None)?;
+                for (path, ns) in [
+                    ("Katran: new flow", kn),
+                    ("Katran: established (1 run a call)", ke),
+                    ("established (1 run a call)", est_one),
+                ] {
+                    rows.push(Row {
+                        path: path.into(),
+                        backends: nb,
+                        flows: nf,
+                        ns,
+                    });
+                }
+            }
             for (path, ns) in [
                 ("established", est),
                 ("return", ret),

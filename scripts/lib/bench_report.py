@@ -670,7 +670,8 @@ def main():
     L.append("## Reproduce\n")
     L.append("```sh\nscripts/bench                    # as root; writes BENCHMARKS.md and docs/bench/\n"
              "scripts/bench --quick            # short runs, 2 rounds, fewer sizes (CI runs this)\n"
-             "scripts/bench --quick --only e2e # one part: datapath, e2e, sustained, flood, memory\n```\n")
+             "scripts/bench --quick --only e2e # one part: datapath, e2e, sustained, flood, memory\n"
+             "scripts/bench --katran DIR       # Katran's balancer too, from a checkout of facebookincubator/katran\n```\n")
     if a.elapsed:
         L.append(f"This run (`{a.command}`) took {a.elapsed / 60:.1f} minutes.\n")
     open(a.out, "w").write("\n".join(L))

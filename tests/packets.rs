@@ -1339,6 +1339,40 @@ impl<'obj> Lb<'obj> {
         Ok(conn)
     }
 
+    /// Ends `conn` (opened by `seg`) the way nginx does: the backend's FIN
+    /// first, then the client's.
+    fn finish(&self, conn: &Conn, seg: &Seg, csum: Csum) -> Result<(), String> {
+        self.back(conn, &conn.reply().fin(), csum)
+            .map_err(|e| format!("backend FIN first: {e}"))?;
+        self.cont(conn, &seg.clone().fin(), csum)
+            .map_err(|e| format!("client FIN: {e}"))
+    }
+
+    /// SYN `seg` of another client takes finished connection `conn`'s NAT
+    /// tuple while the backend's TIME_WAIT still holds it (every other tuple
+    /// held: counted nat_tw_reuse); its connection, on that tuple.
+    fn takes_finished_tuple(&self, seg: &Seg, conn: &Conn, csum: Csum) -> Result<Conn, String> {
+        let input = self.input(seg, csum)?;
+        let want = seg.nat(
+            conn.nat,
+            conn.backend,
+            conn.lb_mac,
+            mac_of(*conn.backend.ip()),
+        );
+        self.expect(
+            self.ifs.eth0,
+            &input,
+            XDP_TX,
+            &want.frame(),
+            csum,
+            &["to_backend", "new_flow", "nat_tw_reuse"],
+        )?;
+        Ok(Conn {
+            client: seg.clone(),
+            ..conn.clone()
+        })
+    }
+
     fn back(&self, conn: &Conn, reply: &Seg, csum: Csum) -> Result<(), String> {
         let input = self.input(reply, csum)?;
         let want = reply.nat(
@@ -2199,8 +2233,7 @@ fn finished_tuple_waits_out_the_backends_time_wait() {
 
     let syn = Seg::syn(CLIENT, 40000, VIP, 80);
     let conn = must(lb.connect(&syn, &a80, c), "a connection");
-    must(lb.back(&conn, &conn.reply().fin(), c), "backend FIN first");
-    must(lb.cont(&conn, &syn.clone().fin(), c), "client FIN");
+    must(lb.finish(&conn, &syn, c), "the connection's end");
     assert_ne!(lb.owner(&conn).state & maps::CT_CLOSING, 0);
 
     // Within TIME_WAIT (past the flow's own linger, fin_timeout), new
@@ -2281,8 +2314,7 @@ fn time_wait_tuple_is_taken_only_when_every_other_is_held() {
         lb.drops(&other.frame(), "drop_nat_full"),
         "a live connection's",
     );
-    must(lb.back(&conn, &conn.reply().fin(), c), "backend FIN first");
-    must(lb.cont(&conn, &syn.clone().fin(), c), "client FIN");
+    must(lb.finish(&conn, &syn, c), "the connection's end");
     must(
         lb.drops(&other.frame(), "drop_nat_full"),
         "finished just now: its last segments may be on their way",
@@ -2290,17 +2322,8 @@ fn time_wait_tuple_is_taken_only_when_every_other_is_held() {
     assert!(lb.entry(&other.key()).is_none());
 
     lb.time_passes(2);
-    let input = lb.input(&other, c).unwrap();
-    let want = other.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
     must(
-        lb.expect(
-            lb.ifs.eth0,
-            &input,
-            XDP_TX,
-            &want.frame(),
-            c,
-            &["to_backend", "new_flow", "nat_tw_reuse"],
-        ),
+        lb.takes_finished_tuple(&other, &conn, c),
         "every tuple held: the finished one, within TIME_WAIT",
     );
     // The old connection's client entry no longer has its owner: stale
@@ -2343,27 +2366,13 @@ fn deleting_a_listed_connection_spares_the_one_on_its_tuple_since() {
     let conn = must(lb.connect(&syn, &a80, c), "a connection");
     let listed = conntrack::list(&lb.m).expect("listing");
     assert_eq!(listed.len(), 1);
-    must(lb.back(&conn, &conn.reply().fin(), c), "backend FIN first");
-    must(lb.cont(&conn, &syn.clone().fin(), c), "client FIN");
+    must(lb.finish(&conn, &syn, c), "the connection's end");
     lb.time_passes(2);
     let other = Seg::syn(CLIENT2, 40000, VIP, 80);
-    let input = lb.input(&other, c).unwrap();
-    let want = other.nat(conn.nat, conn.backend, conn.lb_mac, mac_of(BACKEND_A));
-    must(
-        lb.expect(
-            lb.ifs.eth0,
-            &input,
-            XDP_TX,
-            &want.frame(),
-            c,
-            &["to_backend", "new_flow", "nat_tw_reuse"],
-        ),
+    let took = must(
+        lb.takes_finished_tuple(&other, &conn, c),
         "another client on the finished connection's tuple",
     );
-    let took = Conn {
-        client: other.clone(),
-        ..conn.clone()
-    };
 
     // Only the listed connection's client entry goes (stale now).
     assert_eq!(conntrack::delete(&lb.m, &listed).expect("deleting"), 1);

@@ -11,7 +11,7 @@ reported as not measured):
   trafgen.csv    cargo bench --bench trafgen --csv
   e2e.csv        round,scenario,test,value,errors
   nstat.csv      part,round,scenario,test,side,counter,delta (nstat around each test)
-  sustained.csv  scenario,window,seconds,rps,syn_retrans,paws,time_wait (per window)
+  sustained.csv  scenario,window,seconds,rps,syn_retrans,paws,time_wait,drops,listen_drops (per window)
   sustained-wrk.csv scenario,rps,errors,seconds (wrk's own figures for the whole run)
   flood.csv      scenario,held,ok_after,syns,flood_s,pps,attempts,ok,slow,p50,p99
   memory.json    bench_mem.py
@@ -43,6 +43,7 @@ TESTS = [("keepalive", "wrk keep-alive, req/s"), ("close", "new connection per r
          ("close3", "new connection per request, 3 clients, req/s"), ("iperf3", "iperf3 one stream, Gbit/s")]
 SYN = "TcpExtTCPSynRetrans"
 PAWS = "TcpExtPAWSTimewait"
+DROPS = "KernelDrops"  # scripts/bench's path_drops (side "path")
 TARGET_NFT, TARGET_HAPROXY = 1.2, 1.5
 
 
@@ -274,8 +275,14 @@ def main():
         parts["section 3"] = sum(int(r["syn_retrans"]) for r in sust if r["scenario"] == "lb")
     if parts:
         total = sum(parts.values())
+        # the kernel's drops on the path over the same tests, if recorded
+        lost = sum(nsum("e2e", "lb", t, DROPS) for t, _ in TESTS if ("lb", t) in val and t != "iperf3")
+        lost += sum(int(r.get("drops") or 0) for r in sust if r["scenario"] == "lb")
+        seen = any(c == DROPS for (_, _, _, _, c) in nst) or any(r.get("drops") for r in sust)
         L.append("| 0 SYN retransmissions (lb: client `TcpExtTCPSynRetrans`, every test of sections 2 and 3) | "
-                 f"{total:,} ({'; '.join(f'{k}: {v:,}' for k, v in parts.items())}) | {met(total == 0)} |")
+                 f"{total:,} ({'; '.join(f'{k}: {v:,}' for k, v in parts.items())})"
+                 + (f"; packets the kernel dropped on the path in those tests: {lost:,}" if seen else "")
+                 + f" | {met(total == 0)} |")
     else:
         L.append("| 0 SYN retransmissions (lb) | not measured | |")
     if "lbflood" in flood:
@@ -450,7 +457,11 @@ def main():
                  f"segments without a SYN retransmission are late ones of the connection that just ended, "
                  f"typically its ACK of the answer overtaken on the veth bridge by its FIN (the "
                  f"clients' segments leave from two CPUs' backlogs; scripts/topo --rps keeps them in "
-                 f"order):\n")
+                 f"order) / packets the kernel dropped on the path, in every namespace of the test (`ip -s link` "
+                 f"rx_dropped of every interface, a veth's full queues among them; XDP_TX frames that did not go "
+                 f"out, ethtool's `xdp_tx_errors`; full per-CPU backlogs, `/proc/net/softnet_stat`; not lb's "
+                 f"own drops, which it counts): a SYN retransmission with no drop on the path was not a packet lost "
+                 f"on the way:\n")
         L.append("| scenario | " + " | ".join(n.rsplit(",", 1)[0] for t, n in TESTS if t != "iperf3") + " |")
         L.append("| --- |" + " ---: |" * (len(TESTS) - 1))
         for sc, name in SCENARIOS:
@@ -461,7 +472,8 @@ def main():
                 if (sc, t) not in val:
                     cells.append("-")
                 else:
-                    cells.append(f"{nsum('e2e', sc, t, SYN):,} / {nsum('e2e', sc, t, PAWS):,}")
+                    cells.append(f"{nsum('e2e', sc, t, SYN):,} / {nsum('e2e', sc, t, PAWS):,} / "
+                                 f"{nsum('e2e', sc, t, DROPS):,}")
             L.append(f"| {name} | " + " | ".join(cells) + " |")
         d = drops(sorted(glob.glob(os.path.join(R, "lbstats-lb-*.json"))))
         L.append("\nlb's drop counters (`lb status --json`, summed over rounds): "
@@ -515,9 +527,12 @@ def main():
                  "over the whole run (nginx closes first, so they sit at the backends, 60 s each); lb with "
                  f"default settings and nftables. Every {sust_win} s a sample: the requests both backends "
                  f"served (nginx `stub_status`), client `{SYN}`, backend `{PAWS}` and the backends' TIME_WAIT "
-                 "sockets (`ss state time-wait`); a window's req/s is the requests served between two samples "
-                 "over the time between them.\n")
-        L.append("| window | " + " | ".join(f"{names[s]}: req/s, SYN retrans, PAWS, TIME_WAIT at the end"
+                 "sockets (`ss state time-wait`), and the packets the kernel dropped on the path (as in section 2: "
+                 "every namespace's interfaces, XDP_TX errors, backlogs) and the SYNs the backends' listeners dropped "
+                 "(`TcpExtListenDrops`); a window's req/s is the requests served "
+                 "between two samples over the time between them.\n")
+        L.append("| window | " + " | ".join(f"{names[s]}: req/s, SYN retrans, PAWS, TIME_WAIT at the end, "
+                                         "kernel drops, listen drops"
                                          for s in scs) + " |")
         L.append("| --- |" + " ---: |" * len(scs))
         series = {}
@@ -529,7 +544,9 @@ def main():
                     cells.append("-")
                     continue
                 cells.append(f"{fmt(float(r['rps']))}, {int(r['syn_retrans']):,}, {int(r['paws']):,}, "
-                             f"{int(r['time_wait']):,}")
+                             f"{int(r['time_wait']):,}, "
+                             + ", ".join(f"{int(r[k]):,}" if r.get(k) not in (None, "") else "-"
+                                         for k in ("drops", "listen_drops")))
                 series.setdefault(names[s], []).append((w * sust_win, float(r["rps"])))
             L.append(f"| {(w - 1) * sust_win}-{w * sust_win} s | " + " | ".join(cells) + " |")
         summary = []

@@ -187,6 +187,9 @@ impl State {
         let _lock = InstanceLock::acquire(&self.pins, lock::wait_from_env(), |l| warn!("{l}"))?;
         let plan = reconcile::plan(&self.target(&out, whole), &self.pins)?;
         let done = reconcile::apply(&plan, &self.pins)?;
+        // The health view (/metrics) before the log says it is applied: a
+        // reader that saw the log finds the metrics agree.
+        self.publish();
         for c in &plan.changes {
             info!(change = %c, reason = why, "applied");
         }
@@ -201,7 +204,6 @@ impl State {
             }
         }
         self.out = out;
-        self.publish();
         self.announce();
         // The reconciler installed tables from the configured weights.
         self.dynamic.reset_installed();
